@@ -1,0 +1,61 @@
+"""`fastdpo` command line: one small module per subcommand.
+
+    fastdpo precompute --model M --dataset D --output CACHE
+    fastdpo train --model M --ref-cache CACHE --output OUT
+
+A user mistake prints one line and exits 2; a traceback means a bug in fastdpo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from ..errors import UserError
+
+SUBCOMMANDS = {
+    "precompute": "run the reference model once; write token ids and reference log-probs to Arrow shards",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (exit 2) instead of usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = Parser(prog="fastdpo", description="Offline-reference preference optimisation for LLMs.",
+                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    parser.add_argument("--version", action="version", version=f"fastdpo {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name, help_text in SUBCOMMANDS.items():
+        module = importlib.import_module(f".{name}", __name__)
+        p = sub.add_parser(name, help=help_text, description=module.DESCRIPTION, epilog=module.EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options; flags given override it")
+        p.set_defaults(func=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except UserError as e:
+        print(f"fastdpo {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"fastdpo {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,465 @@
+"""Preference data: loading, formats, prompt extraction, tokenization and truncation.
+
+Flow: `load_source` (datasets: Hub id, file or directory) -> `tokenize_dataset` (one pass of
+`Dataset.map`) -> rows of `id, prompt_ids, chosen_ids, rejected_ids`, plus skip counts by reason.
+
+Formats, detected per dataset from the first usable row:
+- standard: `prompt`, `chosen`, `rejected` strings; the sequence is prompt + completion.
+- conversational: lists of `{role, content}` messages. The prompt is rendered with the tokenizer's
+  chat template and `add_generation_prompt=True`; the completion is the full conversation minus it.
+- implicit prompt: only `chosen` / `rejected`. The prompt is their shared prefix, ending at the last
+  assistant marker (strings, e.g. HH-RLHF's "\\n\\nAssistant:") or at the last shared message.
+
+Tokenization: prompt+completion is tokenized as one text, and the prompt/completion split is the
+longest token prefix shared by the prompt alone and both full sequences. A token that straddles
+the boundary belongs to the completion, so the model scores exactly the tokens it would see.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass
+
+from .config import opt
+from .errors import UserError
+
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+
+# Skip reasons, counted in the manifest. Each is a row the pipeline cannot keep.
+SKIP_REASONS = {
+    "missing_value": "a prompt/chosen/rejected field is null or absent",
+    "wrong_type": "a field is neither a string nor a list of messages",
+    "empty_text": "chosen or rejected is empty",
+    "malformed_messages": "a message is not a {role, content} mapping of strings",
+    "chosen_equals_rejected": "chosen and rejected are identical",
+    "no_prompt_found": "implicit prompt: no shared prefix ending at an assistant turn",
+    "chat_template_error": "the chat template failed on this conversation",
+    "empty_prompt": "the prompt has no tokens, so the first completion token cannot be scored",
+    "prompt_too_long": "the prompt leaves no room for a completion within --max-length",
+    "identical_after_truncation": "chosen and rejected are identical after truncation",
+}
+
+
+@dataclass
+class DataArgs:
+    """Where preference pairs come from and how they are tokenized (shared by precompute and train)."""
+
+    dataset: str | None = opt(None, "Hub dataset id, a .jsonl/.json/.parquet/.csv/.arrow file, or a directory of them",
+                              required=True)
+    dataset_config: str | None = opt(None, "Hub dataset configuration name")
+    split: str = opt("train", "dataset split to read")
+    prompt_column: str = opt("prompt", "column holding the prompt (absent: the prompt is extracted from chosen/rejected)")
+    chosen_column: str = opt("chosen", "column holding the preferred completion")
+    rejected_column: str = opt("rejected", "column holding the dispreferred completion")
+    max_prompt_length: int | None = opt(512, "cap on prompt tokens (none: no cap)")
+    max_length: int | None = opt(1024, "cap on prompt+completion tokens; the completion is cut (none: no cap)")
+    truncation: str = opt("keep_end", "which end of a long prompt to keep", choices=["keep_end", "keep_start"])
+    assistant_marker: str = opt("\n\nAssistant:", "implicit-prompt string data: the prompt ends after the last one")
+    limit: int | None = opt(None, "process only the first N rows of the split")
+    strict: bool = opt(False, "stop at the first row that would be skipped, naming it")
+
+    def __post_init__(self):
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError("--max-prompt-length must be at least 1")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError("--max-length must be at least 2")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("--limit must be at least 1")
+
+    def data_settings(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(DataArgs)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _looks_like_path(name: str) -> bool:
+    return (name.startswith((".", "/", "~")) or os.path.splitext(name)[1].lower() in FILE_BUILDERS
+            or name.count("/") > 1 or os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name))
+
+
+def _diagnose_file(path: str) -> str | None:
+    """Find the line that makes a JSON/JSONL file unreadable (datasets' own errors rarely say)."""
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".jsonl" or ext == ".json" and not _starts_with_bracket(path):
+            with open(path, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            obj = json.loads(line)
+                        except json.JSONDecodeError as e:
+                            return f"{path}:{lineno}: invalid JSON ({e.msg})"
+                        if not isinstance(obj, dict):
+                            return f"{path}:{lineno}: expected a JSON object per line"
+        elif ext == ".json":
+            with open(path, encoding="utf-8") as fh:
+                json.load(fh)
+    except json.JSONDecodeError as e:
+        return f"{path}:{e.lineno}: invalid JSON ({e.msg})"
+    except UnicodeDecodeError as e:
+        return f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    return None
+
+
+def _starts_with_bracket(path: str) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(4096).lstrip()
+    return head.startswith(b"[")
+
+
+def _load_json_rows_leniently(path: str):
+    """JSON lines whose columns change type between rows: keep the rows, mark off-type values.
+
+    Arrow needs one type per column, so a value whose type differs from the column's first
+    non-null value is replaced by None and the row marked `wrong_type` (counted as a skip later).
+    """
+    import datasets
+
+    with open(path, encoding="utf-8") as fh:
+        if _starts_with_bracket(path):
+            rows = json.load(fh)
+        else:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    kinds: dict[str, type] = {}
+    bad = []
+    for row in rows:
+        marked = False
+        for key, value in list(row.items()):
+            if value is None:
+                continue
+            kind = _json_kind(value)
+            if kinds.setdefault(key, kind) != kind:
+                row[key] = None
+                marked = True
+        bad.append(marked)
+    for row, marked in zip(rows, bad):
+        row["__fastdpo_wrong_type__"] = marked
+    try:
+        return datasets.Dataset.from_list(rows)
+    except Exception:  # nested structures that still do not unify: keep the raw JSON text
+        flat = [{k: (json.dumps(v) if isinstance(v, dict | list) else v) for k, v in r.items()} for r in rows]
+        for r in flat:
+            r["__fastdpo_wrong_type__"] = True
+        return datasets.Dataset.from_list(flat)
+
+
+def _json_kind(value):
+    if isinstance(value, list):
+        return list if all(isinstance(m, dict) for m in value) else tuple
+    return type(value)
+
+
+def load_source(args: DataArgs):
+    """The raw split as a `datasets.Dataset`, or a UserError naming the path / file / line."""
+    import datasets
+
+    name = args.dataset
+    if os.path.exists(name):
+        try:
+            if os.path.isdir(name):
+                if os.path.exists(os.path.join(name, "dataset_info.json")) or os.path.exists(
+                        os.path.join(name, "state.json")):
+                    ds = datasets.load_from_disk(name)
+                    if isinstance(ds, datasets.DatasetDict):
+                        ds = _pick_split(ds, args.split, name)
+                    return ds
+                return datasets.load_dataset(name, args.dataset_config, split=args.split)
+            ext = os.path.splitext(name)[1].lower()
+            if ext not in FILE_BUILDERS:
+                raise UserError(f"dataset file {name} has an unsupported extension; use one of "
+                                f"{', '.join(sorted(FILE_BUILDERS))}")
+            return datasets.load_dataset(FILE_BUILDERS[ext], data_files=name, split="train")
+        except UserError:
+            raise
+        except Exception as e:
+            if os.path.isfile(name):
+                diagnosis = _diagnose_file(name)
+                if diagnosis:
+                    raise UserError(diagnosis) from None
+                if name.lower().endswith((".jsonl", ".json")):
+                    return _load_json_rows_leniently(name)
+            if isinstance(e, ValueError) and "split" in str(e).lower():
+                raise UserError(f"dataset {name} has no split {args.split!r}: {_first_line(e)}") from None
+            raise UserError(f"cannot read dataset {name}: {_first_line(e)}") from None
+    if _looks_like_path(name):
+        raise UserError(f"dataset not found: {name} (no such file or directory)")
+    try:
+        return datasets.load_dataset(name, args.dataset_config, split=args.split)
+    except Exception as e:
+        where = name + (f" (config {args.dataset_config})" if args.dataset_config else "")
+        raise UserError(f"cannot load dataset {where} split {args.split!r} from the Hugging Face Hub: "
+                        f"{_first_line(e)}") from None
+
+
+def _pick_split(dsd, split, name):
+    if split not in dsd:
+        raise UserError(f"dataset {name} has no split {split!r}; splits found: {', '.join(dsd)}")
+    return dsd[split]
+
+
+def check_columns(ds, args: DataArgs) -> bool:
+    """Exit 2 naming a missing column. Returns whether an explicit prompt column exists."""
+    columns = list(ds.column_names)
+    for col, flag in ((args.chosen_column, "--chosen-column"), (args.rejected_column, "--rejected-column")):
+        if col not in columns:
+            raise UserError(f"dataset {args.dataset} has no column {col!r} ({flag}); columns found: "
+                            f"{', '.join(columns)}")
+    has_prompt = args.prompt_column in columns
+    if not has_prompt and args.prompt_column != "prompt":
+        raise UserError(f"dataset {args.dataset} has no column {args.prompt_column!r} (--prompt-column); "
+                        f"columns found: {', '.join(columns)}")
+    return has_prompt
+
+
+# ----------------------------------------------------------------------------------------------
+# Row normalisation: raw values -> (prompt, chosen, rejected) texts or messages, or a skip reason
+
+
+def _messages(value):
+    """A list of {role, content} string mappings, or None if malformed."""
+    if not isinstance(value, list) or not value:
+        return None
+    out = []
+    for m in value:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return None
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _classify(value):
+    """'text', 'messages', or a skip reason."""
+    if value is None:
+        return "missing_value"
+    if isinstance(value, str):
+        return "text" if value else "empty_text"
+    if isinstance(value, list):
+        if not value:
+            return "empty_text"
+        return "messages" if _messages(value) is not None else "malformed_messages"
+    return "wrong_type"
+
+
+def normalise_row(prompt, chosen, rejected, has_prompt: bool, marker: str):
+    """Return ("text"|"messages", prompt, chosen_completion, rejected_completion) or a skip reason (str)."""
+    kc, kr = _classify(chosen), _classify(rejected)
+    for k in (kc, kr):
+        if k not in ("text", "messages"):
+            return k
+    if has_prompt:
+        kp = _classify(prompt)
+        if kp == "empty_text" and kc == "text" == kr:
+            kp = "text"  # an empty string prompt is fine for plain text (BOS gives the context)
+        if kp not in ("text", "messages"):
+            return kp
+        if kc == kr == "text" and kp == "text":
+            if chosen == rejected:
+                return "chosen_equals_rejected"
+            return ("text", prompt, chosen, rejected)
+        # Any messages involved: everything becomes messages.
+        p = _messages(prompt) if kp == "messages" else [{"role": "user", "content": prompt}]
+        c = _messages(chosen) if kc == "messages" else [{"role": "assistant", "content": chosen}]
+        r = _messages(rejected) if kr == "messages" else [{"role": "assistant", "content": rejected}]
+        if c == r:
+            return "chosen_equals_rejected"
+        return ("messages", p, c, r)
+    # Implicit prompt.
+    if kc != kr:
+        return "wrong_type"
+    if chosen == rejected:
+        return "chosen_equals_rejected"
+    if kc == "text":
+        shared = os.path.commonprefix([chosen, rejected])
+        cut = shared.rfind(marker) if marker else -1
+        if cut < 0:
+            return "no_prompt_found"
+        end = cut + len(marker)
+        if end == len(chosen) or end == len(rejected):
+            return "empty_text"
+        return ("text", chosen[:end], chosen[end:], rejected[end:])
+    c, r = _messages(chosen), _messages(rejected)
+    n = 0
+    while n < min(len(c), len(r)) and c[n] == r[n]:
+        n += 1
+    if n == 0:
+        return "no_prompt_found"
+    if n == len(c) or n == len(r):
+        return "empty_text"
+    return ("messages", c[:n], c[n:], r[n:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def _lcp(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class PairTokenizer:
+    """Turns raw preference rows into token ids; used as a batched `Dataset.map` function."""
+
+    def __init__(self, tokenizer, args: DataArgs, has_prompt: bool):
+        self.tok = tokenizer
+        self.args = args
+        self.has_prompt = has_prompt
+        self.bos = tokenizer.bos_token_id
+        self.eos = tokenizer.eos_token_id
+        probe_with = tokenizer("a", add_special_tokens=True)["input_ids"]
+        probe_without = tokenizer("a", add_special_tokens=False)["input_ids"]
+        # "Add BOS once where the tokenizer uses one": only if the tokenizer itself would add it.
+        self.add_bos = self.bos is not None and probe_with[:1] == [self.bos] and probe_without[:1] != [self.bos]
+        if self.eos is None:
+            raise UserError("the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
+
+    def _render(self, kind, prompt, chosen, rejected):
+        if kind == "text":
+            return prompt, prompt + chosen, prompt + rejected
+        apply = self.tok.apply_chat_template
+        p = apply(prompt, tokenize=False, add_generation_prompt=True)
+        return p, apply(prompt + chosen, tokenize=False), apply(prompt + rejected, tokenize=False)
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        return [self.bos] + ids if self.add_bos and ids[:1] != [self.bos] else ids
+
+    def _with_eos(self, ids: list[int], conversational: bool) -> list[int]:
+        # Chat templates close each turn themselves; an EOS among the completion tokens is enough.
+        has = (self.eos in ids) if conversational else ids[-1:] == [self.eos]
+        return ids if has else ids + [self.eos]
+
+    def _truncate(self, prompt, chosen, rejected):
+        a = self.args
+        if a.max_prompt_length is not None and len(prompt) > a.max_prompt_length:
+            n = a.max_prompt_length
+            if a.truncation == "keep_start":
+                prompt = prompt[:n]
+            elif prompt[:1] == [self.bos] and self.bos is not None and n > 1:
+                prompt = prompt[:1] + prompt[len(prompt) - (n - 1):]  # keep BOS, then the end
+            else:
+                prompt = prompt[len(prompt) - n:]
+        if a.max_length is not None:
+            room = a.max_length - len(prompt)
+            if room < 1:
+                return "prompt_too_long"
+            chosen, rejected = chosen[:room], rejected[:room]
+        return prompt, chosen, rejected
+
+    def __call__(self, batch: dict, indices: list[int]) -> dict:
+        a = self.args
+        n = len(indices)
+        prompts = batch[a.prompt_column] if self.has_prompt else [None] * n
+        wrong = batch.get("__fastdpo_wrong_type__", [False] * n)
+        out = {"id": list(indices), "prompt_ids": [[] for _ in range(n)], "chosen_ids": [[] for _ in range(n)],
+               "rejected_ids": [[] for _ in range(n)], "skip": [""] * n, "boundary_merge": [False] * n}
+        texts, kinds, where = [], [], []
+        for i in range(n):
+            if wrong[i]:
+                out["skip"][i] = "wrong_type"
+                continue
+            norm = normalise_row(prompts[i], batch[a.chosen_column][i], batch[a.rejected_column][i],
+                                 self.has_prompt, a.assistant_marker)
+            if isinstance(norm, str):
+                out["skip"][i] = norm
+                continue
+            try:
+                texts.extend(self._render(*norm))
+            except Exception:  # jinja raises its own exception types for template errors
+                out["skip"][i] = "chat_template_error"
+                continue
+            kinds.append(norm[0])
+            where.append(i)
+        if not where:
+            return out
+        ids = self.tok(texts, add_special_tokens=False)["input_ids"]
+        for j, i in enumerate(where):
+            p, fc, fr = (self._with_bos(list(x)) for x in ids[3 * j: 3 * j + 3])
+            k = min(_lcp(p, fc), _lcp(p, fr))
+            out["boundary_merge"][i] = k < len(p)
+            conv = kinds[j] == "messages"
+            prompt, chosen, rejected = p[:k], self._with_eos(fc[k:], conv), self._with_eos(fr[k:], conv)
+            if not prompt:
+                out["skip"][i] = "empty_prompt"
+                continue
+            cut = self._truncate(prompt, chosen, rejected)
+            if isinstance(cut, str):
+                out["skip"][i] = cut
+                continue
+            prompt, chosen, rejected = cut
+            if chosen == rejected:
+                out["skip"][i] = "identical_after_truncation"
+                continue
+            out["prompt_ids"][i], out["chosen_ids"][i], out["rejected_ids"][i] = prompt, chosen, rejected
+        return out
+
+
+def tokenized_features():
+    from datasets import Features, List, Value
+
+    ids = List(Value("int32"))
+    return Features({"id": Value("int64"), "prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids,
+                     "skip": Value("string"), "boundary_merge": Value("bool")})
+
+
+def check_chat_template(ds, tokenizer, args: DataArgs, has_prompt: bool) -> None:
+    """Conversational data needs a chat template: say so once, up front, rather than skip every row."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    cols = [args.chosen_column, args.rejected_column] + ([args.prompt_column] if has_prompt else [])
+    for row in ds.select(range(min(len(ds), 100))):
+        if any(isinstance(row.get(c), list) for c in cols):
+            raise UserError("the dataset is conversational (lists of messages) but the tokenizer has no chat "
+                            "template; use a chat model's tokenizer or convert the data to prompt/chosen/rejected "
+                            "strings")
+
+
+def tokenize_dataset(ds, tokenizer, args: DataArgs, fingerprint: str | None = None):
+    """Tokenize every row. Returns (kept rows as a Dataset, Counter of skips by reason, stats dict).
+
+    `fingerprint` (a hash of tokenizer + settings) lets `datasets` reuse the result from its cache
+    when the same data is prepared again, e.g. on a resumed precompute.
+    """
+    has_prompt = check_columns(ds, args)
+    if args.limit is not None:
+        ds = ds.select(range(min(args.limit, len(ds))))
+    check_chat_template(ds, tokenizer, args, has_prompt)
+    fn = PairTokenizer(tokenizer, args, has_prompt)
+    kw = {}
+    if fingerprint:
+        kw["new_fingerprint"] = fingerprint
+    out = ds.map(fn, batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
+                 features=tokenized_features(), desc="Tokenizing", **kw)
+    skips = collections.Counter(s for s in out["skip"] if s)
+    stats = {"rows_read": len(ds), "boundary_merges": int(sum(out["boundary_merge"]))}
+    if skips and args.strict:
+        first = next(i for i, s in enumerate(out["skip"]) if s)
+        reason = out[first]["skip"]
+        raise UserError(f"row {out[first]['id']} of {args.dataset}: {SKIP_REASONS[reason]} ({reason}); "
+                        "--strict stops at the first skipped row")
+    kept = out.filter(lambda s: not s, input_columns="skip", desc="Dropping skipped rows",
+                      **({"new_fingerprint": fingerprint + "-kept"} if fingerprint else {}))
+    kept = kept.remove_columns(["skip", "boundary_merge"])
+    return kept, skips, stats
+
+
+def summarise_skips(skips: collections.Counter, total: int) -> str | None:
+    if not skips:
+        return None
+    parts = ", ".join(f"{k}={v}" for k, v in sorted(skips.items(), key=lambda kv: -kv[1]))
+    return f"skipped {sum(skips.values())} of {total} rows: {parts}"

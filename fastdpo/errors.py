@@ -1,0 +1,10 @@
+"""User-facing errors: one line, naming the thing, exit code 2. Tracebacks are for our bugs."""
+
+
+class UserError(Exception):
+    """A mistake in the user's input (flag, file, column, row). The CLI prints it on one line and exits 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # always one line

@@ -1,0 +1,152 @@
+"""Loading models and tokenizers with transformers, and fingerprinting them.
+
+The weights hash is a sha256 over the model's weight files (a Hub cache already names each file
+by its sha256, so cached Hub models hash for free). The tokenizer hash covers what the tokenizer
+files define (vocabulary, merges, normalisation, special tokens, chat template), so a tokenizer
+saved again by fastdpo hashes the same as the one it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+
+from .errors import UserError
+from .io import sha256_file
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+_WEIGHT_FILE = re.compile(r"^(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
+
+
+def resolve_device(device: str = "auto"):
+    import torch
+    from accelerate import PartialState
+
+    if device in (None, "auto"):
+        return PartialState().device
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device (try cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(dtype: str, device):
+    """'auto' is bf16 on a GPU and fp32 on CPU."""
+    import torch
+
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if getattr(device, "type", str(device)) == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of float32, bfloat16, float16")
+    return getattr(torch, DTYPES[dtype])
+
+
+def _not_found(kind: str, name: str, exc: BaseException) -> UserError:
+    if name.startswith((".", "/", "~")) or os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        if not os.path.exists(name):
+            return UserError(f"{kind} not found: {name} (no such directory)")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return UserError(f"cannot load {kind} {name}: {first}")
+
+
+def check_model_path(name: str) -> None:
+    """A path-like model name must exist and be a directory (Hub ids are checked when loading)."""
+    if os.path.exists(name):
+        if not os.path.isdir(name):
+            raise UserError(f"model path {name} is a file; give the model's directory")
+    elif name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"model not found: {name} (no such directory)")
+
+
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    check_model_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises OSError, ValueError, or hub errors
+        raise _not_found("tokenizer", name, e) from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding is masked everywhere; any id will do
+    return tok
+
+
+def load_model(name: str, *, revision: str | None = None, dtype=None, device=None, trust_remote_code: bool = False,
+               attn_implementation: str | None = None):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    kw = {"revision": revision, "trust_remote_code": trust_remote_code}
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    kw["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = dtype
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    check_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kw)
+    except Exception as e:
+        raise _not_found("model", name, e) from None
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def model_dir(name: str, revision: str | None = None) -> str | None:
+    """Local directory holding the model's files (a Hub snapshot for Hub ids), or None."""
+    if os.path.isdir(name):
+        return name
+    try:
+        from transformers.utils import cached_file
+
+        path = cached_file(name, "config.json", revision=revision, local_files_only=True,
+                           _raise_exceptions_for_missing_entries=False)
+    except Exception:
+        return None
+    return os.path.dirname(path) if path else None
+
+
+def _file_sha256(path: str) -> str:
+    blob = os.path.basename(os.path.realpath(path))
+    if re.fullmatch(r"[0-9a-f]{64}", blob):  # Hub cache blobs are named by their sha256
+        return blob
+    return sha256_file(path)
+
+
+def weights_hash(name: str, revision: str | None = None) -> str | None:
+    """sha256 over the weight files (safetensors preferred, as transformers loads them first)."""
+    d = model_dir(name, revision)
+    if d is None:
+        return None
+    files = sorted(f for f in os.listdir(d) if _WEIGHT_FILE.match(f))
+    if any(f.endswith(".safetensors") for f in files):
+        files = [f for f in files if f.endswith(".safetensors")]
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f}:{_file_sha256(os.path.join(d, f))}\n".encode())
+    return h.hexdigest()
+
+
+def tokenizer_hash(tok) -> str:
+    """sha256 of what the tokenizer files define, independent of how they were saved."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+    else:  # slow tokenizers
+        spec = {"vocab": sorted(tok.get_vocab().items())}
+    spec = {
+        "backend": spec,
+        "chat_template": getattr(tok, "chat_template", None),
+        "special": {k: getattr(tok, k, None) for k in ("bos_token", "eos_token", "unk_token", "pad_token")},
+        "added": sorted((t, i) for t, i in tok.get_added_vocab().items()),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny local models and tokenizers (never downloaded) and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+WORDS = ["world", "hello", "Paris", "France", "capital", "answer", "question", "number", "seven", "eight"]
+CORPUS = [
+    "Hello world! The capital of France is Paris.",
+    "Human: What is the capital of France?\n\nAssistant: The capital of France is Paris.",
+    "question answer number seven eight world hello",
+] * 20
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A 2-layer Llama with a byte-level BPE tokenizer (BOS added, ChatML template), built locally."""
+    from fastdpo.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", texts=CORPUS, vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    from fastdpo.modeling import load_tokenizer
+
+    return load_tokenizer(tiny_model)
+
+
+def make_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Standard-format pairs with varied lengths."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        p = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
+        c = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 8)))
+        r = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 8)))
+        rows.append({"prompt": f"Q{i}: {p}?", "chosen": f" {c}.", "rejected": f" {r}!"})
+    return rows
+
+
+@pytest.fixture
+def pairs_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "pairs.jsonl", make_pairs(24))
+
+
+def run_cli(*argv: str) -> tuple[int, str]:
+    """Run `fastdpo ARGV` in-process; returns (exit code, stderr)."""
+    import contextlib
+    import io
+
+    from fastdpo.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse
+            code = e.code if isinstance(e.code, int) else 2
+    return code, err.getvalue()
+
+
+def run_subprocess(*argv: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m fastdpo ARGV` as a real process (what a user types)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "fastdpo", *map(str, argv)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=REPO)

@@ -138,3 +138,58 @@ def verify_shard(cache_dir: str | os.PathLike, entry: dict) -> Path:
         raise UserError(f"cache shard {path} is damaged: sha256 {digest[:12]}... does not match the manifest "
                         f"({entry['sha256'][:12]}...); re-run precompute into a new directory")
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a cache for training
+
+
+class CacheSource:
+    """A finished cache as one row space over its memory-mapped shards (nothing loaded into RAM).
+
+    Every shard is checked against its manifest sha256 when first opened; opening happens here,
+    before training starts, so a damaged cache fails in seconds, not hours into a run.
+    """
+
+    has_ref = True
+
+    def __init__(self, cache_dir: str | os.PathLike, manifest: dict | None = None, verify: bool = True):
+        import pyarrow.compute as pc
+
+        self.dir = Path(cache_dir)
+        self.manifest = manifest if manifest is not None else load_manifest(self.dir)
+        self.tables = []
+        for entry in self.manifest["shards"]:
+            path = verify_shard(self.dir, entry) if verify else self.dir / entry["file"]
+            table = read_shard(path)
+            if table.num_rows != entry["rows"] or table.schema.remove_metadata() != SCHEMA:
+                raise UserError(f"cache shard {path} does not match the manifest (rows or columns differ)")
+            self.tables.append(table)
+        self.shard_bounds = [0]
+        for t in self.tables:
+            self.shard_bounds.append(self.shard_bounds[-1] + t.num_rows)
+        lens = {c: np.concatenate([pc.list_value_length(t.column(c)).to_numpy(zero_copy_only=False)
+                                   for t in self.tables]).astype(np.int64) if self.tables else np.zeros(0, np.int64)
+                for c in ("prompt_ids", "chosen_ids", "rejected_ids")}
+        self.lengths = lens["prompt_ids"] + np.maximum(lens["chosen_ids"], lens["rejected_ids"])
+        self.chosen_lengths = lens["chosen_ids"]
+
+    def __len__(self):
+        return self.shard_bounds[-1]
+
+    def fetch(self, indices: np.ndarray, with_token_logps: bool = False) -> dict:
+        """Rows at global `indices`, in that order, as python lists (only these rows are read)."""
+        columns = ["id", "prompt_ids", "chosen_ids", "rejected_ids", "ref_chosen_logps", "ref_rejected_logps"]
+        if with_token_logps:
+            columns += ["ref_chosen_token_logps", "ref_rejected_token_logps"]
+        shard = np.searchsorted(self.shard_bounds, indices, side="right") - 1
+        out = {c: [None] * len(indices) for c in columns}
+        for s in np.unique(shard):
+            where = np.nonzero(shard == s)[0]
+            local = pa.array(np.asarray(indices)[where] - self.shard_bounds[s], type=pa.int64())
+            part = self.tables[s].select(columns).take(local)
+            for c in columns:
+                values = part.column(c).to_pylist()
+                for j, w in enumerate(where):
+                    out[c][w] = values[j]
+        return out

@@ -8,3 +8,9 @@ class UserError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))  # always one line
+
+
+class TrainingStopped(Exception):
+    """A run stopped on purpose (e.g. too many non-finite steps); the message says why. Exit code 1."""
+
+    exit_code = 1

@@ -13,10 +13,11 @@ import importlib
 import os
 import sys
 
-from ..errors import UserError
+from ..errors import TrainingStopped, UserError
 
 SUBCOMMANDS = {
     "precompute": "run the reference model once; write token ids and reference log-probs to Arrow shards",
+    "train": "train the policy from a reference cache (or with a live reference)",
 }
 
 
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except UserError as e:
         print(f"fastdpo {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except TrainingStopped as e:
+        print(f"fastdpo {args.command}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"fastdpo {args.command}: interrupted", file=sys.stderr)

@@ -1,0 +1,679 @@
+"""Stage 2: train the policy alone, streaming reference log-probs from the cache.
+
+    fastdpo train --model Qwen/Qwen2.5-0.5B-Instruct --ref-cache cache/uf-qwen05 --output runs/dpo \\
+        --beta 0.1 --lr 5e-7 --batch-size 8 --grad-accum 4 --save-steps 500
+    fastdpo train --model ./sft --dataset pairs.jsonl --ref-model ./sft --output runs/live   # classic two-model
+    fastdpo train --model ./sft --dataset pairs.jsonl --loss simpo --beta 2 --output runs/simpo  # reference-free
+    fastdpo train --model /tmp/tiny --ref-cache /tmp/cache --output /tmp/run --max-steps 4   # tiny CPU run
+
+Per optimizer step: every process takes its share of `grad_accum x processes` micro-batches of the
+epoch plan (`batching.epoch_plan`), scores chosen+rejected in one forward through `LogpsModel`,
+forms per-pair losses with `losses.preference_loss`, and back-propagates their sum divided by the
+step's total number of pairs, so accumulation equals one larger batch. Metrics are reduced across
+processes; only the main process logs and saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, batching, cache, data, losses, modeling
+from .config import format_config, opt, to_dict
+from .errors import TrainingStopped, UserError
+from .io import atomic_write_json, ensure_dir, fsync_dir
+
+METRIC_FIELDS = ("step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                 "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "lr", "samples_per_s",
+                 "tokens_per_s", "elapsed_s", "peak_memory_gb")
+
+
+@dataclass
+class TrainConfig(data.DataArgs):
+    """`fastdpo train`: preference optimisation of a policy."""
+
+    model: str | None = opt(None, "policy to train: a local directory or a Hugging Face Hub id", required=True)
+    output: str | None = opt(None, "run directory: metrics.jsonl, checkpoints, final model", required=True)
+    ref_cache: str | None = opt(None, "reference cache written by `fastdpo precompute`")
+    dataset: str | None = opt(None, "preference data, for live-reference or reference-free runs (instead of a cache)")
+    ref_model: str | None = opt(None, "live reference model with --dataset (default: a frozen copy of --model)")
+    revision: str | None = opt(None, "model revision on the Hub")
+    dtype: str = opt("auto", "float32; bfloat16 weights; or bf16-mixed (fp32 weights, bf16 autocast); "
+                     "auto: bfloat16 on GPU, float32 on CPU", choices=["auto", "float32", "bfloat16", "bf16-mixed"])
+    trust_remote_code: bool = opt(False, "allow custom model code from the Hub (off: never runs remote code)")
+    attn_implementation: str | None = opt(None, "transformers attention implementation (e.g. sdpa, eager)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    # loss
+    loss: list[str] = opt(None, "loss type(s), comma-separated for a mixture (e.g. sigmoid,sft)",
+                          default_factory=lambda: ["sigmoid"])
+    loss_weights: list[float] | None = opt(None, "mixture weights, one per --loss (default: all 1)")
+    beta: float = opt(0.1, "KL strength beta (rewards = beta x (policy - reference) log-prob)")
+    label_smoothing: float = opt(0.0, "label smoothing eps (conservative DPO, robust, exo_pair, aot, simpo)")
+    simpo_gamma: float = opt(0.5, "SimPO target margin gamma")
+    discopop_tau: float = opt(0.05, "DiscoPOP temperature tau")
+    ld_alpha: float | None = opt(None, "LD-DPO: weight of completion tokens beyond the shorter completion's length")
+    # optimisation
+    optimizer: str = opt("adamw", "optimizer", choices=["adamw", "sgd"])
+    lr: float = opt(1e-6, "peak learning rate")
+    weight_decay: float = opt(0.0, "decoupled weight decay (AdamW) or L2 (SGD)")
+    momentum: float = opt(0.0, "SGD momentum")
+    lr_scheduler: str = opt("linear", "learning-rate schedule after warm-up", choices=["constant", "linear", "cosine"])
+    warmup_steps: int = opt(0, "linear warm-up steps")
+    warmup_ratio: float = opt(0.0, "warm-up as a fraction of all steps (used when --warmup-steps is 0)")
+    batch_size: int = opt(4, "pairs per micro-batch per process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch x processes x accum)")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables clipping)")
+    epochs: int = opt(1, "passes over the data")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides --epochs)")
+    seed: int = opt(42, "seed for data order and initialisation")
+    shuffle: bool = opt(True, "shuffle shards and rows each epoch (deterministic from --seed and the epoch)")
+    group_by_length: bool = opt(True, "batch pairs of similar length together to cut padding")
+    disable_dropout: bool = opt(True, "turn dropout off in the policy, as TRL does")
+    logps_backend: str = opt("auto", "log-prob kernel backend (auto: triton on CUDA, torch elsewhere)",
+                             choices=["auto", "triton", "torch"])
+    # logging and checkpoints
+    log_every: int = opt(10, "print a metrics line every N steps (metrics.jsonl gets every step)")
+    report_to: str = opt("none", "experiment tracker, through accelerate", choices=["none", "tensorboard", "wandb"])
+    save_steps: int | None = opt(None, "write OUT/checkpoint-STEP every N steps")
+    save_total_limit: int | None = opt(None, "keep only the newest N checkpoints")
+    resume: str | None = opt(None, "continue from OUT/checkpoint-STEP, or 'latest' for the newest complete one")
+    max_bad_steps: int = opt(5, "stop after this many consecutive steps with a non-finite loss or gradient")
+    progress: bool = opt(True, "show a progress bar with ETA")
+    # LoRA (needs the peft extra)
+    lora_r: int | None = opt(None, "LoRA rank; enables LoRA through peft")
+    lora_alpha: float = opt(16.0, "LoRA alpha")
+    lora_dropout: float = opt(0.0, "LoRA dropout")
+    lora_target_modules: str = opt("all-linear", "comma-separated module names, or all-linear")
+    merge_lora: bool = opt(False, "save the merged model instead of the adapter")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ref_cache and self.dataset:
+            raise ValueError("give --ref-cache or --dataset, not both (a cache already holds its data)")
+        if not self.ref_cache and not self.dataset:
+            raise ValueError("missing data: give --ref-cache CACHE (from fastdpo precompute) or --dataset D")
+        if self.ref_model and not self.dataset:
+            raise ValueError("--ref-model runs a live reference and needs --dataset")
+        for name in ("batch_size", "grad_accum", "epochs", "log_every", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{'--' + name.replace('_', '-')} must be at least 1")
+        for name in ("max_steps", "save_steps", "save_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{'--' + name.replace('_', '-')} must be at least 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError("--lr must be a positive number")
+        if self.max_grad_norm < 0 or self.warmup_steps < 0 or not 0 <= self.warmup_ratio < 1:
+            raise ValueError("--max-grad-norm and --warmup-steps must be >= 0, --warmup-ratio in [0, 1)")
+        if self.lora_r is not None and self.lora_r < 1:
+            raise ValueError("--lora-r must be at least 1")
+        if self.merge_lora and self.lora_r is None:
+            raise ValueError("--merge-lora needs --lora-r")
+        losses.validate_loss_config(self.loss, self.loss_weights, self.beta, self.label_smoothing,
+                                    has_reference=True, batch_size=self.batch_size, simpo_gamma=self.simpo_gamma,
+                                    discopop_tau=self.discopop_tau, ld_alpha=self.ld_alpha)
+
+    @property
+    def needs_reference(self) -> bool:
+        return losses.needs_reference(self.loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup: data source, models, optimizer
+
+
+def open_source(cfg: TrainConfig, tokenizer, is_main: bool):
+    """The rows to train on: the cache's shards, or a dataset tokenized like precompute would."""
+    if cfg.ref_cache:
+        manifest = cache.load_manifest(cfg.ref_cache)
+        theirs, ours = manifest["tokenizer"]["sha256"], modeling.tokenizer_hash(tokenizer)
+        if theirs != ours:
+            raise UserError(f"tokenizer mismatch: {cfg.model} has tokenizer {ours[:12]} but the cache "
+                            f"{cfg.ref_cache} was made with {manifest['model']['name_or_path']}'s tokenizer "
+                            f"{theirs[:12]}; precompute the cache with this model's tokenizer")
+        weights = modeling.weights_hash(cfg.model, cfg.revision)
+        if is_main and weights and manifest["model"].get("weights_sha256") not in (None, weights):
+            print(f"warning: {cfg.model}'s weights differ from the cache's reference "
+                  f"{manifest['model']['name_or_path']} (fine for a policy that starts elsewhere, but usually a "
+                  "mistake)", file=sys.stderr)
+        return cache.CacheSource(cfg.ref_cache, manifest), manifest
+    ds = data.load_source(cfg)
+    rows, skips, stats = data.tokenize_dataset(ds, tokenizer, cfg)
+    if is_main and skips:
+        print(data.summarise_skips(skips, stats["rows_read"]), file=sys.stderr)
+    if len(rows) == 0:
+        raise UserError(f"no usable rows in {cfg.dataset}")
+    return batching.DatasetSource(rows), None
+
+
+def resolve_train_dtype(cfg: TrainConfig, device):
+    """(weights dtype, accelerate mixed_precision)."""
+    import torch
+
+    if cfg.dtype == "bf16-mixed":
+        return torch.float32, "bf16"
+    if cfg.dtype == "auto":
+        return modeling.resolve_dtype("auto", device), "no"
+    return modeling.resolve_dtype(cfg.dtype, device), "no"
+
+
+def disable_dropout(model) -> None:
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+
+
+def apply_lora(model, cfg: TrainConfig, resume_dir: Path | None):
+    try:
+        import peft
+    except ImportError:
+        raise UserError("--lora-r needs peft: pip install 'fastdpo[peft]'") from None
+    if resume_dir is not None:
+        return peft.PeftModel.from_pretrained(model, str(resume_dir), is_trainable=True)
+    targets = cfg.lora_target_modules
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                           target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return peft.get_peft_model(model, lora)
+    except ValueError as e:
+        raise UserError(f"--lora-target-modules {cfg.lora_target_modules!r}: {e}") from None
+
+
+def build_optimizer(params, cfg: TrainConfig):
+    import torch
+
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.lr_scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# One micro-batch
+
+
+def _padded(lists, device):
+    """List of float lists -> (N, T) float32 tensor and its (N, T) mask."""
+    import torch
+
+    width = max((len(x) for x in lists), default=0)
+    values = torch.zeros((len(lists), width), dtype=torch.float32)
+    mask = torch.zeros((len(lists), width), dtype=torch.bool)
+    for i, x in enumerate(lists):
+        values[i, :len(x)] = torch.as_tensor(x, dtype=torch.float32)
+        mask[i, :len(x)] = True
+    return values.to(device), mask.to(device)
+
+
+def sequence_logps(per_token, completion_mask, ld_alpha):
+    """(2B, L) per-token -> chosen (B,), rejected (B,) sequence log-probs (LD-DPO weighted if asked)."""
+    if ld_alpha is None:
+        return per_token.sum(-1).chunk(2)
+    return losses.ld_logps(per_token, completion_mask, alpha=ld_alpha)
+
+
+def pair_logps(model, reference, rows, cfg: TrainConfig, pad_id: int, device):
+    """Policy (with grad) and reference log-probs of one micro-batch of pairs.
+
+    `reference(batch) -> (2B, L)` per-token log-probs scores a live reference; cached values are used
+    when the rows carry them.
+    """
+    import torch
+
+    from .logps import pad_pairs
+
+    batch = pad_pairs(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], pad_id).to(device)
+    per_token = model(batch.input_ids, batch.attention_mask, batch.completion_mask)  # (2B, L) float32
+    policy_c, policy_r = sequence_logps(per_token, batch.completion_mask, cfg.ld_alpha)
+    ref_c = ref_r = None
+    if cfg.needs_reference:
+        if "ref_chosen_logps" in rows:  # from the cache
+            if cfg.ld_alpha is None:
+                ref_c = torch.tensor(rows["ref_chosen_logps"], dtype=torch.float32, device=device)
+                ref_r = torch.tensor(rows["ref_rejected_logps"], dtype=torch.float32, device=device)
+            else:
+                tc, mc = _padded(rows["ref_chosen_token_logps"], device)
+                tr, mr = _padded(rows["ref_rejected_token_logps"], device)
+                ref_c, ref_r = losses.ld_logps(tc, mc, tr, mr, alpha=cfg.ld_alpha)
+        else:  # live reference: the same log-prob function, no grad
+            with torch.no_grad():
+                ref_tok = reference(batch)
+            ref_c, ref_r = sequence_logps(ref_tok, batch.completion_mask, cfg.ld_alpha)
+    return batch, policy_c, policy_r, ref_c, ref_r
+
+
+def live_reference(ref_model, model, accelerator, cfg: TrainConfig):
+    """The classic method's reference: a second model, or the LoRA policy with its adapter switched off."""
+    from .logps import token_logps
+
+    def score(causal_lm, batch):
+        return token_logps(causal_lm, batch.input_ids, batch.attention_mask, batch.completion_mask,
+                           backend=cfg.logps_backend)
+
+    if ref_model is not None:
+        return lambda batch: score(ref_model, batch)
+    policy = _unwrapped_policy(accelerator, model)  # LoRA: the base model is the reference
+
+    def without_adapter(batch):
+        with policy.disable_adapter():
+            return score(policy, batch)
+
+    return without_adapter
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _unwrapped_policy(accelerator, model):
+    return accelerator.unwrap_model(model).model
+
+
+def save_pretrained_atomic(accelerator, model, tokenizer, target: Path, merge_lora: bool = False) -> None:
+    """save_pretrained into a temporary directory, then move the files in; config.json goes last."""
+    policy = _unwrapped_policy(accelerator, model)
+    state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards; keys carry the wrapper's prefix
+    if not accelerator.is_main_process:
+        return
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if merge_lora and hasattr(policy, "merge_and_unload"):
+        import copy
+
+        copy.deepcopy(policy).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+    elif hasattr(policy, "peft_config"):
+        policy.save_pretrained(tmp, safe_serialization=True)
+    else:
+        sd = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+        policy.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    target.mkdir(parents=True, exist_ok=True)
+    names = sorted(os.listdir(tmp), key=lambda n: n in ("config.json", "adapter_config.json"))
+    for name in names:
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp / name, target / name)
+    fsync_dir(target)
+    tmp.rmdir()
+
+
+def _rng_state() -> dict:
+    import torch
+
+    np_state = np.random.get_state()
+    state = {"python": json.dumps(random.getstate()), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+             "numpy_pos": int(np_state[2]), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import torch
+
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, out: Path, progress: dict,
+                    cfg: TrainConfig) -> Path:
+    """OUT/checkpoint-STEP: weights (safetensors), optimizer, scheduler, RNG, data position. Atomic."""
+    import torch
+
+    step = progress["step"]
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    save_pretrained_atomic(accelerator, model, tokenizer, tmp, merge_lora=False)
+    optim_state = optimizer.state_dict()
+    if accelerator.is_main_process:
+        for name, obj in (("optimizer.pt", optim_state), ("scheduler.pt", scheduler.state_dict()),
+                          ("rng_state.pt", _rng_state())):
+            torch.save(obj, tmp / name)
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        atomic_write_json(tmp / "trainer_state.json", {**progress, "fastdpo_version": __version__,
+                                                       "config": to_dict(cfg),
+                                                       "num_processes": accelerator.num_processes})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(out)
+        if cfg.save_total_limit:
+            for old in list_checkpoints(out)[:-cfg.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints (renamed into place, so trainer_state.json exists), oldest first."""
+    found = []
+    for p in Path(out).glob("checkpoint-*"):
+        if p.is_dir() and (p / "trainer_state.json").is_file() and p.name.split("-")[-1].isdigit():
+            found.append(p)
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def resolve_resume(cfg: TrainConfig) -> Path | None:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "latest":
+        ckpts = list_checkpoints(Path(cfg.output))
+        if not ckpts:
+            raise UserError(f"--resume latest: no complete checkpoint in {cfg.output}")
+        return ckpts[-1]
+    path = Path(cfg.resume)
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(f"--resume {path}: not a complete fastdpo checkpoint (no trainer_state.json)")
+    return path
+
+
+PLAN_KEYS = ("batch_size", "grad_accum", "seed", "shuffle", "group_by_length", "ref_cache", "dataset")
+
+
+def load_checkpoint(path: Path, cfg: TrainConfig, accelerator, optimizer, scheduler) -> dict:
+    import torch
+
+    state = json.loads((path / "trainer_state.json").read_text())
+    saved = state.get("config", {})
+    changed = [k for k in PLAN_KEYS if saved.get(k) != getattr(cfg, k)]
+    if state.get("num_processes") != accelerator.num_processes:
+        changed.append(f"number of processes ({state.get('num_processes')} -> {accelerator.num_processes})")
+    if changed:
+        raise UserError(f"--resume {path}: the checkpoint was made with other data settings ({', '.join(changed)}); "
+                        "resume with the same settings")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(path / "rng_state.pt", weights_only=True))
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+def peak_memory_gb(device) -> float:
+    import torch
+
+    if getattr(device, "type", "") == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def format_line(m: dict, total_steps: int) -> str:
+    return (f"step {m['step']}/{total_steps} | loss {m['loss']:.4f} | acc {m['rewards/accuracies']:.3f} | "
+            f"margin {m['rewards/margins']:.4f} | grad {m['grad_norm']:.3f} | lr {m['lr']:.2e} | "
+            f"{m['samples_per_s']:.1f} pairs/s | {m['tokens_per_s']:.0f} tok/s | {m['peak_memory_gb']:.2f} GB")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    atomic_write_json_lines(path, keep)
+
+
+def atomic_write_json_lines(path: Path, lines: list[str]) -> None:
+    from .io import atomic_write_bytes
+
+    atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def train(config: TrainConfig | None = None, **kwargs) -> dict:
+    """Run `fastdpo train`. `fastdpo.train(model=..., ref_cache=..., output=...)` works like the CLI.
+
+    Returns the last step's metrics.
+    """
+    if config is None:
+        config = TrainConfig(**kwargs)
+    elif kwargs:
+        config = dataclasses.replace(config, **kwargs)
+    cfg = config
+    import torch
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+
+    from .logps import LogpsModel, fused_head_note
+
+    out = Path(cfg.output)
+    resume_dir = resolve_resume(cfg)
+    dtype, mixed = resolve_train_dtype(cfg, PartialState().device)
+    AcceleratorState._reset_state()  # a second run in one process may want other mixed precision
+    accelerator = Accelerator(mixed_precision=mixed, log_with=None if cfg.report_to == "none" else cfg.report_to,
+                              project_dir=str(out))
+    is_main = accelerator.is_main_process
+    device = accelerator.device
+    if is_main:
+        ensure_dir(out)
+        print(f"fastdpo {__version__} train\n{format_config(cfg)}", file=sys.stderr)
+        atomic_write_json(out / "fastdpo_config.json", {"command": "train", "fastdpo_version": __version__,
+                                                        **to_dict(cfg)})
+    set_seed(cfg.seed)
+
+    tokenizer = modeling.load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
+    source, manifest = open_source(cfg, tokenizer, is_main)
+    if manifest is not None:
+        ref_dtype = manifest["settings"].get("resolved_dtype")
+        if is_main and ref_dtype and ref_dtype != str(dtype).replace("torch.", ""):
+            print(f"note: the cache was computed in {ref_dtype} and the policy runs in "
+                  f"{str(dtype).replace('torch.', '')}; a fresh policy's margin will not start at exactly 0",
+                  file=sys.stderr)
+
+    load = dict(revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                attn_implementation=cfg.attn_implementation)
+    weights_from = str(resume_dir) if resume_dir is not None and cfg.lora_r is None else cfg.model
+    policy = modeling.load_model(weights_from, **load)
+    ref_model = None
+    if cfg.needs_reference and source.has_ref is False:
+        if cfg.ref_model:
+            ref_model = modeling.load_model(cfg.ref_model, **load)
+        elif cfg.lora_r is None:
+            ref_model = modeling.load_model(cfg.model, **load)  # a frozen copy of the initial policy
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False).to(device)
+    if cfg.disable_dropout:
+        disable_dropout(policy)
+    policy.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_r is not None:
+        if cfg.gradient_checkpointing:
+            policy.enable_input_require_grads()
+        policy = apply_lora(policy, cfg, resume_dir)
+    note = fused_head_note(policy)
+    if note and is_main:
+        print(note, file=sys.stderr)
+    model = LogpsModel(policy, cfg.logps_backend)
+    model.train()
+
+    world = accelerator.num_processes
+    step_size = cfg.batch_size * cfg.grad_accum * world  # pairs per optimizer step
+
+    def plan(epoch):
+        return batching.epoch_plan(source.lengths, source.shard_bounds, step_size, seed=cfg.seed, epoch=epoch,
+                                   shuffle=cfg.shuffle, group_by_length=cfg.group_by_length)
+
+    steps_per_epoch = len(plan(0))
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    optimizer = build_optimizer(model.parameters(), cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    reference = live_reference(ref_model, model, accelerator, cfg) if cfg.needs_reference and not source.has_ref \
+        else None
+
+    step, bad_total, bad_run, elapsed_before = 0, 0, 0, 0.0
+    if resume_dir is not None:
+        state = load_checkpoint(resume_dir, cfg, accelerator, optimizer, scheduler)
+        step, bad_total, bad_run = state["step"], state.get("bad_steps", 0), state.get("consecutive_bad_steps", 0)
+        elapsed_before = state.get("elapsed_s", 0.0)
+        if is_main:
+            _truncate_metrics(out / "metrics.jsonl", step)
+            print(f"resumed from {resume_dir} at step {step}", file=sys.stderr)
+    if cfg.report_to != "none":
+        accelerator.init_trackers("fastdpo", config={k: str(v) if isinstance(v, list | type(None)) else v
+                                                     for k, v in to_dict(cfg).items()})
+
+    if is_main:
+        print(f"training: {len(source)} pairs, {step_size} per step ({cfg.batch_size} x {cfg.grad_accum} accumulation "
+              f"x {world} process(es)), {steps_per_epoch} steps/epoch, {total_steps} steps", file=sys.stderr)
+    bar = None
+    if cfg.progress and is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, unit="step", desc="train", dynamic_ncols=True)
+    log = (lambda s: bar.write(s, file=sys.stderr)) if bar is not None else (lambda s: print(s, file=sys.stderr))
+
+    pad_id = tokenizer.pad_token_id
+    with_token_logps = cfg.ld_alpha is not None
+    plans: dict[int, list] = {}
+    metrics = {}
+    last_ckpt = list_checkpoints(out)[-1] if is_main and list_checkpoints(out) else None
+    t_loop = time.perf_counter()
+    while step < total_steps:
+        t_step = time.perf_counter()
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch not in plans:
+            plans = {epoch: plan(epoch)}
+        step_batch = plans[epoch][k]
+        n_pairs = len(step_batch)
+        chosen_tokens = int(source.chosen_lengths[step_batch].sum())
+        step_mbs = batching.micro_batches(step_batch, cfg.batch_size)
+        mine = step_mbs[accelerator.process_index::world]
+        weights = [1.0] * len(mine)
+        if not mine:  # keep collectives aligned: run a micro-batch with zero weight
+            mine, weights = step_mbs[:1], [0.0]
+        sums = torch.zeros(9, dtype=torch.float64, device=device)
+        for j, (mb, weight) in enumerate(zip(mine, weights)):
+            rows = source.fetch(mb, with_token_logps=with_token_logps)
+            sync = j == len(mine) - 1
+            ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
+            with ctx, accelerator.autocast():
+                batch, pc, pr, rc, rr = pair_logps(model, reference, rows, cfg, pad_id, device)
+                b = batch.num_pairs
+                lengths_c = torch.tensor(batch.chosen_lens, device=device, dtype=torch.float32)
+                lengths_r = torch.tensor(batch.rejected_lens, device=device, dtype=torch.float32)
+                per_pair, rew_c, rew_r = losses.preference_loss(
+                    pc, pr, rc, rr, loss_type=cfg.loss, loss_weights=cfg.loss_weights, beta=cfg.beta,
+                    label_smoothing=cfg.label_smoothing, chosen_lengths=lengths_c, rejected_lengths=lengths_r,
+                    simpo_gamma=cfg.simpo_gamma, discopop_tau=cfg.discopop_tau,
+                    sft_num_tokens=chosen_tokens * b / n_pairs)
+                loss = per_pair.sum() * (weight * world / n_pairs)
+                accelerator.backward(loss)
+            with torch.no_grad():
+                w = weight
+                sums += torch.stack([per_pair.detach().sum() * w, rew_c.sum() * w, rew_r.sum() * w,
+                                     (rew_c > rew_r).float().sum() * w, (rew_c - rew_r).sum() * w,
+                                     pc.detach().sum() * w, pr.detach().sum() * w,
+                                     torch.tensor(b * w, device=device),
+                                     torch.tensor(batch.num_tokens * w, device=device)]).double()
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        sums = accelerator.reduce(sums, reduction="sum")
+        finite = math.isfinite(grad_norm) and bool(torch.isfinite(sums).all())
+        if finite:
+            optimizer.step()
+            bad_run = 0
+        else:
+            bad_total += 1
+            bad_run += 1
+            if is_main:
+                log(f"warning: step {step + 1}: non-finite loss or gradient; step skipped "
+                    f"({bad_run} in a row, {bad_total} in all)")
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        s = sums.tolist()
+        n = max(s[7], 1.0)
+        dt = time.perf_counter() - t_step
+        metrics = {
+            "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": s[0] / n,
+            "rewards/chosen": s[1] / n, "rewards/rejected": s[2] / n, "rewards/accuracies": s[3] / n,
+            "rewards/margins": s[4] / n, "logps/chosen": s[5] / n, "logps/rejected": s[6] / n,
+            "grad_norm": grad_norm, "lr": lr, "samples_per_s": s[7] / dt, "tokens_per_s": s[8] / dt,
+            "elapsed_s": round(elapsed_before + time.perf_counter() - t_loop, 3),
+            "peak_memory_gb": peak_memory_gb(device), "bad_steps": bad_total,
+        }
+        if is_main:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if step % cfg.log_every == 0 or step == total_steps or not finite:
+                log(format_line(metrics, total_steps))
+            if bar is not None:
+                bar.update(1)
+        if cfg.report_to != "none":
+            accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
+        if bad_run >= cfg.max_bad_steps:
+            if bar is not None:
+                bar.close()
+            where = f"the last good checkpoint {last_ckpt} is intact" if last_ckpt else "no checkpoint was written"
+            raise TrainingStopped(f"stopped at step {step}: {bad_run} consecutive steps with a non-finite loss or "
+                                  f"gradient (--max-bad-steps {cfg.max_bad_steps}); {where}")
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+            progress_state = {"step": step, "epoch": epoch, "steps_into_epoch": k + 1,
+                              "bad_steps": bad_total, "consecutive_bad_steps": bad_run,
+                              "elapsed_s": metrics["elapsed_s"]}
+            last_ckpt = save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, out, progress_state, cfg)
+            if is_main:
+                log(f"saved {last_ckpt}")
+    if bar is not None:
+        bar.close()
+
+    save_pretrained_atomic(accelerator, model, tokenizer, out, merge_lora=cfg.merge_lora)
+    if is_main:
+        atomic_write_json(out / "train_summary.json", {"steps": step, "final": metrics, "bad_steps": bad_total,
+                                                       "pairs": len(source), "num_processes": world})
+        print(f"train: {step} steps in {time.perf_counter() - t_loop:.1f}s -> {out}", file=sys.stderr)
+    if cfg.report_to != "none":
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return metrics

@@ -1,0 +1,247 @@
+"""`fastdpo train` on tiny local models: exactness against the classic method, resume, refusal, LoRA."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, make_pairs, run_cli, write_jsonl
+
+from fastdpo.precompute import PrecomputeConfig, precompute
+from fastdpo.train import train
+
+VALUE_FIELDS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "grad_norm", "lr")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", make_pairs(32, seed=1))
+
+
+@pytest.fixture(scope="module")
+def ref_cache(tiny_model, pairs, tmp_path_factory):
+    """Default shard size, as a live-reference run groups rows: the two plan identical epochs."""
+    out = tmp_path_factory.mktemp("cache") / "c"
+    precompute(PrecomputeConfig(model=tiny_model, dataset=str(pairs), output=str(out), batch_size=5, progress=False))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def sharded_cache(tiny_model, pairs, tmp_path_factory):
+    """Four shards, so that shard order and rows within shards are shuffled."""
+    out = tmp_path_factory.mktemp("cache") / "c"
+    precompute(PrecomputeConfig(model=tiny_model, dataset=str(pairs), output=str(out), shard_rows=10,
+                                batch_size=5, progress=False))
+    return str(out)
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def assert_same_trajectory(a: list[dict], b: list[dict], atol: float, fields=VALUE_FIELDS):
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for ma, mb in zip(a, b):
+        for f in fields:
+            assert math.isclose(ma[f], mb[f], rel_tol=0, abs_tol=atol), (ma["step"], f, ma[f], mb[f])
+
+
+def _train(tiny_model, out, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("lr", 1e-3)
+    return train(model=tiny_model, output=str(out), **kw)
+
+
+def test_first_step_is_ln2_with_zero_margin(tiny_model, ref_cache, tmp_path):
+    _train(tiny_model, tmp_path / "r", ref_cache=ref_cache, max_steps=2, batch_size=8)
+    first = metrics(tmp_path / "r")[0]
+    assert abs(first["loss"] - math.log(2)) < 1e-6
+    assert abs(first["rewards/margins"]) < 1e-6 and abs(first["rewards/chosen"]) < 1e-6
+    assert set(first) >= {"step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                          "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "lr", "samples_per_s",
+                          "tokens_per_s", "elapsed_s", "peak_memory_gb"}
+
+
+def test_cache_mode_equals_live_reference(tiny_model, ref_cache, pairs, tmp_path):
+    """The whole point: training from the cache gives the numbers of classic two-model DPO."""
+    _train(tiny_model, tmp_path / "cached", ref_cache=ref_cache, max_steps=5, batch_size=4)
+    _train(tiny_model, tmp_path / "live", dataset=str(pairs), ref_model=tiny_model, max_steps=5, batch_size=4)
+    a, b = metrics(tmp_path / "cached"), metrics(tmp_path / "live")
+    assert a[-1]["rewards/margins"] != 0  # the policy moved
+    assert_same_trajectory(a, b, atol=1e-5)
+
+
+def test_grad_accum_equals_larger_batch(tiny_model, ref_cache, tmp_path):
+    _train(tiny_model, tmp_path / "a", ref_cache=ref_cache, max_steps=3, batch_size=8, grad_accum=1)
+    _train(tiny_model, tmp_path / "b", ref_cache=ref_cache, max_steps=3, batch_size=4, grad_accum=2)
+    assert_same_trajectory(metrics(tmp_path / "a"), metrics(tmp_path / "b"), atol=1e-5)
+
+
+def test_resume_reproduces_straight_run(tiny_model, sharded_cache, tmp_path):
+    kw = dict(ref_cache=sharded_cache, max_steps=8, batch_size=4, epochs=3)
+    _train(tiny_model, tmp_path / "straight", **kw)
+    _train(tiny_model, tmp_path / "split", save_steps=4, **kw)
+    ckpt = tmp_path / "split" / "checkpoint-4"
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pt", "trainer_state.json"} <= set(
+        os.listdir(ckpt))
+    # pretend the run died after step 6: drop what came after the checkpoint, then resume
+    rows = metrics(tmp_path / "split")[:6]
+    (tmp_path / "split" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _train(tiny_model, tmp_path / "split", resume=str(ckpt), **kw)
+    resumed = metrics(tmp_path / "split")
+    assert [m["step"] for m in resumed] == list(range(1, 9))
+    assert_same_trajectory(metrics(tmp_path / "straight"), resumed, atol=0)
+
+
+def test_sigkill_then_resume_latest(tiny_model, sharded_cache, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--model", tiny_model, "--ref-cache", sharded_cache, "--output", str(out), "--max-steps", "60",
+            "--batch-size", "2", "--epochs", "10", "--lr", "1e-3", "--save-steps", "3", "--no-progress"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fastdpo", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoint-6").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.safetensors").exists(), "killed too late to test anything"
+    code, err = run_cli(*args, "--resume", "latest")
+    assert code == 0, err
+    assert "resumed from" in err
+    _train(tiny_model, tmp_path / "straight", ref_cache=sharded_cache, max_steps=60, batch_size=2, epochs=10)
+    assert_same_trajectory(metrics(tmp_path / "straight"), metrics(out), atol=0)
+
+
+def test_learns_a_synthetic_preference(tiny_model, tmp_path):
+    """Chosen answers end in 'Paris.', rejected ones in 'world!': accuracy must climb above 0.9."""
+    rows = [{"prompt": p["prompt"], "chosen": " capital Paris.", "rejected": " hello world!"}
+            for p in make_pairs(48, seed=3)]
+    data_file = write_jsonl(tmp_path / "d.jsonl", rows)
+    precompute(PrecomputeConfig(model=tiny_model, dataset=str(data_file), output=str(tmp_path / "c"),
+                                progress=False))
+    _train(tiny_model, tmp_path / "r", ref_cache=str(tmp_path / "c"), max_steps=12, batch_size=8, lr=3e-3,
+           epochs=3)
+    m = metrics(tmp_path / "r")
+    assert m[0]["rewards/accuracies"] < 0.9
+    assert m[-1]["rewards/accuracies"] > 0.9 and m[-1]["rewards/margins"] > m[0]["rewards/margins"]
+    assert m[-1]["loss"] < math.log(2)
+
+
+def test_output_loads_with_transformers(tiny_model, ref_cache, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _train(tiny_model, tmp_path / "r", ref_cache=ref_cache, max_steps=2)
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "r")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    AutoTokenizer.from_pretrained(tmp_path / "r")
+    diff = max((a - b).abs().max().item() for a, b in zip(trained.parameters(), base.parameters()))
+    assert diff > 0  # weights moved
+    assert all(torch.isfinite(p).all() for p in trained.parameters())
+    assert json.loads((tmp_path / "r" / "fastdpo_config.json").read_text())["ref_cache"] == ref_cache
+
+
+def test_damaged_shard_refused_by_name(tiny_model, sharded_cache, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(sharded_cache, damaged)
+    shard = damaged / "shard-00001.arrow"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    code, err = run_cli("train", "--model", tiny_model, "--ref-cache", damaged, "--output", tmp_path / "o")
+    assert code == 2 and "shard-00001.arrow is damaged" in err and "Traceback" not in err
+    shard.write_bytes(bytes(raw[:100]))
+    code, err = run_cli("train", "--model", tiny_model, "--ref-cache", damaged, "--output", tmp_path / "o")
+    assert code == 2 and "shard-00001.arrow is truncated" in err
+    shard.unlink()
+    code, err = run_cli("train", "--model", tiny_model, "--ref-cache", damaged, "--output", tmp_path / "o")
+    assert code == 2 and "shard-00001.arrow is missing" in err
+
+
+def test_tokenizer_mismatch_refused(ref_cache, tmp_path):
+    from conftest import CORPUS
+
+    from fastdpo.tiny import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", texts=CORPUS[:5], vocab_size=300)
+    code, err = run_cli("train", "--model", other, "--ref-cache", ref_cache, "--output", tmp_path / "o")
+    assert code == 2 and "tokenizer mismatch" in err and str(other) in err and "Traceback" not in err
+
+
+def test_weights_mismatch_warns(tiny_model, ref_cache, tmp_path):
+    from fastdpo.tiny import build_tiny_model
+    from fastdpo.modeling import load_tokenizer
+
+    other = build_tiny_model(tmp_path / "other", seed=7, tokenizer=load_tokenizer(tiny_model))
+    code, err = run_cli("train", "--model", other, "--ref-cache", ref_cache, "--output", tmp_path / "o",
+                        "--max-steps", "1", "--no-progress")
+    assert code == 0 and "weights differ from the cache's reference" in err
+
+
+@pytest.mark.parametrize("loss,extra", [
+    ("ipo", {}),
+    ("sigmoid,sft", {"loss_weights": [1.0, 0.2]}),
+    ("sigmoid", {"ld_alpha": 0.5}),
+    ("hinge", {"label_smoothing": 0.0}),
+])
+def test_other_losses_match_live_reference(tiny_model, ref_cache, pairs, tmp_path, loss, extra):
+    kw = dict(max_steps=3, batch_size=4, loss=loss.split(","), **extra)
+    _train(tiny_model, tmp_path / "a", ref_cache=ref_cache, **kw)
+    _train(tiny_model, tmp_path / "b", dataset=str(pairs), **kw)  # live reference: a frozen copy of --model
+    assert_same_trajectory(metrics(tmp_path / "a"), metrics(tmp_path / "b"), atol=1e-5)
+
+
+def test_simpo_needs_no_reference(tiny_model, pairs, tmp_path):
+    code, err = run_cli("train", "--model", tiny_model, "--dataset", pairs, "--loss", "simpo", "--beta", "2",
+                        "--output", tmp_path / "r", "--max-steps", "2", "--no-progress")
+    assert code == 0, err
+    m = metrics(tmp_path / "r")
+    assert len(m) == 2 and all(math.isfinite(x["loss"]) for x in m)
+
+
+def test_lora_adapter_loads_with_peft(tiny_model, ref_cache, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    _train(tiny_model, tmp_path / "r", ref_cache=ref_cache, max_steps=2, lora_r=4, lr=1e-2)
+    assert (tmp_path / "r" / "adapter_model.safetensors").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model = peft.PeftModel.from_pretrained(base, str(tmp_path / "r"))
+    assert any("lora_" in n for n, _ in model.named_parameters())
+    _train(tiny_model, tmp_path / "merged", ref_cache=ref_cache, max_steps=2, lora_r=4, lr=1e-2, merge_lora=True)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+
+
+def test_lora_live_reference_uses_base(tiny_model, ref_cache, pairs, tmp_path):
+    """With LoRA and no --ref-model, the reference is the base with the adapter off: equal to the cache."""
+    pytest.importorskip("peft")
+    kw = dict(max_steps=3, batch_size=4, lora_r=4, lr=1e-2)
+    _train(tiny_model, tmp_path / "a", ref_cache=ref_cache, **kw)
+    _train(tiny_model, tmp_path / "b", dataset=str(pairs), **kw)
+    assert_same_trajectory(metrics(tmp_path / "a"), metrics(tmp_path / "b"), atol=1e-5)
+
+
+def test_bad_train_flags(tiny_model, ref_cache, pairs, tmp_path):
+    cases = [
+        (["--ref-cache", ref_cache, "--dataset", pairs], "not both"),
+        ([], "missing data"),
+        (["--ref-cache", ref_cache, "--loss", "dpo"], "unknown loss type 'dpo'"),
+        (["--ref-cache", ref_cache, "--loss", "sigmoid,sft", "--loss-weights", "1"], "one weight per loss type"),
+        (["--ref-cache", tmp_path / "nocache"], "reference cache not found"),
+        (["--ref-cache", ref_cache, "--resume", tmp_path / "nockpt"], "not a complete fastdpo checkpoint"),
+        (["--ref-cache", ref_cache, "--beta", "0"], "beta must be"),
+    ]
+    for extra, needle in cases:
+        code, err = run_cli("train", "--model", tiny_model, "--output", tmp_path / "o", *extra)
+        assert code == 2 and needle in err and "Traceback" not in err, (extra, err)

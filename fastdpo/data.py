@@ -313,13 +313,19 @@ def _lcp(a: list[int], b: list[int]) -> int:
     return i
 
 
-class PairTokenizer:
-    """Turns raw preference rows into token ids; used as a batched `Dataset.map` function."""
+class RowTokenizer:
+    """Turns raw rows into token ids; a batched `Dataset.map` function.
 
-    def __init__(self, tokenizer, args: DataArgs, has_prompt: bool):
+    Subclasses say how a raw row becomes `(kind, prompt, [completion, ...])` (`normalise`) and which
+    output column each completion fills (`targets`). The rest is shared: render, tokenize the prompt
+    alone and with each completion, split at the longest common token prefix, BOS/EOS, truncate.
+    """
+
+    targets: tuple[str, ...] = ()
+
+    def __init__(self, tokenizer, args: DataArgs):
         self.tok = tokenizer
         self.args = args
-        self.has_prompt = has_prompt
         self.bos = tokenizer.bos_token_id
         self.eos = tokenizer.eos_token_id
         probe_with = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -329,12 +335,15 @@ class PairTokenizer:
         if self.eos is None:
             raise UserError("the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
 
-    def _render(self, kind, prompt, chosen, rejected):
+    def normalise(self, batch: dict, i: int):
+        raise NotImplementedError
+
+    def _render(self, kind, prompt, completions) -> list[str]:
         if kind == "text":
-            return prompt, prompt + chosen, prompt + rejected
+            return [prompt] + [prompt + c for c in completions]
         apply = self.tok.apply_chat_template
-        p = apply(prompt, tokenize=False, add_generation_prompt=True)
-        return p, apply(prompt + chosen, tokenize=False), apply(prompt + rejected, tokenize=False)
+        return [apply(prompt, tokenize=False, add_generation_prompt=True)] + [
+            apply(prompt + c, tokenize=False) for c in completions]
 
     def _with_bos(self, ids: list[int]) -> list[int]:
         return [self.bos] + ids if self.add_bos and ids[:1] != [self.bos] else ids
@@ -344,7 +353,7 @@ class PairTokenizer:
         has = (self.eos in ids) if conversational else ids[-1:] == [self.eos]
         return ids if has else ids + [self.eos]
 
-    def _truncate(self, prompt, chosen, rejected):
+    def _truncate(self, prompt, completions):
         a = self.args
         if a.max_prompt_length is not None and len(prompt) > a.max_prompt_length:
             n = a.max_prompt_length
@@ -358,23 +367,18 @@ class PairTokenizer:
             room = a.max_length - len(prompt)
             if room < 1:
                 return "prompt_too_long"
-            chosen, rejected = chosen[:room], rejected[:room]
-        return prompt, chosen, rejected
+            completions = [c[:room] for c in completions]
+        return prompt, completions
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
-        a = self.args
         n = len(indices)
-        prompts = batch[a.prompt_column] if self.has_prompt else [None] * n
         wrong = batch.get("__fastdpo_wrong_type__", [False] * n)
         out = {"id": list(indices), "prompt_ids": [[] for _ in range(n)], "chosen_ids": [[] for _ in range(n)],
                "rejected_ids": [[] for _ in range(n)], "skip": [""] * n, "boundary_merge": [False] * n}
         texts, kinds, where = [], [], []
+        width = 1 + len(self.targets)
         for i in range(n):
-            if wrong[i]:
-                out["skip"][i] = "wrong_type"
-                continue
-            norm = normalise_row(prompts[i], batch[a.chosen_column][i], batch[a.rejected_column][i],
-                                 self.has_prompt, a.assistant_marker)
+            norm = "wrong_type" if wrong[i] else self.normalise(batch, i)
             if isinstance(norm, str):
                 out["skip"][i] = norm
                 continue
@@ -389,24 +393,115 @@ class PairTokenizer:
             return out
         ids = self.tok(texts, add_special_tokens=False)["input_ids"]
         for j, i in enumerate(where):
-            p, fc, fr = (self._with_bos(list(x)) for x in ids[3 * j: 3 * j + 3])
-            k = min(_lcp(p, fc), _lcp(p, fr))
+            p, *fulls = (self._with_bos(list(x)) for x in ids[width * j: width * (j + 1)])
+            k = min(_lcp(p, f) for f in fulls)
             out["boundary_merge"][i] = k < len(p)
             conv = kinds[j] == "messages"
-            prompt, chosen, rejected = p[:k], self._with_eos(fc[k:], conv), self._with_eos(fr[k:], conv)
+            prompt, completions = p[:k], [self._with_eos(f[k:], conv) for f in fulls]
             if not prompt:
                 out["skip"][i] = "empty_prompt"
                 continue
-            cut = self._truncate(prompt, chosen, rejected)
+            cut = self._truncate(prompt, completions)
             if isinstance(cut, str):
                 out["skip"][i] = cut
                 continue
-            prompt, chosen, rejected = cut
-            if chosen == rejected:
+            prompt, completions = cut
+            if len(completions) == 2 and completions[0] == completions[1]:
                 out["skip"][i] = "identical_after_truncation"
                 continue
-            out["prompt_ids"][i], out["chosen_ids"][i], out["rejected_ids"][i] = prompt, chosen, rejected
+            out["prompt_ids"][i] = prompt
+            for column, c in zip(self.targets, completions):
+                out[column][i] = c
         return out
+
+
+class PairTokenizer(RowTokenizer):
+    """Preference rows -> prompt_ids, chosen_ids, rejected_ids."""
+
+    targets = ("chosen_ids", "rejected_ids")
+
+    def __init__(self, tokenizer, args: DataArgs, has_prompt: bool):
+        super().__init__(tokenizer, args)
+        self.has_prompt = has_prompt
+
+    def normalise(self, batch, i):
+        a = self.args
+        prompt = batch[a.prompt_column][i] if self.has_prompt else None
+        norm = normalise_row(prompt, batch[a.chosen_column][i], batch[a.rejected_column][i], self.has_prompt,
+                             a.assistant_marker)
+        return norm if isinstance(norm, str) else (norm[0], norm[1], list(norm[2:]))
+
+
+def normalise_completion(prompt, completion):
+    """(kind, prompt, [completion]) for one supervised example, or a skip reason."""
+    kp, kc = _classify(prompt), _classify(completion)
+    if kp == "empty_text" and kc == "text":
+        kp = "text"  # plain language modelling: BOS is the only context
+    for k in (kp, kc):
+        if k not in ("text", "messages"):
+            return k
+    if kp == kc == "text":
+        return ("text", prompt, [completion])
+    p = _messages(prompt) if kp == "messages" else [{"role": "user", "content": prompt}]
+    c = _messages(completion) if kc == "messages" else [{"role": "assistant", "content": completion}]
+    return ("messages", p, [c])
+
+
+SFT_FORMATS = ("preference", "completion", "messages", "text")
+
+
+class CompletionTokenizer(RowTokenizer):
+    """Supervised rows -> prompt_ids, chosen_ids (the target completion); rejected_ids stays empty.
+
+    Formats: `preference` (the chosen answer of a preference set), `completion` (`prompt` and
+    `completion` columns), `messages` (a conversation whose last message is the target) and `text`
+    (plain language modelling on the whole text).
+    """
+
+    targets = ("chosen_ids",)
+
+    def __init__(self, tokenizer, args: DataArgs, fmt: str, has_prompt: bool, completion_column: str,
+                 messages_column: str, text_column: str):
+        super().__init__(tokenizer, args)
+        self.fmt, self.has_prompt = fmt, has_prompt
+        self.completion_column, self.messages_column, self.text_column = (completion_column, messages_column,
+                                                                          text_column)
+
+    def normalise(self, batch, i):
+        a = self.args
+        if self.fmt == "preference":
+            if not self.has_prompt:  # implicit prompt: needs both answers to find it
+                norm = normalise_row(None, batch[a.chosen_column][i], batch[a.rejected_column][i], False,
+                                     a.assistant_marker)
+                return norm if isinstance(norm, str) else (norm[0], norm[1], [norm[2]])
+            return normalise_completion(batch[a.prompt_column][i], batch[a.chosen_column][i])
+        if self.fmt == "completion":
+            return normalise_completion(batch[a.prompt_column][i] if self.has_prompt else "",
+                                        batch[self.completion_column][i])
+        if self.fmt == "text":
+            return normalise_completion("", batch[self.text_column][i])
+        msgs = _messages(batch[self.messages_column][i])
+        if msgs is None:
+            return _classify(batch[self.messages_column][i]) if not isinstance(
+                batch[self.messages_column][i], list) else "malformed_messages"
+        if len(msgs) < 2 or msgs[-1]["role"] != "assistant":
+            return "no_prompt_found"
+        return ("messages", msgs[:-1], [msgs[-1:]])
+
+
+def sft_format(ds, args: DataArgs, completion_column: str, messages_column: str, text_column: str) -> str:
+    columns = list(ds.column_names)
+    if messages_column in columns:
+        return "messages"
+    if completion_column in columns:
+        return "completion"
+    if args.chosen_column in columns:
+        return "preference"
+    if text_column in columns:
+        return "text"
+    raise UserError(f"dataset {args.dataset} has none of the columns fastdpo sft reads ({messages_column!r}, "
+                    f"{completion_column!r} with {args.prompt_column!r}, {args.chosen_column!r}, or "
+                    f"{text_column!r}); columns found: {', '.join(columns)}")
 
 
 def tokenized_features():
@@ -417,11 +512,11 @@ def tokenized_features():
                      "skip": Value("string"), "boundary_merge": Value("bool")})
 
 
-def check_chat_template(ds, tokenizer, args: DataArgs, has_prompt: bool) -> None:
+def check_chat_template(ds, tokenizer, columns: list[str]) -> None:
     """Conversational data needs a chat template: say so once, up front, rather than skip every row."""
     if getattr(tokenizer, "chat_template", None):
         return
-    cols = [args.chosen_column, args.rejected_column] + ([args.prompt_column] if has_prompt else [])
+    cols = [c for c in columns if c in ds.column_names]
     for row in ds.select(range(min(len(ds), 100))):
         if any(isinstance(row.get(c), list) for c in cols):
             raise UserError("the dataset is conversational (lists of messages) but the tokenizer has no chat "
@@ -430,7 +525,7 @@ def check_chat_template(ds, tokenizer, args: DataArgs, has_prompt: bool) -> None
 
 
 def tokenize_dataset(ds, tokenizer, args: DataArgs, fingerprint: str | None = None):
-    """Tokenize every row. Returns (kept rows as a Dataset, Counter of skips by reason, stats dict).
+    """Tokenize every preference row. Returns (kept rows as a Dataset, Counter of skips by reason, stats).
 
     `fingerprint` (a hash of tokenizer + settings) lets `datasets` reuse the result from its cache
     when the same data is prepared again, e.g. on a resumed precompute.
@@ -438,8 +533,27 @@ def tokenize_dataset(ds, tokenizer, args: DataArgs, fingerprint: str | None = No
     has_prompt = check_columns(ds, args)
     if args.limit is not None:
         ds = ds.select(range(min(args.limit, len(ds))))
-    check_chat_template(ds, tokenizer, args, has_prompt)
-    fn = PairTokenizer(tokenizer, args, has_prompt)
+    check_chat_template(ds, tokenizer, [args.chosen_column, args.rejected_column] + (
+        [args.prompt_column] if has_prompt else []))
+    return _map_rows(ds, PairTokenizer(tokenizer, args, has_prompt), args, fingerprint)
+
+
+def tokenize_sft_dataset(ds, tokenizer, args: DataArgs, completion_column: str = "completion",
+                         messages_column: str = "messages", text_column: str = "text",
+                         fingerprint: str | None = None):
+    """Tokenize supervised examples (see `CompletionTokenizer`); the target lands in `chosen_ids`."""
+    fmt = sft_format(ds, args, completion_column, messages_column, text_column)
+    has_prompt = args.prompt_column in ds.column_names
+    if fmt == "preference":
+        check_columns(ds, args)
+    if args.limit is not None:
+        ds = ds.select(range(min(args.limit, len(ds))))
+    check_chat_template(ds, tokenizer, [args.prompt_column, args.chosen_column, completion_column, messages_column])
+    fn = CompletionTokenizer(tokenizer, args, fmt, has_prompt, completion_column, messages_column, text_column)
+    return _map_rows(ds, fn, args, fingerprint)
+
+
+def _map_rows(ds, fn: RowTokenizer, args: DataArgs, fingerprint: str | None):
     kw = {}
     if fingerprint:
         kw["new_fingerprint"] = fingerprint

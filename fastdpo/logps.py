@@ -114,6 +114,7 @@ class PairBatch:
     prompt_lens: list[int]
     chosen_lens: list[int]
     rejected_lens: list[int]
+    plain_chosen_logps: torch.Tensor | None = None  # set by the trainer for an sft term under LD-DPO
 
     @property
     def num_pairs(self) -> int:
@@ -129,22 +130,26 @@ class PairBatch:
         return self
 
 
-def pad_pairs(prompts, chosens, rejecteds, pad_id: int) -> PairBatch:
-    """Right-padded (2B, L) batch of prompt+chosen rows followed by prompt+rejected rows."""
-    seqs = [(p, c) for p, c in zip(prompts, chosens)] + [(p, r) for p, r in zip(prompts, rejecteds)]
-    length = max(len(p) + len(c) for p, c in seqs)
-    n = len(seqs)
+def pad_sequences(prompts, completions, pad_id: int):
+    """Right-padded (N, L) input_ids, attention_mask, completion_mask for prompt+completion rows."""
+    length = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    n = len(prompts)
     input_ids = torch.full((n, length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, length), dtype=torch.long)
     completion_mask = torch.zeros((n, length), dtype=torch.bool)
-    for i, (p, c) in enumerate(seqs):
+    for i, (p, c) in enumerate(zip(prompts, completions)):
         lp, lc = len(p), len(c)
         input_ids[i, :lp] = torch.as_tensor(p, dtype=torch.long)
         input_ids[i, lp:lp + lc] = torch.as_tensor(c, dtype=torch.long)
         attention_mask[i, :lp + lc] = 1
         completion_mask[i, lp:lp + lc] = True
-    return PairBatch(input_ids, attention_mask, completion_mask, [len(p) for p in prompts],
-                     [len(c) for c in chosens], [len(r) for r in rejecteds])
+    return input_ids, attention_mask, completion_mask
+
+
+def pad_pairs(prompts, chosens, rejecteds, pad_id: int) -> PairBatch:
+    """Right-padded (2B, L) batch of prompt+chosen rows followed by prompt+rejected rows."""
+    tensors = pad_sequences(list(prompts) * 2, list(chosens) + list(rejecteds), pad_id)
+    return PairBatch(*tensors, [len(p) for p in prompts], [len(c) for c in chosens], [len(r) for r in rejecteds])
 
 
 def split_completions(per_token: torch.Tensor, batch: PairBatch) -> tuple[list, list]:

@@ -40,29 +40,17 @@ METRIC_FIELDS = ("step", "epoch", "loss", "rewards/chosen", "rewards/rejected", 
 
 
 @dataclass
-class TrainConfig(data.DataArgs):
-    """`fastdpo train`: preference optimisation of a policy."""
+class RunArgs:
+    """What every training command shares: the model, optimisation, logging, checkpoints, LoRA."""
 
     model: str | None = opt(None, "policy to train: a local directory or a Hugging Face Hub id", required=True)
     output: str | None = opt(None, "run directory: metrics.jsonl, checkpoints, final model", required=True)
-    ref_cache: str | None = opt(None, "reference cache written by `fastdpo precompute`")
-    dataset: str | None = opt(None, "preference data, for live-reference or reference-free runs (instead of a cache)")
-    ref_model: str | None = opt(None, "live reference model with --dataset (default: a frozen copy of --model)")
     revision: str | None = opt(None, "model revision on the Hub")
     dtype: str = opt("auto", "float32; bfloat16 weights; or bf16-mixed (fp32 weights, bf16 autocast); "
                      "auto: bfloat16 on GPU, float32 on CPU", choices=["auto", "float32", "bfloat16", "bf16-mixed"])
     trust_remote_code: bool = opt(False, "allow custom model code from the Hub (off: never runs remote code)")
     attn_implementation: str | None = opt(None, "transformers attention implementation (e.g. sdpa, eager)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
-    # loss
-    loss: list[str] = opt(None, "loss type(s), comma-separated for a mixture (e.g. sigmoid,sft)",
-                          default_factory=lambda: ["sigmoid"])
-    loss_weights: list[float] | None = opt(None, "mixture weights, one per --loss (default: all 1)")
-    beta: float = opt(0.1, "KL strength beta (rewards = beta x (policy - reference) log-prob)")
-    label_smoothing: float = opt(0.0, "label smoothing eps (conservative DPO, robust, exo_pair, aot, simpo)")
-    simpo_gamma: float = opt(0.5, "SimPO target margin gamma")
-    discopop_tau: float = opt(0.05, "DiscoPOP temperature tau")
-    ld_alpha: float | None = opt(None, "LD-DPO: weight of completion tokens beyond the shorter completion's length")
     # optimisation
     optimizer: str = opt("adamw", "optimizer", choices=["adamw", "sgd"])
     lr: float = opt(1e-6, "peak learning rate")
@@ -71,14 +59,14 @@ class TrainConfig(data.DataArgs):
     lr_scheduler: str = opt("linear", "learning-rate schedule after warm-up", choices=["constant", "linear", "cosine"])
     warmup_steps: int = opt(0, "linear warm-up steps")
     warmup_ratio: float = opt(0.0, "warm-up as a fraction of all steps (used when --warmup-steps is 0)")
-    batch_size: int = opt(4, "pairs per micro-batch per process")
+    batch_size: int = opt(4, "examples per micro-batch per process (pairs for preference losses)")
     grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch x processes x accum)")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables clipping)")
     epochs: int = opt(1, "passes over the data")
     max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides --epochs)")
     seed: int = opt(42, "seed for data order and initialisation")
     shuffle: bool = opt(True, "shuffle shards and rows each epoch (deterministic from --seed and the epoch)")
-    group_by_length: bool = opt(True, "batch pairs of similar length together to cut padding")
+    group_by_length: bool = opt(True, "batch examples of similar length together to cut padding")
     disable_dropout: bool = opt(True, "turn dropout off in the policy, as TRL does")
     logps_backend: str = opt("auto", "log-prob kernel backend (auto: triton on CUDA, torch elsewhere)",
                              choices=["auto", "triton", "torch"])
@@ -97,14 +85,7 @@ class TrainConfig(data.DataArgs):
     lora_target_modules: str = opt("all-linear", "comma-separated module names, or all-linear")
     merge_lora: bool = opt(False, "save the merged model instead of the adapter")
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.ref_cache and self.dataset:
-            raise ValueError("give --ref-cache or --dataset, not both (a cache already holds its data)")
-        if not self.ref_cache and not self.dataset:
-            raise ValueError("missing data: give --ref-cache CACHE (from fastdpo precompute) or --dataset D")
-        if self.ref_model and not self.dataset:
-            raise ValueError("--ref-model runs a live reference and needs --dataset")
+    def check_run_args(self):
         for name in ("batch_size", "grad_accum", "epochs", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{'--' + name.replace('_', '-')} must be at least 1")
@@ -119,6 +100,33 @@ class TrainConfig(data.DataArgs):
             raise ValueError("--lora-r must be at least 1")
         if self.merge_lora and self.lora_r is None:
             raise ValueError("--merge-lora needs --lora-r")
+
+
+@dataclass
+class TrainConfig(data.DataArgs, RunArgs):
+    """`fastdpo train`: preference optimisation of a policy."""
+
+    ref_cache: str | None = opt(None, "reference cache written by `fastdpo precompute`")
+    dataset: str | None = opt(None, "preference data, for live-reference or reference-free runs (instead of a cache)")
+    ref_model: str | None = opt(None, "live reference model with --dataset (default: a frozen copy of --model)")
+    loss: list[str] = opt(None, "loss type(s), comma-separated for a mixture (e.g. sigmoid,sft)",
+                          default_factory=lambda: ["sigmoid"])
+    loss_weights: list[float] | None = opt(None, "mixture weights, one per --loss (default: all 1)")
+    beta: float = opt(0.1, "KL strength beta (rewards = beta x (policy - reference) log-prob)")
+    label_smoothing: float = opt(0.0, "label smoothing eps (conservative DPO, robust, exo_pair, aot, simpo)")
+    simpo_gamma: float = opt(0.5, "SimPO target margin gamma")
+    discopop_tau: float = opt(0.05, "DiscoPOP temperature tau")
+    ld_alpha: float | None = opt(None, "LD-DPO: weight of completion tokens beyond the shorter completion's length")
+
+    def __post_init__(self):
+        data.DataArgs.__post_init__(self)
+        self.check_run_args()
+        if self.ref_cache and self.dataset:
+            raise ValueError("give --ref-cache or --dataset, not both (a cache already holds its data)")
+        if not self.ref_cache and not self.dataset:
+            raise ValueError("missing data: give --ref-cache CACHE (from fastdpo precompute) or --dataset D")
+        if self.ref_model and not self.dataset:
+            raise ValueError("--ref-model runs a live reference and needs --dataset")
         losses.validate_loss_config(self.loss, self.loss_weights, self.beta, self.label_smoothing,
                                     has_reference=True, batch_size=self.batch_size, simpo_gamma=self.simpo_gamma,
                                     discopop_tau=self.discopop_tau, ld_alpha=self.ld_alpha)
@@ -132,7 +140,7 @@ class TrainConfig(data.DataArgs):
 # Setup: data source, models, optimizer
 
 
-def open_source(cfg: TrainConfig, tokenizer, is_main: bool):
+def open_source(cfg: TrainConfig, tokenizer, is_main: bool, dtype=None):
     """The rows to train on: the cache's shards, or a dataset tokenized like precompute would."""
     if cfg.ref_cache:
         manifest = cache.load_manifest(cfg.ref_cache)
@@ -146,14 +154,19 @@ def open_source(cfg: TrainConfig, tokenizer, is_main: bool):
             print(f"warning: {cfg.model}'s weights differ from the cache's reference "
                   f"{manifest['model']['name_or_path']} (fine for a policy that starts elsewhere, but usually a "
                   "mistake)", file=sys.stderr)
-        return cache.CacheSource(cfg.ref_cache, manifest), manifest
+        ref_dtype = manifest["settings"].get("resolved_dtype")
+        if is_main and dtype is not None and ref_dtype and ref_dtype != str(dtype).replace("torch.", ""):
+            print(f"note: the cache was computed in {ref_dtype} and the policy runs in "
+                  f"{str(dtype).replace('torch.', '')}; a fresh policy's margin will not start at exactly 0",
+                  file=sys.stderr)
+        return cache.CacheSource(cfg.ref_cache, manifest)
     ds = data.load_source(cfg)
     rows, skips, stats = data.tokenize_dataset(ds, tokenizer, cfg)
     if is_main and skips:
         print(data.summarise_skips(skips, stats["rows_read"]), file=sys.stderr)
     if len(rows) == 0:
         raise UserError(f"no usable rows in {cfg.dataset}")
-    return batching.DatasetSource(rows), None
+    return batching.DatasetSource(rows)
 
 
 def resolve_train_dtype(cfg: TrainConfig, device):
@@ -251,6 +264,7 @@ def pair_logps(model, reference, rows, cfg: TrainConfig, pad_id: int, device):
     batch = pad_pairs(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], pad_id).to(device)
     per_token = model(batch.input_ids, batch.attention_mask, batch.completion_mask)  # (2B, L) float32
     policy_c, policy_r = sequence_logps(per_token, batch.completion_mask, cfg.ld_alpha)
+    batch.plain_chosen_logps = per_token[:batch.num_pairs].sum(-1)  # un-weighted, for an sft term
     ref_c = ref_r = None
     if cfg.needs_reference:
         if "ref_chosen_logps" in rows:  # from the cache
@@ -285,6 +299,30 @@ def live_reference(ref_model, model, accelerator, cfg: TrainConfig):
             return score(policy, batch)
 
     return without_adapter
+
+
+def pair_losses(cfg: TrainConfig, batch, pc, pr, rc, rr, sft_num_tokens):
+    """Per-pair losses and rewards. With LD-DPO, the sft term of a mixture stays the plain token-mean NLL (TRL)."""
+    import torch
+
+    kw = dict(beta=cfg.beta, label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+              discopop_tau=cfg.discopop_tau, sft_num_tokens=sft_num_tokens,
+              chosen_lengths=torch.tensor(batch.chosen_lens, device=pc.device, dtype=torch.float32),
+              rejected_lengths=torch.tensor(batch.rejected_lens, device=pc.device, dtype=torch.float32))
+    names = losses.parse_loss_types(cfg.loss)
+    weights = list(cfg.loss_weights or [1.0] * len(names))
+    if cfg.ld_alpha is None or "sft" not in names:
+        return losses.preference_loss(pc, pr, rc, rr, loss_type=names, loss_weights=weights, **kw)
+    w_sft = sum(w for n, w in zip(names, weights) if n == "sft")
+    sft, _, _ = losses.preference_loss(batch.plain_chosen_logps, pr, rc, rr, loss_type="sft", loss_weights=[w_sft],
+                                       **kw)
+    rest = [(n, w) for n, w in zip(names, weights) if n != "sft"]
+    if not rest:
+        _, rew_c, rew_r = losses.preference_loss(pc, pr, rc, rr, loss_type="sft", **kw)
+        return sft, rew_c, rew_r
+    per_pair, rew_c, rew_r = losses.preference_loss(pc, pr, rc, rr, loss_type=[n for n, _ in rest],
+                                                    loss_weights=[w for _, w in rest], **kw)
+    return per_pair + sft, rew_c, rew_r
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,7 +448,7 @@ def load_checkpoint(path: Path, cfg: TrainConfig, accelerator, optimizer, schedu
 
     state = json.loads((path / "trainer_state.json").read_text())
     saved = state.get("config", {})
-    changed = [k for k in PLAN_KEYS if saved.get(k) != getattr(cfg, k)]
+    changed = [k for k in PLAN_KEYS if saved.get(k) != getattr(cfg, k, None)]
     if state.get("num_processes") != accelerator.num_processes:
         changed.append(f"number of processes ({state.get('num_processes')} -> {accelerator.num_processes})")
     if changed:
@@ -436,10 +474,14 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def format_line(m: dict, total_steps: int) -> str:
-    return (f"step {m['step']}/{total_steps} | loss {m['loss']:.4f} | acc {m['rewards/accuracies']:.3f} | "
-            f"margin {m['rewards/margins']:.4f} | grad {m['grad_norm']:.3f} | lr {m['lr']:.2e} | "
-            f"{m['samples_per_s']:.1f} pairs/s | {m['tokens_per_s']:.0f} tok/s | {m['peak_memory_gb']:.2f} GB")
+def format_line(m: dict, total_steps: int, unit: str = "pairs") -> str:
+    """One console line per logged step, nanoGPT style."""
+    parts = [f"step {m['step']}/{total_steps}", f"loss {m['loss']:.4f}"]
+    if "rewards/accuracies" in m:
+        parts += [f"acc {m['rewards/accuracies']:.3f}", f"margin {m['rewards/margins']:.4f}"]
+    parts += [f"grad {m['grad_norm']:.3f}", f"lr {m['lr']:.2e}", f"{m['samples_per_s']:.1f} {unit}/s",
+              f"{m['tokens_per_s']:.0f} tok/s", f"{m['peak_memory_gb']:.2f} GB"]
+    return " | ".join(parts)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -462,19 +504,75 @@ def atomic_write_json_lines(path: Path, lines: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Objectives: what one micro-batch contributes to the loss and to the metrics
+
+
+class PreferenceObjective:
+    """Per-pair preference losses; the step's loss is their mean over all pairs of the step."""
+
+    sums = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+            "logps/rejected")
+    unit = "pairs"
+
+    def __init__(self, cfg: TrainConfig, reference, pad_id: int):
+        self.cfg, self.reference, self.pad_id = cfg, reference, pad_id
+
+    def micro_step(self, model, rows, step_batch, source, device):
+        """(loss summed over this micro-batch's pairs, divided by the step's count; metric sums; count; tokens)."""
+        import torch
+
+        n_pairs = len(step_batch)
+        chosen_tokens = int(source.chosen_lengths[step_batch].sum())
+        batch, pc, pr, rc, rr = pair_logps(model, self.reference, rows, self.cfg, self.pad_id, device)
+        b = batch.num_pairs
+        per_pair, rew_c, rew_r = pair_losses(self.cfg, batch, pc, pr, rc, rr, chosen_tokens * b / n_pairs)
+        with torch.no_grad():
+            sums = torch.stack([per_pair.sum(), rew_c.sum(), rew_r.sum(), (rew_c > rew_r).float().sum(),
+                                (rew_c - rew_r).sum(), pc.sum(), pr.sum()])
+        return per_pair.sum() / n_pairs, sums.detach(), b, batch.num_tokens
+
+    def finish(self, sums: list[float], count: float) -> dict:
+        return {name: v / max(count, 1.0) for name, v in zip(self.sums, sums)}
+
+
+def make_preference_objective(cfg: TrainConfig, model, accelerator, tokenizer, source, load_kwargs):
+    reference = None
+    if cfg.needs_reference and not source.has_ref:
+        ref_model = None
+        if cfg.ref_model:
+            ref_model = modeling.load_model(cfg.ref_model, **load_kwargs)
+        elif cfg.lora_r is None:
+            ref_model = modeling.load_model(cfg.model, **load_kwargs)  # a frozen copy of the initial policy
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False).to(accelerator.device)
+        reference = live_reference(ref_model, model, accelerator, cfg)
+    return PreferenceObjective(cfg, reference, tokenizer.pad_token_id)
+
+
+# ----------------------------------------------------------------------------------------------
 # The run
 
 
-def train(config: TrainConfig | None = None, **kwargs) -> dict:
-    """Run `fastdpo train`. `fastdpo.train(model=..., ref_cache=..., output=...)` works like the CLI.
+def prepare_policy(policy, cfg: RunArgs, resume_dir: Path | None):
+    """Dropout off, cache off, gradient checkpointing and LoRA as asked."""
+    if cfg.disable_dropout:
+        disable_dropout(policy)
+    policy.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_r is not None:
+        if cfg.gradient_checkpointing:
+            policy.enable_input_require_grads()
+        policy = apply_lora(policy, cfg, resume_dir)
+    return policy
 
-    Returns the last step's metrics.
+
+def run(cfg: RunArgs, command: str, open_data, make_objective) -> dict:
+    """The training loop shared by `train` and `sft`. Returns the last step's metrics.
+
+    open_data(cfg, tokenizer, is_main, dtype) -> source (`batching.DatasetSource` or `cache.CacheSource`)
+    make_objective(cfg, model, accelerator, tokenizer, source, load_kwargs) -> objective
     """
-    if config is None:
-        config = TrainConfig(**kwargs)
-    elif kwargs:
-        config = dataclasses.replace(config, **kwargs)
-    cfg = config
     import torch
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState
@@ -486,47 +584,23 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
     resume_dir = resolve_resume(cfg)
     dtype, mixed = resolve_train_dtype(cfg, PartialState().device)
     AcceleratorState._reset_state()  # a second run in one process may want other mixed precision
-    accelerator = Accelerator(mixed_precision=mixed, log_with=None if cfg.report_to == "none" else cfg.report_to,
-                              project_dir=str(out))
+    tracker = None if cfg.report_to == "none" else cfg.report_to
+    accelerator = Accelerator(mixed_precision=mixed, log_with=tracker, project_dir=str(out))
     is_main = accelerator.is_main_process
     device = accelerator.device
     if is_main:
         ensure_dir(out)
-        print(f"fastdpo {__version__} train\n{format_config(cfg)}", file=sys.stderr)
-        atomic_write_json(out / "fastdpo_config.json", {"command": "train", "fastdpo_version": __version__,
+        print(f"fastdpo {__version__} {command}\n{format_config(cfg)}", file=sys.stderr)
+        atomic_write_json(out / "fastdpo_config.json", {"command": command, "fastdpo_version": __version__,
                                                         **to_dict(cfg)})
     set_seed(cfg.seed)
 
     tokenizer = modeling.load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
-    source, manifest = open_source(cfg, tokenizer, is_main)
-    if manifest is not None:
-        ref_dtype = manifest["settings"].get("resolved_dtype")
-        if is_main and ref_dtype and ref_dtype != str(dtype).replace("torch.", ""):
-            print(f"note: the cache was computed in {ref_dtype} and the policy runs in "
-                  f"{str(dtype).replace('torch.', '')}; a fresh policy's margin will not start at exactly 0",
-                  file=sys.stderr)
-
-    load = dict(revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-                attn_implementation=cfg.attn_implementation)
+    source = open_data(cfg, tokenizer, is_main, dtype)
+    load_kwargs = dict(revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                       attn_implementation=cfg.attn_implementation)
     weights_from = str(resume_dir) if resume_dir is not None and cfg.lora_r is None else cfg.model
-    policy = modeling.load_model(weights_from, **load)
-    ref_model = None
-    if cfg.needs_reference and source.has_ref is False:
-        if cfg.ref_model:
-            ref_model = modeling.load_model(cfg.ref_model, **load)
-        elif cfg.lora_r is None:
-            ref_model = modeling.load_model(cfg.model, **load)  # a frozen copy of the initial policy
-        if ref_model is not None:
-            ref_model.eval().requires_grad_(False).to(device)
-    if cfg.disable_dropout:
-        disable_dropout(policy)
-    policy.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora_r is not None:
-        if cfg.gradient_checkpointing:
-            policy.enable_input_require_grads()
-        policy = apply_lora(policy, cfg, resume_dir)
+    policy = prepare_policy(modeling.load_model(weights_from, **load_kwargs), cfg, resume_dir)
     note = fused_head_note(policy)
     if note and is_main:
         print(note, file=sys.stderr)
@@ -534,7 +608,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
     model.train()
 
     world = accelerator.num_processes
-    step_size = cfg.batch_size * cfg.grad_accum * world  # pairs per optimizer step
+    step_size = cfg.batch_size * cfg.grad_accum * world  # examples per optimizer step
 
     def plan(epoch):
         return batching.epoch_plan(source.lengths, source.shard_bounds, step_size, seed=cfg.seed, epoch=epoch,
@@ -545,8 +619,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
     optimizer = build_optimizer(model.parameters(), cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    reference = live_reference(ref_model, model, accelerator, cfg) if cfg.needs_reference and not source.has_ref \
-        else None
+    objective = make_objective(cfg, model, accelerator, tokenizer, source, load_kwargs)
 
     step, bad_total, bad_run, elapsed_before = 0, 0, 0, 0.0
     if resume_dir is not None:
@@ -556,25 +629,26 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
         if is_main:
             _truncate_metrics(out / "metrics.jsonl", step)
             print(f"resumed from {resume_dir} at step {step}", file=sys.stderr)
-    if cfg.report_to != "none":
+    if tracker:
         accelerator.init_trackers("fastdpo", config={k: str(v) if isinstance(v, list | type(None)) else v
                                                      for k, v in to_dict(cfg).items()})
 
     if is_main:
-        print(f"training: {len(source)} pairs, {step_size} per step ({cfg.batch_size} x {cfg.grad_accum} accumulation "
-              f"x {world} process(es)), {steps_per_epoch} steps/epoch, {total_steps} steps", file=sys.stderr)
+        print(f"{command}: {len(source)} {objective.unit}, {step_size} per step ({cfg.batch_size} x {cfg.grad_accum} "
+              f"accumulation x {world} process(es)), {steps_per_epoch} steps/epoch, {total_steps} steps",
+              file=sys.stderr)
     bar = None
     if cfg.progress and is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, unit="step", desc="train", dynamic_ncols=True)
+        bar = tqdm(total=total_steps, initial=step, unit="step", desc=command, dynamic_ncols=True)
     log = (lambda s: bar.write(s, file=sys.stderr)) if bar is not None else (lambda s: print(s, file=sys.stderr))
 
-    pad_id = tokenizer.pad_token_id
-    with_token_logps = cfg.ld_alpha is not None
+    with_token_logps = getattr(cfg, "ld_alpha", None) is not None
     plans: dict[int, list] = {}
     metrics = {}
-    last_ckpt = list_checkpoints(out)[-1] if is_main and list_checkpoints(out) else None
+    last_ckpt = (list_checkpoints(out) or [None])[-1]
+    n_sums = len(objective.sums)
     t_loop = time.perf_counter()
     while step < total_steps:
         t_step = time.perf_counter()
@@ -582,37 +656,22 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
         if epoch not in plans:
             plans = {epoch: plan(epoch)}
         step_batch = plans[epoch][k]
-        n_pairs = len(step_batch)
-        chosen_tokens = int(source.chosen_lengths[step_batch].sum())
-        step_mbs = batching.micro_batches(step_batch, cfg.batch_size)
-        mine = step_mbs[accelerator.process_index::world]
+        micro = batching.micro_batches(step_batch, cfg.batch_size)
+        mine = micro[accelerator.process_index::world]
         weights = [1.0] * len(mine)
         if not mine:  # keep collectives aligned: run a micro-batch with zero weight
-            mine, weights = step_mbs[:1], [0.0]
-        sums = torch.zeros(9, dtype=torch.float64, device=device)
+            mine, weights = micro[:1], [0.0]
+        sums = torch.zeros(n_sums + 2, dtype=torch.float64, device=device)  # objective sums, count, tokens
         for j, (mb, weight) in enumerate(zip(mine, weights)):
             rows = source.fetch(mb, with_token_logps=with_token_logps)
-            sync = j == len(mine) - 1
-            ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
+            ctx = accelerator.no_sync(model) if j < len(mine) - 1 else contextlib.nullcontext()
             with ctx, accelerator.autocast():
-                batch, pc, pr, rc, rr = pair_logps(model, reference, rows, cfg, pad_id, device)
-                b = batch.num_pairs
-                lengths_c = torch.tensor(batch.chosen_lens, device=device, dtype=torch.float32)
-                lengths_r = torch.tensor(batch.rejected_lens, device=device, dtype=torch.float32)
-                per_pair, rew_c, rew_r = losses.preference_loss(
-                    pc, pr, rc, rr, loss_type=cfg.loss, loss_weights=cfg.loss_weights, beta=cfg.beta,
-                    label_smoothing=cfg.label_smoothing, chosen_lengths=lengths_c, rejected_lengths=lengths_r,
-                    simpo_gamma=cfg.simpo_gamma, discopop_tau=cfg.discopop_tau,
-                    sft_num_tokens=chosen_tokens * b / n_pairs)
-                loss = per_pair.sum() * (weight * world / n_pairs)
-                accelerator.backward(loss)
-            with torch.no_grad():
-                w = weight
-                sums += torch.stack([per_pair.detach().sum() * w, rew_c.sum() * w, rew_r.sum() * w,
-                                     (rew_c > rew_r).float().sum() * w, (rew_c - rew_r).sum() * w,
-                                     pc.detach().sum() * w, pr.detach().sum() * w,
-                                     torch.tensor(b * w, device=device),
-                                     torch.tensor(batch.num_tokens * w, device=device)]).double()
+                loss, micro_sums, count, tokens = objective.micro_step(model, rows, step_batch, source, device)
+                # x world: DDP averages gradients over processes, and each holds a share of the step
+                accelerator.backward(loss * (weight * world))
+            sums[:n_sums] += micro_sums.double() * weight
+            sums[n_sums] += count * weight
+            sums[n_sums + 1] += tokens * weight
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -633,24 +692,20 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
         step += 1
 
         s = sums.tolist()
-        n = max(s[7], 1.0)
         dt = time.perf_counter() - t_step
-        metrics = {
-            "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": s[0] / n,
-            "rewards/chosen": s[1] / n, "rewards/rejected": s[2] / n, "rewards/accuracies": s[3] / n,
-            "rewards/margins": s[4] / n, "logps/chosen": s[5] / n, "logps/rejected": s[6] / n,
-            "grad_norm": grad_norm, "lr": lr, "samples_per_s": s[7] / dt, "tokens_per_s": s[8] / dt,
-            "elapsed_s": round(elapsed_before + time.perf_counter() - t_loop, 3),
-            "peak_memory_gb": peak_memory_gb(device), "bad_steps": bad_total,
-        }
+        metrics = {"step": step, "epoch": round(step / steps_per_epoch, 4), **objective.finish(s[:n_sums], s[n_sums]),
+                   "grad_norm": grad_norm, "lr": lr, "samples_per_s": s[n_sums] / dt,
+                   "tokens_per_s": s[n_sums + 1] / dt,
+                   "elapsed_s": round(elapsed_before + time.perf_counter() - t_loop, 3),
+                   "peak_memory_gb": peak_memory_gb(device), "bad_steps": bad_total}
         if is_main:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             if step % cfg.log_every == 0 or step == total_steps or not finite:
-                log(format_line(metrics, total_steps))
+                log(format_line(metrics, total_steps, objective.unit))
             if bar is not None:
                 bar.update(1)
-        if cfg.report_to != "none":
+        if tracker:
             accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
         if bad_run >= cfg.max_bad_steps:
             if bar is not None:
@@ -659,9 +714,8 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
             raise TrainingStopped(f"stopped at step {step}: {bad_run} consecutive steps with a non-finite loss or "
                                   f"gradient (--max-bad-steps {cfg.max_bad_steps}); {where}")
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-            progress_state = {"step": step, "epoch": epoch, "steps_into_epoch": k + 1,
-                              "bad_steps": bad_total, "consecutive_bad_steps": bad_run,
-                              "elapsed_s": metrics["elapsed_s"]}
+            progress_state = {"step": step, "epoch": epoch, "steps_into_epoch": k + 1, "bad_steps": bad_total,
+                              "consecutive_bad_steps": bad_run, "elapsed_s": metrics["elapsed_s"]}
             last_ckpt = save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, out, progress_state, cfg)
             if is_main:
                 log(f"saved {last_ckpt}")
@@ -670,10 +724,22 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
 
     save_pretrained_atomic(accelerator, model, tokenizer, out, merge_lora=cfg.merge_lora)
     if is_main:
-        atomic_write_json(out / "train_summary.json", {"steps": step, "final": metrics, "bad_steps": bad_total,
-                                                       "pairs": len(source), "num_processes": world})
-        print(f"train: {step} steps in {time.perf_counter() - t_loop:.1f}s -> {out}", file=sys.stderr)
-    if cfg.report_to != "none":
+        atomic_write_json(out / f"{command}_summary.json", {"steps": step, "final": metrics, "bad_steps": bad_total,
+                                                            objective.unit: len(source), "num_processes": world})
+        print(f"{command}: {step} steps in {time.perf_counter() - t_loop:.1f}s -> {out}", file=sys.stderr)
+    if tracker:
         accelerator.end_training()
     accelerator.wait_for_everyone()
     return metrics
+
+
+def train(config: TrainConfig | None = None, **kwargs) -> dict:
+    """Run `fastdpo train`. `fastdpo.train(model=..., ref_cache=..., output=...)` works like the CLI.
+
+    Returns the last step's metrics.
+    """
+    if config is None:
+        config = TrainConfig(**kwargs)
+    elif kwargs:
+        config = dataclasses.replace(config, **kwargs)
+    return run(config, "train", open_source, make_preference_objective)

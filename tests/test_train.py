@@ -192,6 +192,7 @@ def test_weights_mismatch_warns(tiny_model, ref_cache, tmp_path):
     ("ipo", {}),
     ("sigmoid,sft", {"loss_weights": [1.0, 0.2]}),
     ("sigmoid", {"ld_alpha": 0.5}),
+    ("sigmoid,sft", {"ld_alpha": 0.5}),
     ("hinge", {"label_smoothing": 0.0}),
 ])
 def test_other_losses_match_live_reference(tiny_model, ref_cache, pairs, tmp_path, loss, extra):

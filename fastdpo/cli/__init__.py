@@ -18,6 +18,8 @@ from ..errors import TrainingStopped, UserError
 SUBCOMMANDS = {
     "precompute": "run the reference model once; write token ids and reference log-probs to Arrow shards",
     "train": "train the policy from a reference cache (or with a live reference)",
+    "sft": "supervised fine-tuning (the stage before preference optimisation)",
+    "eval": "reward accuracy, margins, KL estimate and judged generations on a held-out cache",
 }
 
 

@@ -1,0 +1,80 @@
+"""`fastdpo sft`: every data format, the loss it reports, accumulation, and that it learns."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_pairs, run_cli, write_jsonl
+
+from fastdpo.sft import sft
+
+
+def metrics(run_dir):
+    return [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
+
+
+def _sft(tiny_model, data_file, out, **kw):
+    kw.setdefault("progress", False)
+    return sft(model=tiny_model, dataset=str(data_file), output=str(out), **kw)
+
+
+def test_first_step_loss_is_token_mean_nll(tiny_model, tiny_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    rows = [{"prompt": "Hello", "completion": " world"}, {"prompt": "The capital", "completion": " of France is Paris."}]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    _sft(tiny_model, f, tmp_path / "r", batch_size=2, max_steps=1, shuffle=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    tok = tiny_tokenizer
+    nll, n = 0.0, 0
+    for r in rows:
+        p = tok(r["prompt"])["input_ids"]
+        full = tok(r["prompt"] + r["completion"])["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            logp = model(torch.tensor([full])).logits.double().log_softmax(-1)[0]
+        for t in range(len(p), len(full)):
+            nll -= logp[t - 1, full[t]].item()
+            n += 1
+    assert abs(metrics(tmp_path / "r")[0]["loss"] - nll / n) < 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["preference", "completion", "messages", "text"])
+def test_formats_train(tiny_model, tmp_path, fmt):
+    pairs = make_pairs(8)
+    rows = {
+        "preference": pairs,
+        "completion": [{"prompt": p["prompt"], "completion": p["chosen"]} for p in pairs],
+        "messages": [{"messages": [{"role": "user", "content": p["prompt"]},
+                                   {"role": "assistant", "content": p["chosen"]}]} for p in pairs],
+        "text": [{"text": p["prompt"] + p["chosen"]} for p in pairs],
+    }[fmt]
+    code, err = run_cli("sft", "--model", tiny_model, "--dataset", write_jsonl(tmp_path / "d.jsonl", rows),
+                        "--output", tmp_path / "r", "--max-steps", "2", "--no-progress")
+    assert code == 0, err
+    m = metrics(tmp_path / "r")
+    assert len(m) == 2 and all(math.isfinite(x["loss"]) and x["loss"] > 0 for x in m)
+
+
+def test_grad_accum_equals_larger_batch(tiny_model, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", make_pairs(16))
+    _sft(tiny_model, f, tmp_path / "a", batch_size=8, max_steps=2, lr=1e-3)
+    _sft(tiny_model, f, tmp_path / "b", batch_size=2, grad_accum=4, max_steps=2, lr=1e-3)
+    for x, y in zip(metrics(tmp_path / "a"), metrics(tmp_path / "b")):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 and abs(x["grad_norm"] - y["grad_norm"]) < 1e-5
+
+
+def test_learns(tiny_model, tmp_path):
+    rows = [{"prompt": p["prompt"], "completion": " capital Paris."} for p in make_pairs(32)]
+    _sft(tiny_model, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "r", batch_size=8, max_steps=24, lr=1e-2,
+         epochs=6)
+    m = metrics(tmp_path / "r")
+    assert m[-1]["loss"] < 0.5 * m[0]["loss"]
+
+
+def test_unknown_columns_error(tiny_model, tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"question": "a", "answer": "b"}])
+    code, err = run_cli("sft", "--model", tiny_model, "--dataset", f, "--output", tmp_path / "r")
+    assert code == 2 and "columns found: question, answer" in err

@@ -28,7 +28,8 @@ def _umask() -> int:
     return mask
 
 
-def _write_error(path, exc: OSError) -> UserError:
+def write_error(path, exc: OSError) -> UserError:
+    """A one-line UserError for a failed write: 'cannot write PATH: no space left on device'."""
     reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
               errno.EACCES: "permission denied", errno.EPERM: "permission denied",
               errno.EROFS: "read-only file system"}.get(exc.errno, exc.strerror or str(exc))
@@ -50,7 +51,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Non
         tmp = None
         fsync_dir(path.parent)
     except OSError as e:
-        raise _write_error(path, e) from None
+        raise write_error(path, e) from None
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
@@ -61,12 +62,32 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+@contextlib.contextmanager
+def writing(path, cleanup: str | os.PathLike | None = None):
+    """Turn a failed write (full disk, no permission) into a one-line UserError, removing `cleanup` first.
+
+    torch.save reports a full disk as a RuntimeError from its stream writer; that is caught too.
+    """
+    import shutil
+
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "writ" not in str(e).lower():
+            raise
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(path, e) from None
+        raise UserError(f"cannot write {path}: {str(e).strip().splitlines()[0]}") from None
+
+
 def ensure_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise _write_error(path, e) from None
+        raise write_error(path, e) from None
     if not os.access(path, os.W_OK):
         raise UserError(f"cannot write {path}: permission denied")
     return path

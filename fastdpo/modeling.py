@@ -21,12 +21,25 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 _WEIGHT_FILE = re.compile(r"^(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
 
 
-def resolve_device(device: str = "auto"):
+def use_cpu() -> bool:
+    """Run on CPU: no CUDA, or `accelerate launch --cpu` / ACCELERATE_USE_CPU asked for it."""
     import torch
+
+    return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+
+
+def process_state():
+    """accelerate's view of this process (rank, world size, device); gloo on CPU under torchrun or accelerate."""
     from accelerate import PartialState
 
+    return PartialState(cpu=use_cpu())
+
+
+def resolve_device(device: str = "auto"):
+    import torch
+
     if device in (None, "auto"):
-        return PartialState().device
+        return process_state().device
     try:
         dev = torch.device(device)
     except RuntimeError:

@@ -110,17 +110,24 @@ def prepare_output(out: Path, fingerprint: str, settings: dict, overwrite: bool,
         atomic_write_json(state_path, {"fingerprint": fingerprint, "settings": settings})
 
 
-def _shard_is_complete(path: Path, fingerprint: str, expected_ids) -> bool:
-    if not path.is_file():
-        return False
+def _marker(out: Path, index: int) -> Path:
+    """Written (atomically) after a shard is renamed into place: its manifest entry and the run's fingerprint."""
+    return out / f".{cache.shard_name(index)}.done.json"
+
+
+def finished_shard(out: Path, index: int, fingerprint: str) -> dict | None:
+    """The manifest entry of shard `index` if a run with these settings finished it and it is intact, else None."""
+    import json
+
     try:
-        table = cache.read_shard(path)
-    except Exception:  # unreadable: recompute it
-        return False
-    meta = cache.shard_metadata(table)
-    if meta.get("fingerprint") != fingerprint or table.num_rows != len(expected_ids):
-        return False
-    return table.column("id").to_pylist() == list(expected_ids)
+        marker = json.loads(_marker(out, index).read_text())
+    except (OSError, ValueError):
+        return None
+    path = out / cache.shard_name(index)
+    entry = marker.get("entry", {})
+    if marker.get("fingerprint") != fingerprint or not path.is_file() or path.stat().st_size != entry.get("bytes"):
+        return None
+    return entry if sha256_file(path) == entry.get("sha256") else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,6 +198,17 @@ class _Progress:
             self.bar.close()
 
 
+def _sum_over_processes(value: int) -> int:
+    """Sum an integer over all processes (and wait for them all)."""
+    import torch
+    from accelerate.utils import reduce
+
+    state = modeling.process_state()
+    if state.num_processes == 1:
+        return int(value)
+    return int(reduce(torch.tensor(int(value), device=state.device), reduction="sum").item())
+
+
 def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
     """Run stage 1. `fastdpo.precompute(model=..., dataset=..., output=...)` works like the CLI. Returns the manifest."""
     if config is None:
@@ -198,9 +216,7 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
     elif kwargs:
         config = dataclasses.replace(config, **kwargs)
     cfg = config
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = modeling.process_state()
     t0 = time.perf_counter()
     out = Path(cfg.output)
     if state.is_main_process:
@@ -233,12 +249,9 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
 
     n_shards = (len(rows) + cfg.shard_rows - 1) // cfg.shard_rows
     mine = list(range(state.process_index, n_shards, state.num_processes))
-    todo = []
-    for i in mine:
-        lo, hi = i * cfg.shard_rows, min((i + 1) * cfg.shard_rows, len(rows))
-        if not _shard_is_complete(out / cache.shard_name(i), fingerprint, rows[lo:hi]["id"]):
-            todo.append((i, lo, hi))
-    kept = len(mine) - len(todo)
+    todo = [(i, i * cfg.shard_rows, min((i + 1) * cfg.shard_rows, len(rows))) for i in mine
+            if finished_shard(out, i, fingerprint) is None]
+    kept = _sum_over_processes(len(mine) - len(todo))
     if kept and state.is_main_process:
         print(f"resuming: {kept} of {n_shards} shards already complete", file=sys.stderr)
 
@@ -258,18 +271,20 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
         shard_rows = rows[lo:hi]
         columns = compute_shard(model, shard_rows, cfg, device, tokenizer.pad_token_id, on_batch=progress.update)
         table = cache.build_table(columns, {"fingerprint": fingerprint, "shard": i})
-        cache.write_shard(out / cache.shard_name(i), table)
+        entry = cache.write_shard(out / cache.shard_name(i), table)
+        atomic_write_json(_marker(out, i), {"fingerprint": fingerprint, "entry": entry})
     progress.close()
     t_fwd = time.perf_counter()
-    state.wait_for_everyone()
+    computed = _sum_over_processes(sum(hi - lo for _, lo, hi in todo))
+    tokens = _sum_over_processes(progress.tokens)
 
     manifest = None
     if state.is_main_process:
-        shards = []
-        for i in range(n_shards):
-            path = out / cache.shard_name(i)
-            shards.append({"file": path.name, "rows": min(cfg.shard_rows, len(rows) - i * cfg.shard_rows),
-                           "sha256": sha256_file(path), "bytes": path.stat().st_size})
+        shards = [finished_shard(out, i, fingerprint) for i in range(n_shards)]
+        if any(s is None for s in shards):  # a shard damaged between its write and now
+            bad = [cache.shard_name(i) for i, s in enumerate(shards) if s is None]
+            raise UserError(f"shard(s) {', '.join(bad)} in {out} failed their checksum after writing; re-run to "
+                            "recompute them")
         manifest = {
             "format_version": cache.FORMAT_VERSION,
             "fastdpo_version": __version__,
@@ -296,10 +311,9 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
         if skipped:
             print(skipped, file=sys.stderr)
         elapsed = time.perf_counter() - t0
-        computed = sum(hi - lo for _, lo, hi in todo)
         print(f"precompute: {len(rows)} pairs in {n_shards} shard(s) -> {out} "
               f"({computed} computed, {len(rows) - computed} resumed) in {elapsed:.1f}s, "
-              f"{computed / max(t_fwd - t_tok, 1e-9):.1f} pairs/s, {progress.tokens / max(t_fwd - t_tok, 1e-9):.0f} "
-              f"tokens/s", file=sys.stderr)
+              f"{computed / max(t_fwd - t_tok, 1e-9):.1f} pairs/s, {tokens / max(t_fwd - t_tok, 1e-9):.0f} "
+              f"tokens/s over {state.num_processes} process(es)", file=sys.stderr)
     state.wait_for_everyone()
     return manifest if manifest is not None else cache.load_manifest(out)

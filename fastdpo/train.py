@@ -32,7 +32,7 @@ import numpy as np
 from . import __version__, batching, cache, data, losses, modeling
 from .config import format_config, opt, to_dict
 from .errors import TrainingStopped, UserError
-from .io import atomic_write_json, ensure_dir, fsync_dir
+from .io import atomic_write_json, ensure_dir, fsync_dir, writing
 
 METRIC_FIELDS = ("step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                  "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "lr", "samples_per_s",
@@ -341,25 +341,27 @@ def save_pretrained_atomic(accelerator, model, tokenizer, target: Path, merge_lo
         return
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if merge_lora and hasattr(policy, "merge_and_unload"):
-        import copy
+    with writing(target, cleanup=tmp):
+        tmp.mkdir(parents=True)
+        if merge_lora and hasattr(policy, "merge_and_unload"):
+            import copy
 
-        copy.deepcopy(policy).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
-    elif hasattr(policy, "peft_config"):
-        policy.save_pretrained(tmp, safe_serialization=True)
-    else:
-        sd = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
-        policy.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    target.mkdir(parents=True, exist_ok=True)
-    names = sorted(os.listdir(tmp), key=lambda n: n in ("config.json", "adapter_config.json"))
-    for name in names:
-        with open(tmp / name, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp / name, target / name)
-    fsync_dir(target)
-    tmp.rmdir()
+            copy.deepcopy(policy).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+        elif hasattr(policy, "peft_config"):
+            policy.save_pretrained(tmp, safe_serialization=True)
+        else:
+            sd = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+            policy.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name in os.listdir(tmp):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        target.mkdir(parents=True, exist_ok=True)
+        # config.json last: until it is in place, the directory does not load as a model
+        for name in sorted(os.listdir(tmp), key=lambda n: n in ("config.json", "adapter_config.json")):
+            os.replace(tmp / name, target / name)
+        fsync_dir(target)
+        tmp.rmdir()
 
 
 def _rng_state() -> dict:
@@ -398,18 +400,20 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, out: Pa
     save_pretrained_atomic(accelerator, model, tokenizer, tmp, merge_lora=False)
     optim_state = optimizer.state_dict()
     if accelerator.is_main_process:
-        for name, obj in (("optimizer.pt", optim_state), ("scheduler.pt", scheduler.state_dict()),
-                          ("rng_state.pt", _rng_state())):
-            torch.save(obj, tmp / name)
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        atomic_write_json(tmp / "trainer_state.json", {**progress, "fastdpo_version": __version__,
-                                                       "config": to_dict(cfg),
-                                                       "num_processes": accelerator.num_processes})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(out)
+        with writing(final, cleanup=tmp):
+            for name, obj in (("optimizer.pt", optim_state), ("scheduler.pt", scheduler.state_dict()),
+                              ("rng_state.pt", _rng_state())):
+                torch.save(obj, tmp / name)
+                with open(tmp / name, "rb") as f:
+                    os.fsync(f.fileno())
+            # trainer_state.json marks a complete checkpoint; it is written last
+            atomic_write_json(tmp / "trainer_state.json", {**progress, "fastdpo_version": __version__,
+                                                           "config": to_dict(cfg),
+                                                           "num_processes": accelerator.num_processes})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(out)
         if cfg.save_total_limit:
             for old in list_checkpoints(out)[:-cfg.save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -444,9 +448,10 @@ PLAN_KEYS = ("batch_size", "grad_accum", "seed", "shuffle", "group_by_length", "
 
 
 def load_checkpoint(path: Path, cfg: TrainConfig, accelerator, optimizer, scheduler) -> dict:
-    import torch
-
-    state = json.loads((path / "trainer_state.json").read_text())
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path / 'trainer_state.json'} is unreadable: {e}") from None
     saved = state.get("config", {})
     changed = [k for k in PLAN_KEYS if saved.get(k) != getattr(cfg, k, None)]
     if state.get("num_processes") != accelerator.num_processes:
@@ -454,10 +459,24 @@ def load_checkpoint(path: Path, cfg: TrainConfig, accelerator, optimizer, schedu
     if changed:
         raise UserError(f"--resume {path}: the checkpoint was made with other data settings ({', '.join(changed)}); "
                         "resume with the same settings")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / "rng_state.pt", weights_only=True))
+    optimizer.load_state_dict(_load_state(path / "optimizer.pt"))
+    scheduler.load_state_dict(_load_state(path / "scheduler.pt"))
+    _set_rng_state(_load_state(path / "rng_state.pt"))
     return state
+
+
+def _load_state(path: Path):
+    """fastdpo's own optimizer/scheduler/RNG state: tensors and plain data only (weights_only=True)."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path} is not a fastdpo checkpoint file (only tensors and plain data are loaded, "
+                        f"nothing else is unpickled): {first}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,7 +593,7 @@ def run(cfg: RunArgs, command: str, open_data, make_objective) -> dict:
     make_objective(cfg, model, accelerator, tokenizer, source, load_kwargs) -> objective
     """
     import torch
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
@@ -582,10 +601,11 @@ def run(cfg: RunArgs, command: str, open_data, make_objective) -> dict:
 
     out = Path(cfg.output)
     resume_dir = resolve_resume(cfg)
-    dtype, mixed = resolve_train_dtype(cfg, PartialState().device)
+    dtype, mixed = resolve_train_dtype(cfg, modeling.process_state().device)
     AcceleratorState._reset_state()  # a second run in one process may want other mixed precision
     tracker = None if cfg.report_to == "none" else cfg.report_to
-    accelerator = Accelerator(mixed_precision=mixed, log_with=tracker, project_dir=str(out))
+    accelerator = Accelerator(cpu=modeling.use_cpu(), mixed_precision=mixed, log_with=tracker,
+                              project_dir=str(out))
     is_main = accelerator.is_main_process
     device = accelerator.device
     if is_main:
@@ -699,7 +719,7 @@ def run(cfg: RunArgs, command: str, open_data, make_objective) -> dict:
                    "elapsed_s": round(elapsed_before + time.perf_counter() - t_loop, 3),
                    "peak_memory_gb": peak_memory_gb(device), "bad_steps": bad_total}
         if is_main:
-            with open(out / "metrics.jsonl", "a") as f:
+            with writing(out / "metrics.jsonl"), open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             if step % cfg.log_every == 0 or step == total_steps or not finite:
                 log(format_line(metrics, total_steps, objective.unit))

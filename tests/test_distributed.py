@@ -1,0 +1,82 @@
+"""Two CPU processes (gloo, launched with torchrun as accelerate does) against one process."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, make_pairs, write_jsonl
+
+from fastdpo.precompute import PrecomputeConfig, precompute
+from fastdpo.train import train
+
+FIELDS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+          "logps/rejected", "grad_norm", "lr")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_free_port()), "-m", "fastdpo", *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    data_file = write_jsonl(root / "pairs.jsonl", make_pairs(22, seed=4))
+    precompute(PrecomputeConfig(model=tiny_model, dataset=str(data_file), output=str(root / "c1"), shard_rows=4,
+                                batch_size=3, progress=False))
+    return root, data_file
+
+
+def test_two_process_cache_equals_one_process(tiny_model, setup):
+    root, data_file = setup
+    proc = torchrun("precompute", "--model", tiny_model, "--dataset", data_file, "--output", root / "c2",
+                    "--shard-rows", "4", "--batch-size", "3", "--no-progress")
+    assert "over 2 process(es)" in proc.stderr
+    m1 = json.loads((root / "c1" / "manifest.json").read_text())
+    m2 = json.loads((root / "c2" / "manifest.json").read_text())
+    assert m2["num_processes"] == 2 and len(m2["shards"]) == 6
+    assert m1["shards"] == m2["shards"]  # same rows, same bytes (fp32 on CPU is deterministic)
+    for s in m1["shards"]:
+        assert (root / "c1" / s["file"]).read_bytes() == (root / "c2" / s["file"]).read_bytes()
+
+
+def test_two_process_training_matches_one_process(tiny_model, setup, tmp_path):
+    root, _ = setup
+    common = ["--model", tiny_model, "--ref-cache", root / "c1", "--batch-size", "2", "--max-steps", "4",
+              "--lr", "1e-3", "--no-progress", "--save-steps", "2"]
+    train(model=tiny_model, ref_cache=str(root / "c1"), output=str(tmp_path / "one"), batch_size=2, grad_accum=2,
+          max_steps=4, lr=1e-3, progress=False)
+    torchrun("train", *common, "--output", tmp_path / "two")
+    one = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
+    two = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]  # only the main process writes
+    assert len(two) == 4 and one[-1]["rewards/margins"] != 0
+    for a, b in zip(one, two):
+        for f in FIELDS:
+            assert math.isclose(a[f], b[f], abs_tol=1e-5), (a["step"], f, a[f], b[f])
+    assert (tmp_path / "two" / "checkpoint-2" / "trainer_state.json").exists()
+
+    # resume with the same world size continues exactly
+    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[:2]
+    (tmp_path / "two" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    torchrun("train", *common, "--output", tmp_path / "two", "--resume", tmp_path / "two" / "checkpoint-2")
+    resumed = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(two, resumed):
+        for f in FIELDS:
+            assert math.isclose(a[f], b[f], abs_tol=1e-6), (a["step"], f)

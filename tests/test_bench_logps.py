@@ -1,0 +1,52 @@
+"""Smoke test for benchmarks/bench_logps.py: a tiny CPU run with torch providers writes the expected CSV/markdown."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_logps", REPO / "benchmarks" / "bench_logps.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_logps_tiny_cpu_run(tmp_path):
+    bench = _load_bench()
+    providers = ["eager", "chunked-torch", "fastdpo-linear", "eager-head"]
+    modes = ["forward", "backward", "full"]
+    out = tmp_path / "tiny"
+    argv = ["--vocab", "300", "--tokens", "64", "--hidden", "16", "--seq-len", "32", "--dtype", "fp32"]
+    argv += ["--providers", *providers, "--modes", *modes, "--reps", "3", "--warmup", "1"]
+    argv += ["--device", "cpu", "--out", str(out)]
+    bench.main(argv)
+
+    with open(out.with_suffix(".csv"), newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == bench.COLUMNS
+        rows = list(reader)
+    assert [(r["provider"], r["mode"]) for r in rows] == [(p, m) for p in providers for m in modes]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["vocab"] == "300" and r["tokens"] == "64" and r["dtype"] == "fp32"
+        p20, med, p80 = float(r["p20_ms"]), float(r["median_ms"]), float(r["p80_ms"])
+        assert 0 < p20 <= med <= p80
+        assert r["workload"] == ("head" if "head" in r["provider"] or "linear" in r["provider"] else "logits")
+        if r["workload"] == "logits":
+            assert r["gbps"] == "n/a" and r["pct_peak_bw"] == "n/a"  # no bandwidth claims on CPU
+        else:
+            assert float(r["tflops"]) > 0
+        assert r["peak_mem_kind"] in ("cpu_peak_rss_delta", "n/a")
+
+    md = out.with_suffix(".md").read_text()
+    assert "CPU" in md and f"torch {torch.__version__}" in md and "| provider |" in md
+    assert md.count("\n| ") == 1 + len(rows)  # header + one line per row

@@ -292,10 +292,15 @@ def torch_rows_forward(
     """torch forward on one chunk of rows; fp32 (logps, lse). Temporaries: a few fp32 (C, V)."""
     n_cols = x.shape[-1]
     z, _ = _transform(x, logit_scale, softcap)  # (C, V) fp32
-    lse = torch.logsumexp(z, dim=-1)
     valid = (labels >= 0) & (labels < n_cols)
-    zt = z.gather(1, labels.clamp(0, n_cols - 1).unsqueeze(1)).squeeze(1)
-    return torch.where(valid, zt - lse, torch.full_like(lse, math.nan)), lse
+    idx = labels.clamp(0, n_cols - 1).unsqueeze(1)
+    # log_softmax is one fused pass on CPU (logsumexp is several, ~4x slower); the LSE follows from the label's logit
+    lp = torch.log_softmax(z, dim=-1).gather(1, idx).squeeze(1)
+    lse = z.gather(1, idx).squeeze(1) - lp
+    odd = ~torch.isfinite(lse)  # e.g. a label whose logit is -inf: take the LSE directly
+    if odd.any():
+        lse[odd] = torch.logsumexp(z[odd], dim=-1)
+    return torch.where(valid, lp, torch.full_like(lp, math.nan)), lse
 
 
 def torch_rows_backward(

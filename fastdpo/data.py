@@ -52,7 +52,7 @@ class DataArgs:
                               required=True)
     dataset_config: str | None = opt(None, "Hub dataset configuration name")
     split: str = opt("train", "dataset split to read")
-    prompt_column: str = opt("prompt", "column holding the prompt (absent: the prompt is extracted from chosen/rejected)")
+    prompt_column: str = opt("prompt", "column holding the prompt (absent: extracted from chosen/rejected)")
     chosen_column: str = opt("chosen", "column holding the preferred completion")
     rejected_column: str = opt("rejected", "column holding the dispreferred completion")
     max_prompt_length: int | None = opt(512, "cap on prompt tokens (none: no cap)")

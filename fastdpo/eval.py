@@ -49,7 +49,11 @@ class EvalConfig:
                      choices=["auto", "float32", "bfloat16", "float16"])
     device: str = opt("auto", "device to run on")
     trust_remote_code: bool = opt(False, "allow custom model code from the Hub")
-    logps_backend: str = opt("auto", "log-prob kernel backend", choices=["auto", "triton", "torch"])
+    logps_backend: str = opt("auto", "log-prob kernel backend", choices=["auto", "triton", "torch", "eager"])
+    packing: bool | None = opt(None, "pack sequences into rows without padding (default: on where exact)")
+    prefix_sharing: bool | None = opt(None, "score chosen and rejected after one shared prompt (default: on where "
+                                            "exact)")
+    max_tokens_per_batch: int | None = opt(None, "cap on a packed row's tokens")
     generate: bool = opt(False, "also generate an answer per prompt and judge it")
     judge: str | None = opt(None, "judge for --generate, as module:function(prompt, completion) -> bool|float "
                                   "(e.g. fastdpo.demo_task:judge)")
@@ -101,26 +105,26 @@ def preference_metrics(policy_c, policy_r, ref_c, ref_r, tok_c, tok_r, beta: flo
     }
 
 
-def policy_logps(model, rows, cfg: EvalConfig, device, pad_id: int, on_batch=None):
+def policy_logps(model, rows, cfg: EvalConfig, layout, device, pad_id: int, on_batch=None):
     """Per-token policy log-probs of every chosen and rejected completion, through the shared function."""
     import torch
 
-    from .logps import pad_pairs, split_completions, token_logps
+    from .logps import LogpsModel, score_pairs
     from .precompute import _length_buckets
 
     n = len(rows["id"])
     lengths = [len(rows["prompt_ids"][i]) + max(len(rows["chosen_ids"][i]), len(rows["rejected_ids"][i]))
                for i in range(n)]
     tok_c, tok_r = [None] * n, [None] * n
+    scorer = LogpsModel(model, cfg.logps_backend)
+    dtype = next(model.parameters()).dtype
     with torch.no_grad():
         for idx in _length_buckets(lengths, cfg.batch_size):
-            batch = pad_pairs([rows["prompt_ids"][i] for i in idx], [rows["chosen_ids"][i] for i in idx],
-                              [rows["rejected_ids"][i] for i in idx], pad_id).to(device)
-            per_token = token_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
-                                    backend=cfg.logps_backend)
-            c, r = split_completions(per_token, batch)
+            scores = score_pairs(scorer, [rows["prompt_ids"][i] for i in idx], [rows["chosen_ids"][i] for i in idx],
+                                 [rows["rejected_ids"][i] for i in idx], layout, pad_id, device, dtype)
+            c, r = scores.numpy_rows()
             for j, i in enumerate(idx):
-                tok_c[i], tok_r[i] = c[j].numpy(), r[j].numpy()
+                tok_c[i], tok_r[i] = c[j], r[j]
             if on_batch:
                 on_batch(len(idx))
     return tok_c, tok_r
@@ -177,15 +181,21 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
     device = modeling.resolve_device(cfg.device)
     dtype_name = cfg.dtype if cfg.dtype != "auto" else manifest["settings"].get("resolved_dtype", "auto")
     dtype = modeling.resolve_dtype(dtype_name, device)
+    from .packing import attention_for, resolve_layout
+
+    attention = attention_for(device, None, cfg.packing, cfg.prefix_sharing)
     model = modeling.load_model(cfg.model, revision=cfg.revision, dtype=dtype, device=device,
-                                trust_remote_code=cfg.trust_remote_code).eval()
+                                trust_remote_code=cfg.trust_remote_code, attn_implementation=attention).eval()
+    layout, notes = resolve_layout(model.config, attention, cfg.packing, cfg.prefix_sharing, cfg.max_tokens_per_batch)
+    for note in notes:
+        print(note, file=sys.stderr)
 
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, unit="pair", desc="eval", dynamic_ncols=True)
-    tok_c, tok_r = policy_logps(model, rows, cfg, device, tokenizer.pad_token_id,
+    tok_c, tok_r = policy_logps(model, rows, cfg, layout, device, tokenizer.pad_token_id,
                                 on_batch=bar.update if bar is not None else None)
     if bar is not None:
         bar.close()

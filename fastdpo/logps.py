@@ -10,7 +10,9 @@ A pair batch holds chosen sequences then rejected ones, right-padded:
 (2B, L) in float32, aligned with `input_ids` (entry t scores token t given tokens < t), 0 off the
 completion. For Llama/Qwen/Mistral/Gemma-style `*ForCausalLM` the backbone's hidden states go
 through `fastdpo.kernels.linear_token_logps`, which projects only completion positions, chunk by
-chunk, so the [tokens x vocab] logits never exist in full. Other models take the logits path.
+chunk, so the [tokens x vocab] logits never exist in full. Other models take the logits path
+(`fastdpo.kernels.token_logps`). Backend `eager` is the classic computation, full logits and
+`log_softmax(logits.float()).gather(...)`, kept as the benchmarks' baseline.
 
 It is an `nn.Module` so that accelerate's DDP/FSDP wrappers see the whole computation.
 """
@@ -74,7 +76,7 @@ def token_logps(causal_lm: nn.Module, input_ids: torch.Tensor, attention_mask: t
     """Per-token log-probs (N, L) float32 of `input_ids` under `causal_lm`, 0 outside `completion_mask`."""
     labels = input_ids[:, 1:]  # (N, L-1): position t predicts token t+1
     mask = completion_mask[:, 1:].bool()
-    spec = head_spec(causal_lm)
+    spec = None if backend == "eager" else head_spec(causal_lm)
     model_kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         use_cache=False)
     if spec is not None:
@@ -84,12 +86,45 @@ def token_logps(causal_lm: nn.Module, input_ids: torch.Tensor, attention_mask: t
                                          logit_scale=spec.logit_scale, softcap=spec.softcap)
     else:
         logits = causal_lm(**model_kwargs).logits  # (N, L, V)
-        out = kernels.token_logps(logits[:, :-1], labels, mask, backend=backend)
+        out = _logits_to_logps(logits[:, :-1], labels, mask, backend)
     return F.pad(out, (1, 0))  # (N, L): re-align with input_ids
 
 
+def _logits_to_logps(logits, labels, mask, backend):
+    if backend == "eager":  # the classic way, an fp32 copy of the logits: the benchmarks' baseline
+        return kernels.token_logps_ref(logits, labels, mask, upcast=True)
+    return kernels.token_logps(logits, labels, mask, backend=backend)
+
+
+def selected_token_logps(causal_lm: nn.Module, input_ids: torch.Tensor, attention_mask, position_ids: torch.Tensor,
+                         rows: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor, *,
+                         backend: str = "auto", chunk_size: int | None = None) -> torch.Tensor:
+    """Log-probs (S,) float32 of `labels[s]` given the hidden state at (`rows[s]`, `positions[s]`).
+
+    For packed and prefix-shared rows (see `fastdpo.packing`), where the token that predicts a label
+    is not always the one just before it in the row.
+    """
+    spec = None if backend == "eager" else head_spec(causal_lm)
+    model_kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False)
+    ones = torch.ones((1, labels.numel()), dtype=torch.bool, device=labels.device)
+    if spec is not None:
+        hidden = spec.backbone(**model_kwargs).last_hidden_state  # (N, L, H)
+        out = kernels.linear_token_logps(hidden[rows, positions][None], spec.lm_head.weight, labels[None], ones,
+                                         chunk_size=chunk_size, backend=backend, bias=spec.lm_head.bias,
+                                         logit_scale=spec.logit_scale, softcap=spec.softcap)
+    else:
+        logits = causal_lm(**model_kwargs).logits  # (N, L, V)
+        out = _logits_to_logps(logits[rows, positions][None], labels[None], ones, backend)
+    return out[0]
+
+
 class LogpsModel(nn.Module):
-    """Wraps a causal LM so that its forward returns per-token completion log-probs."""
+    """Wraps a causal LM so that its forward returns completion log-probs.
+
+    forward(input_ids, attention_mask, completion_mask) -> (N, L) per-token log-probs (padded rows);
+    forward(..., position_ids=, score_rows=, score_pos=, score_labels=) -> (S,) for packed rows.
+    """
 
     def __init__(self, causal_lm: nn.Module, backend: str = "auto"):
         super().__init__()
@@ -97,7 +132,11 @@ class LogpsModel(nn.Module):
         self.backend = backend
         self._no_split_modules = getattr(causal_lm, "_no_split_modules", None)  # for FSDP auto-wrap
 
-    def forward(self, input_ids, attention_mask, completion_mask, position_ids=None):
+    def forward(self, input_ids, attention_mask, completion_mask=None, position_ids=None, score_rows=None,
+                score_pos=None, score_labels=None):
+        if score_rows is not None:
+            return selected_token_logps(self.model, input_ids, attention_mask, position_ids, score_rows, score_pos,
+                                        score_labels, backend=self.backend)
         return token_logps(self.model, input_ids, attention_mask, completion_mask, position_ids=position_ids,
                            backend=self.backend)
 
@@ -114,7 +153,6 @@ class PairBatch:
     prompt_lens: list[int]
     chosen_lens: list[int]
     rejected_lens: list[int]
-    plain_chosen_logps: torch.Tensor | None = None  # set by the trainer for an sft term under LD-DPO
 
     @property
     def num_pairs(self) -> int:
@@ -150,6 +188,64 @@ def pad_pairs(prompts, chosens, rejecteds, pad_id: int) -> PairBatch:
     """Right-padded (2B, L) batch of prompt+chosen rows followed by prompt+rejected rows."""
     tensors = pad_sequences(list(prompts) * 2, list(chosens) + list(rejecteds), pad_id)
     return PairBatch(*tensors, [len(p) for p in prompts], [len(c) for c in chosens], [len(r) for r in rejecteds])
+
+
+@dataclass
+class PairScores:
+    """Per-token log-probs of a micro-batch's completions, whatever the layout."""
+
+    chosen: torch.Tensor  # (B, Tc) float32, 0 past each completion's end
+    chosen_mask: torch.Tensor  # (B, Tc) bool
+    rejected: torch.Tensor  # (B, Tr)
+    rejected_mask: torch.Tensor  # (B, Tr)
+    chosen_lens: list[int]
+    rejected_lens: list[int]
+    num_tokens: int  # tokens through the model (padding excluded)
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.chosen_lens)
+
+    def sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.chosen.sum(-1), self.rejected.sum(-1)
+
+    def numpy_rows(self) -> tuple[list, list]:
+        """Lists of per-token float32 arrays, one per completion (for the cache)."""
+        c, r = self.chosen.detach().float().cpu(), self.rejected.detach().float().cpu()
+        return ([c[i, :n].numpy() for i, n in enumerate(self.chosen_lens)],
+                [r[i, :n].numpy() for i, n in enumerate(self.rejected_lens)])
+
+
+def _completion_grid(per_token, starts, lens):
+    """(N, L) per-token values -> (N, T) completion values starting at `starts`, and the mask."""
+    width = max(lens) if lens else 0
+    offsets = torch.arange(width, device=per_token.device)[None]
+    mask = offsets < torch.as_tensor(lens, device=per_token.device)[:, None]
+    index = (torch.as_tensor(starts, device=per_token.device)[:, None] + offsets).clamp(max=per_token.shape[1] - 1)
+    return per_token.gather(1, index) * mask, mask
+
+
+def score_pairs(model, prompts, chosens, rejecteds, layout, pad_id: int, device, dtype=torch.float32) -> PairScores:
+    """Run a `LogpsModel` (or its DDP/FSDP wrapper) on a micro-batch of pairs in the given layout.
+
+    This is the one scoring entry point of precompute, train and eval, so all three see the same
+    numbers for the same rows and layout.
+    """
+    from . import packing
+
+    chosen_lens, rejected_lens = [len(c) for c in chosens], [len(r) for r in rejecteds]
+    if layout.padded:
+        batch = pad_pairs(prompts, chosens, rejecteds, pad_id).to(device)
+        per_token = model(batch.input_ids, batch.attention_mask, batch.completion_mask)  # (2B, L)
+        b = batch.num_pairs
+        tok_c, mask_c = _completion_grid(per_token[:b], batch.prompt_lens, chosen_lens)
+        tok_r, mask_r = _completion_grid(per_token[b:], batch.prompt_lens, rejected_lens)
+        return PairScores(tok_c, mask_c, tok_r, mask_r, chosen_lens, rejected_lens, batch.num_tokens)
+    rows = packing.pack_pairs(prompts, chosens, rejecteds, layout, pad_id).to(device)
+    mask = packing.attention_mask(rows, layout, dtype)
+    values = model(rows.input_ids, mask, None, rows.position_ids, rows.src_row, rows.src_pos, rows.labels)  # (S,)
+    tok_c, mask_c, tok_r, mask_r = packing.unpack_scores(values, rows, chosen_lens, rejected_lens)
+    return PairScores(tok_c, mask_c, tok_r, mask_r, chosen_lens, rejected_lens, rows.num_tokens)
 
 
 def split_completions(per_token: torch.Tensor, batch: PairBatch) -> tuple[list, list]:

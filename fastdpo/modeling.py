@@ -110,6 +110,16 @@ def load_model(name: str, *, revision: str | None = None, dtype=None, device=Non
     return model
 
 
+def load_config(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    check_model_path(name)
+    try:
+        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise _not_found("model", name, e) from None
+
+
 def model_dir(name: str, revision: str | None = None) -> str | None:
     """Local directory holding the model's files (a Hub snapshot for Hub ids), or None."""
     if os.path.isdir(name):

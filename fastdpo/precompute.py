@@ -40,8 +40,13 @@ class PrecomputeConfig(data.DataArgs):
     attn_implementation: str | None = opt(None, "transformers attention implementation (e.g. sdpa, eager)")
     batch_size: int = opt(8, "pairs per forward (chosen and rejected of each pair run together)")
     shard_rows: int = opt(4096, "rows per shard file")
-    logps_backend: str = opt("auto", "log-prob kernel backend (auto: triton on CUDA, torch elsewhere)",
-                             choices=["auto", "triton", "torch"])
+    logps_backend: str = opt("auto", "log-prob backend: auto (triton on CUDA, torch elsewhere), triton, torch, "
+                             "or eager (full logits, the classic way)",
+                             choices=["auto", "triton", "torch", "eager"])
+    packing: bool | None = opt(None, "pack sequences into rows without padding (default: on where exact)")
+    prefix_sharing: bool | None = opt(None, "score chosen and rejected after one shared prompt (default: on where "
+                                            "exact)")
+    max_tokens_per_batch: int | None = opt(None, "cap on a packed row's tokens (default: a whole batch per row)")
     overwrite: bool = opt(False, "replace an existing cache made with other settings")
     progress: bool = opt(True, "show a progress bar")
 
@@ -51,6 +56,8 @@ class PrecomputeConfig(data.DataArgs):
             raise ValueError("--batch-size must be at least 1")
         if self.shard_rows < 1:
             raise ValueError("--shard-rows must be at least 1")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 2:
+            raise ValueError("--max-tokens-per-batch must be at least 2")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
 
@@ -140,29 +147,30 @@ def _length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def compute_shard(model, rows, cfg: PrecomputeConfig, device, pad_id: int, on_batch=None) -> dict:
-    """Reference log-probs for one shard's rows (a `datasets.Dataset` slice), in source order."""
+def compute_shard(model, rows, cfg: PrecomputeConfig, layout, device, pad_id: int, on_batch=None) -> dict:
+    """Reference log-probs for one shard's rows (a `datasets.Dataset` slice), in source order.
+
+    `model` is a `LogpsModel`: the same scoring function the trainer uses.
+    """
+    import numpy as np
     import torch
 
-    from .logps import pad_pairs, split_completions, token_logps
+    from .logps import score_pairs
 
     prompts, chosens, rejecteds = rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]
     n = len(prompts)
     lengths = [len(prompts[i]) + max(len(chosens[i]), len(rejecteds[i])) for i in range(n)]
     tok_c, tok_r = [None] * n, [None] * n
+    dtype = next(model.parameters()).dtype
     with torch.no_grad():
         for idx in _length_buckets(lengths, cfg.batch_size):
-            batch = pad_pairs([prompts[i] for i in idx], [chosens[i] for i in idx], [rejecteds[i] for i in idx],
-                              pad_id).to(device)
-            per_token = token_logps(model, batch.input_ids, batch.attention_mask, batch.completion_mask,
-                                    backend=cfg.logps_backend)  # (2B, L) float32
-            c, r = split_completions(per_token, batch)
+            scores = score_pairs(model, [prompts[i] for i in idx], [chosens[i] for i in idx],
+                                 [rejecteds[i] for i in idx], layout, pad_id, device, dtype)
+            c, r = scores.numpy_rows()
             for j, i in enumerate(idx):
-                tok_c[i], tok_r[i] = c[j].numpy(), r[j].numpy()
+                tok_c[i], tok_r[i] = c[j], r[j]
             if on_batch:
-                on_batch(len(idx), batch.num_tokens)
-    import numpy as np
-
+                on_batch(len(idx), scores.num_tokens)
     return {
         "id": rows["id"],
         "prompt_ids": prompts,
@@ -210,7 +218,10 @@ def _sum_over_processes(value: int) -> int:
 
 
 def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
-    """Run stage 1. `fastdpo.precompute(model=..., dataset=..., output=...)` works like the CLI. Returns the manifest."""
+    """Run stage 1; `fastdpo.precompute(model=..., dataset=..., output=...)` works like the CLI.
+
+    Returns the manifest.
+    """
     if config is None:
         config = PrecomputeConfig(**kwargs)
     elif kwargs:
@@ -255,21 +266,29 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
     if kept and state.is_main_process:
         print(f"resuming: {kept} of {n_shards} shards already complete", file=sys.stderr)
 
+    from .logps import LogpsModel, fused_head_note
+    from .packing import attention_for, resolve_layout
+
+    attention = attention_for(device, cfg.attn_implementation, cfg.packing, cfg.prefix_sharing)
+    layout, notes = resolve_layout(modeling.load_config(cfg.model, cfg.revision, cfg.trust_remote_code), attention,
+                                   cfg.packing, cfg.prefix_sharing, cfg.max_tokens_per_batch)
+    if state.is_main_process:
+        for note in notes:
+            print(note, file=sys.stderr)
     model = None
     if todo:
         model = modeling.load_model(cfg.model, revision=cfg.revision, dtype=dtype, device=device,
-                                    trust_remote_code=cfg.trust_remote_code,
-                                    attn_implementation=cfg.attn_implementation)
+                                    trust_remote_code=cfg.trust_remote_code, attn_implementation=attention)
         model.eval()
-        from .logps import fused_head_note
-
         note = fused_head_note(model)
         if note and state.is_main_process:
             print(note, file=sys.stderr)
+        model = LogpsModel(model, cfg.logps_backend)
     progress = _Progress(sum(hi - lo for _, lo, hi in todo), cfg.progress and state.is_main_process)
     for i, lo, hi in todo:
         shard_rows = rows[lo:hi]
-        columns = compute_shard(model, shard_rows, cfg, device, tokenizer.pad_token_id, on_batch=progress.update)
+        columns = compute_shard(model, shard_rows, cfg, layout, device, tokenizer.pad_token_id,
+                                on_batch=progress.update)
         table = cache.build_table(columns, {"fingerprint": fingerprint, "shard": i})
         entry = cache.write_shard(out / cache.shard_name(i), table)
         atomic_write_json(_marker(out, i), {"fingerprint": fingerprint, "entry": entry})
@@ -289,8 +308,7 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
             "format_version": cache.FORMAT_VERSION,
             "fastdpo_version": __version__,
             "fingerprint": fingerprint,
-            "model": {"name_or_path": cfg.model, "revision": cfg.revision, "weights_sha256": w_hash,
-                      "model_type": getattr(getattr(model, "config", None), "model_type", None)},
+            "model": {"name_or_path": cfg.model, "revision": cfg.revision, "weights_sha256": w_hash},
             "tokenizer": {"sha256": tok_hash, "name_or_path": cfg.model, "pad_token_id": tokenizer.pad_token_id,
                           "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
             "dataset": {"name": cfg.dataset, "config": cfg.dataset_config, "split": cfg.split,
@@ -299,7 +317,8 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
                         "columns": {"prompt": cfg.prompt_column, "chosen": cfg.chosen_column,
                                     "rejected": cfg.rejected_column}},
             "settings": {**settings, "resolved_dtype": str(dtype).replace("torch.", ""),
-                         "resolved_device": str(device)},
+                         "resolved_device": str(device),
+                         "resolved_layout": dataclasses.asdict(layout)},
             "config": to_dict(cfg),
             "num_processes": state.num_processes,
             "shards": shards,

@@ -68,8 +68,9 @@ class RunArgs:
     shuffle: bool = opt(True, "shuffle shards and rows each epoch (deterministic from --seed and the epoch)")
     group_by_length: bool = opt(True, "batch examples of similar length together to cut padding")
     disable_dropout: bool = opt(True, "turn dropout off in the policy, as TRL does")
-    logps_backend: str = opt("auto", "log-prob kernel backend (auto: triton on CUDA, torch elsewhere)",
-                             choices=["auto", "triton", "torch"])
+    logps_backend: str = opt("auto", "log-prob backend: auto (triton on CUDA, torch elsewhere), triton, torch, "
+                             "or eager (full logits, the classic way)",
+                             choices=["auto", "triton", "torch", "eager"])
     # logging and checkpoints
     log_every: int = opt(10, "print a metrics line every N steps (metrics.jsonl gets every step)")
     report_to: str = opt("none", "experiment tracker, through accelerate", choices=["none", "tensorboard", "wandb"])
@@ -117,10 +118,16 @@ class TrainConfig(data.DataArgs, RunArgs):
     simpo_gamma: float = opt(0.5, "SimPO target margin gamma")
     discopop_tau: float = opt(0.05, "DiscoPOP temperature tau")
     ld_alpha: float | None = opt(None, "LD-DPO: weight of completion tokens beyond the shorter completion's length")
+    packing: bool | None = opt(None, "pack sequences into rows without padding (default: on where exact)")
+    prefix_sharing: bool | None = opt(None, "score chosen and rejected after one shared prompt (default: on where "
+                                            "exact)")
+    max_tokens_per_batch: int | None = opt(None, "cap on a packed row's tokens (default: a whole micro-batch per row)")
 
     def __post_init__(self):
         data.DataArgs.__post_init__(self)
         self.check_run_args()
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 2:
+            raise ValueError("--max-tokens-per-batch must be at least 2")
         if self.ref_cache and self.dataset:
             raise ValueError("give --ref-cache or --dataset, not both (a cache already holds its data)")
         if not self.ref_cache and not self.dataset:
@@ -244,27 +251,26 @@ def _padded(lists, device):
     return values.to(device), mask.to(device)
 
 
-def sequence_logps(per_token, completion_mask, ld_alpha):
-    """(2B, L) per-token -> chosen (B,), rejected (B,) sequence log-probs (LD-DPO weighted if asked)."""
+def sequence_logps(scores, ld_alpha):
+    """Per-token scores -> chosen (B,), rejected (B,) sequence log-probs (LD-DPO weighted if asked)."""
     if ld_alpha is None:
-        return per_token.sum(-1).chunk(2)
-    return losses.ld_logps(per_token, completion_mask, alpha=ld_alpha)
+        return scores.sums()
+    return losses.ld_logps(scores.chosen, scores.chosen_mask, scores.rejected, scores.rejected_mask, alpha=ld_alpha)
 
 
-def pair_logps(model, reference, rows, cfg: TrainConfig, pad_id: int, device):
+def pair_logps(model, reference, rows, cfg: TrainConfig, layout, pad_id: int, device, dtype):
     """Policy (with grad) and reference log-probs of one micro-batch of pairs.
 
-    `reference(batch) -> (2B, L)` per-token log-probs scores a live reference; cached values are used
-    when the rows carry them.
+    `reference(rows) -> PairScores` scores a live reference; cached values are used when the rows
+    carry them.
     """
     import torch
 
-    from .logps import pad_pairs
+    from .logps import score_pairs
 
-    batch = pad_pairs(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], pad_id).to(device)
-    per_token = model(batch.input_ids, batch.attention_mask, batch.completion_mask)  # (2B, L) float32
-    policy_c, policy_r = sequence_logps(per_token, batch.completion_mask, cfg.ld_alpha)
-    batch.plain_chosen_logps = per_token[:batch.num_pairs].sum(-1)  # un-weighted, for an sft term
+    scores = score_pairs(model, rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], layout, pad_id, device,
+                         dtype)
+    policy_c, policy_r = sequence_logps(scores, cfg.ld_alpha)
     ref_c = ref_r = None
     if cfg.needs_reference:
         if "ref_chosen_logps" in rows:  # from the cache
@@ -275,46 +281,45 @@ def pair_logps(model, reference, rows, cfg: TrainConfig, pad_id: int, device):
                 tc, mc = _padded(rows["ref_chosen_token_logps"], device)
                 tr, mr = _padded(rows["ref_rejected_token_logps"], device)
                 ref_c, ref_r = losses.ld_logps(tc, mc, tr, mr, alpha=cfg.ld_alpha)
-        else:  # live reference: the same log-prob function, no grad
+        else:  # live reference: the same scoring function, no grad
             with torch.no_grad():
-                ref_tok = reference(batch)
-            ref_c, ref_r = sequence_logps(ref_tok, batch.completion_mask, cfg.ld_alpha)
-    return batch, policy_c, policy_r, ref_c, ref_r
+                ref_c, ref_r = sequence_logps(reference(rows), cfg.ld_alpha)
+    return scores, policy_c, policy_r, ref_c, ref_r
 
 
-def live_reference(ref_model, model, accelerator, cfg: TrainConfig):
+def live_reference(ref_model, model, accelerator, cfg: TrainConfig, layout, pad_id: int, dtype):
     """The classic method's reference: a second model, or the LoRA policy with its adapter switched off."""
-    from .logps import token_logps
+    from .logps import LogpsModel, score_pairs
 
-    def score(causal_lm, batch):
-        return token_logps(causal_lm, batch.input_ids, batch.attention_mask, batch.completion_mask,
-                           backend=cfg.logps_backend)
+    def score(causal_lm, rows):
+        return score_pairs(LogpsModel(causal_lm, cfg.logps_backend), rows["prompt_ids"], rows["chosen_ids"],
+                           rows["rejected_ids"], layout, pad_id, accelerator.device, dtype)
 
     if ref_model is not None:
-        return lambda batch: score(ref_model, batch)
+        return lambda rows: score(ref_model, rows)
     policy = _unwrapped_policy(accelerator, model)  # LoRA: the base model is the reference
 
-    def without_adapter(batch):
+    def without_adapter(rows):
         with policy.disable_adapter():
-            return score(policy, batch)
+            return score(policy, rows)
 
     return without_adapter
 
 
-def pair_losses(cfg: TrainConfig, batch, pc, pr, rc, rr, sft_num_tokens):
+def pair_losses(cfg: TrainConfig, scores, pc, pr, rc, rr, sft_num_tokens):
     """Per-pair losses and rewards. With LD-DPO, the sft term of a mixture stays the plain token-mean NLL (TRL)."""
     import torch
 
     kw = dict(beta=cfg.beta, label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
               discopop_tau=cfg.discopop_tau, sft_num_tokens=sft_num_tokens,
-              chosen_lengths=torch.tensor(batch.chosen_lens, device=pc.device, dtype=torch.float32),
-              rejected_lengths=torch.tensor(batch.rejected_lens, device=pc.device, dtype=torch.float32))
+              chosen_lengths=torch.tensor(scores.chosen_lens, device=pc.device, dtype=torch.float32),
+              rejected_lengths=torch.tensor(scores.rejected_lens, device=pc.device, dtype=torch.float32))
     names = losses.parse_loss_types(cfg.loss)
     weights = list(cfg.loss_weights or [1.0] * len(names))
     if cfg.ld_alpha is None or "sft" not in names:
         return losses.preference_loss(pc, pr, rc, rr, loss_type=names, loss_weights=weights, **kw)
     w_sft = sum(w for n, w in zip(names, weights) if n == "sft")
-    sft, _, _ = losses.preference_loss(batch.plain_chosen_logps, pr, rc, rr, loss_type="sft", loss_weights=[w_sft],
+    sft, _, _ = losses.preference_loss(scores.chosen.sum(-1), pr, rc, rr, loss_type="sft", loss_weights=[w_sft],
                                        **kw)
     rest = [(n, w) for n, w in zip(names, weights) if n != "sft"]
     if not rest:
@@ -533,8 +538,8 @@ class PreferenceObjective:
             "logps/rejected")
     unit = "pairs"
 
-    def __init__(self, cfg: TrainConfig, reference, pad_id: int):
-        self.cfg, self.reference, self.pad_id = cfg, reference, pad_id
+    def __init__(self, cfg: TrainConfig, reference, layout, pad_id: int, dtype):
+        self.cfg, self.reference, self.layout, self.pad_id, self.dtype = cfg, reference, layout, pad_id, dtype
 
     def micro_step(self, model, rows, step_batch, source, device):
         """(loss summed over this micro-batch's pairs, divided by the step's count; metric sums; count; tokens)."""
@@ -542,19 +547,29 @@ class PreferenceObjective:
 
         n_pairs = len(step_batch)
         chosen_tokens = int(source.chosen_lengths[step_batch].sum())
-        batch, pc, pr, rc, rr = pair_logps(model, self.reference, rows, self.cfg, self.pad_id, device)
-        b = batch.num_pairs
-        per_pair, rew_c, rew_r = pair_losses(self.cfg, batch, pc, pr, rc, rr, chosen_tokens * b / n_pairs)
+        scores, pc, pr, rc, rr = pair_logps(model, self.reference, rows, self.cfg, self.layout, self.pad_id, device,
+                                            self.dtype)
+        b = scores.num_pairs
+        per_pair, rew_c, rew_r = pair_losses(self.cfg, scores, pc, pr, rc, rr, chosen_tokens * b / n_pairs)
         with torch.no_grad():
             sums = torch.stack([per_pair.sum(), rew_c.sum(), rew_r.sum(), (rew_c > rew_r).float().sum(),
                                 (rew_c - rew_r).sum(), pc.sum(), pr.sum()])
-        return per_pair.sum() / n_pairs, sums.detach(), b, batch.num_tokens
+        return per_pair.sum() / n_pairs, sums.detach(), b, scores.num_tokens
 
     def finish(self, sums: list[float], count: float) -> dict:
         return {name: v / max(count, 1.0) for name, v in zip(self.sums, sums)}
 
 
 def make_preference_objective(cfg: TrainConfig, model, accelerator, tokenizer, source, load_kwargs):
+    from .packing import resolve_layout
+
+    policy = _unwrapped_policy(accelerator, model)
+    layout, notes = resolve_layout(policy.config, load_kwargs["attn_implementation"], cfg.packing,
+                                   cfg.prefix_sharing, cfg.max_tokens_per_batch)
+    if accelerator.is_main_process:
+        for note in notes:
+            print(note, file=sys.stderr)
+    pad_id = tokenizer.pad_token_id
     reference = None
     if cfg.needs_reference and not source.has_ref:
         ref_model = None
@@ -564,8 +579,8 @@ def make_preference_objective(cfg: TrainConfig, model, accelerator, tokenizer, s
             ref_model = modeling.load_model(cfg.model, **load_kwargs)  # a frozen copy of the initial policy
         if ref_model is not None:
             ref_model.eval().requires_grad_(False).to(accelerator.device)
-        reference = live_reference(ref_model, model, accelerator, cfg)
-    return PreferenceObjective(cfg, reference, tokenizer.pad_token_id)
+        reference = live_reference(ref_model, model, accelerator, cfg, layout, pad_id, load_kwargs["dtype"])
+    return PreferenceObjective(cfg, reference, layout, pad_id, load_kwargs["dtype"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -617,8 +632,12 @@ def run(cfg: RunArgs, command: str, open_data, make_objective) -> dict:
 
     tokenizer = modeling.load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
     source = open_data(cfg, tokenizer, is_main, dtype)
+    from .packing import attention_for
+
+    attention = attention_for(device, cfg.attn_implementation, getattr(cfg, "packing", False),
+                              getattr(cfg, "prefix_sharing", False))
     load_kwargs = dict(revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-                       attn_implementation=cfg.attn_implementation)
+                       attn_implementation=attention)
     weights_from = str(resume_dir) if resume_dir is not None and cfg.lora_r is None else cfg.model
     policy = prepare_policy(modeling.load_model(weights_from, **load_kwargs), cfg, resume_dir)
     note = fused_head_note(policy)

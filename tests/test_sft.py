@@ -24,7 +24,8 @@ def _sft(tiny_model, data_file, out, **kw):
 def test_first_step_loss_is_token_mean_nll(tiny_model, tiny_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    rows = [{"prompt": "Hello", "completion": " world"}, {"prompt": "The capital", "completion": " of France is Paris."}]
+    rows = [{"prompt": "Hello", "completion": " world"},
+            {"prompt": "The capital", "completion": " of France is Paris."}]
     f = write_jsonl(tmp_path / "d.jsonl", rows)
     _sft(tiny_model, f, tmp_path / "r", batch_size=2, max_steps=1, shuffle=False)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)

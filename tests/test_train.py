@@ -179,8 +179,8 @@ def test_tokenizer_mismatch_refused(ref_cache, tmp_path):
 
 
 def test_weights_mismatch_warns(tiny_model, ref_cache, tmp_path):
-    from fastdpo.tiny import build_tiny_model
     from fastdpo.modeling import load_tokenizer
+    from fastdpo.tiny import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", seed=7, tokenizer=load_tokenizer(tiny_model))
     code, err = run_cli("train", "--model", other, "--ref-cache", ref_cache, "--output", tmp_path / "o",

@@ -1,0 +1,252 @@
+"""Padding-free packing and prompt-prefix sharing for batches of preference pairs.
+
+One pair has P prompt, C chosen and R rejected tokens. Three layouts of a micro-batch:
+
+    padded          [P C . . .]  [P R . . .]   one row per sequence, right-padded (the classic one)
+    packed          [P C P R P' C' P' R' ...]  sequences concatenated into rows; positions restart
+    prefix-shared   [P C R P' C' R' ...]       the prompt once per pair (Wang & Hegde 2024,
+                                               "Accelerating Direct Preference Optimization with
+                                               Prefix Sharing"); with packing, several pairs per row
+
+Every layout is described per token by a segment id `seg` (-1 for padding), a position id `pos`
+(chosen and rejected both continue from the prompt) and a branch (0 prompt, 1 chosen, 2 rejected).
+One rule gives the attention of query q over key k within a row:
+
+    allowed(q, k) = seg[q] == seg[k]  and  pos[k] <= pos[q]  and  (branch[k] == 0 or branch[k] == branch[q])
+
+so a rejected token sees its prompt but never the chosen answer, and sequences never see each
+other. The mask goes to the model through transformers' attention interface: a FlexAttention
+`BlockMask` (GPU; masked blocks are skipped), or a dense additive 4D mask for SDPA/eager (CPU).
+
+Scoring: completion token j is predicted by the hidden state of the token before it *in its own
+sequence*: the last prompt token for the first chosen and the first rejected token alike. Only
+those (source position, label) pairs go through the LM head, via the fused kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# transformers attention implementations that take a custom mask, and those that only do varlen packing
+MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+@dataclass
+class Layout:
+    """How a micro-batch of pairs is laid out for one forward."""
+
+    packing: bool = False
+    prefix_sharing: bool = False
+    max_tokens: int | None = None  # cap on a packed row's length (None: the whole micro-batch in one row)
+    attention: str = "sdpa"  # the model's attention implementation
+
+    @property
+    def padded(self) -> bool:
+        return not (self.packing or self.prefix_sharing)
+
+
+def resolve_layout(config, attention: str | None, packing: bool | None, prefix_sharing: bool | None,
+                   max_tokens: int | None) -> tuple[Layout, list[str]]:
+    """The layout to use and notes saying why a requested or default feature is off.
+
+    `config` is the model's config and `attention` the attention implementation it is loaded with
+    (None: transformers' default, SDPA for the supported models). For packing and prefix sharing,
+    None means "on wherever exact for this model's attention implementation".
+    """
+    from .logps import FUSED_HEAD_MODEL_TYPES
+
+    attention = attention or "sdpa"
+    notes = []
+    reason = None
+    if getattr(config, "model_type", None) not in FUSED_HEAD_MODEL_TYPES:
+        reason = f"model type {config.model_type!r} is not known to take custom attention masks"
+    elif _uses_sliding_window(config):
+        reason = "the model uses sliding-window attention, which a custom mask would override"
+    elif attention not in MASKED_ATTENTION + VARLEN_ATTENTION:
+        reason = f"attention implementation {attention!r} takes no custom mask"
+    pack_ok = reason is None
+    share_ok = reason is None and attention in MASKED_ATTENTION
+    share_reason = reason or (f"{attention} can pack sequences (varlen) but cannot express the prefix-sharing mask; "
+                              "use --attn-implementation sdpa or flex_attention")
+    use_pack = pack_ok if packing is None else packing
+    use_share = share_ok if prefix_sharing is None else prefix_sharing
+    if use_pack and not pack_ok:
+        notes.append(f"packing off: {reason}")
+        use_pack = False
+    if use_share and not share_ok:
+        notes.append(f"prefix sharing off: {share_reason}")
+        use_share = False
+    if packing is None and not pack_ok:
+        notes.append(f"packing off by default: {reason}")
+    if prefix_sharing is None and not share_ok and pack_ok:
+        notes.append(f"prefix sharing off by default: {share_reason}")
+    return Layout(use_pack, use_share, max_tokens, attention), notes
+
+
+def attention_for(device, attn_implementation: str | None, packing: bool | None, prefix_sharing: bool | None):
+    """The attention implementation to load the model with: FlexAttention on CUDA when packing or prefix
+    sharing may be used and the user chose none; otherwise the user's choice (or transformers' default)."""
+    wanted = packing is not False or prefix_sharing is not False
+    if attn_implementation is None and wanted and getattr(device, "type", str(device)) == "cuda":
+        return "flex_attention"
+    return attn_implementation
+
+
+def _uses_sliding_window(config) -> bool:
+    if getattr(config, "sliding_window", None) is None:
+        return False
+    if getattr(config, "use_sliding_window", True) is False:
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    return layer_types is None or any("sliding" in str(t) for t in layer_types)
+
+
+@dataclass
+class PackedRows:
+    """A micro-batch laid out in rows, plus where each completion token is scored from."""
+
+    input_ids: torch.Tensor  # (N, L)
+    position_ids: torch.Tensor  # (N, L)
+    seg: torch.Tensor  # (N, L) segment id within the row, -1 on padding
+    branch: torch.Tensor  # (N, L) 0 prompt, 1 chosen, 2 rejected
+    src_row: torch.Tensor  # (S,) row of the hidden state that predicts scored token s
+    src_pos: torch.Tensor  # (S,) its position in the row
+    labels: torch.Tensor  # (S,) the scored token
+    pair: torch.Tensor  # (S,) which pair it belongs to
+    side: torch.Tensor  # (S,) 0 chosen, 1 rejected
+    index: torch.Tensor  # (S,) its index within the completion
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.seg >= 0).sum())
+
+    def to(self, device):
+        for name, value in vars(self).items():
+            setattr(self, name, value.to(device, non_blocking=True))
+        return self
+
+
+def _units(prompts, chosens, rejecteds, prefix_sharing: bool):
+    """Sequences to place in rows: (pair, [(branch, tokens), ...])."""
+    units = []
+    for i, (p, c, r) in enumerate(zip(prompts, chosens, rejecteds)):
+        if prefix_sharing:
+            units.append((i, [(0, p), (1, c), (2, r)]))
+        else:
+            units.append((i, [(0, p), (1, c)]))
+            units.append((i, [(0, p), (2, r)]))
+    return units
+
+
+def _fill_rows(units, max_tokens: int | None) -> list[list]:
+    """First-fit decreasing: longest units first, each into the first row with room."""
+    sizes = [sum(len(t) for _, t in parts) for _, parts in units]
+    order = sorted(range(len(units)), key=lambda u: -sizes[u])  # stable: ties keep batch order
+    if max_tokens is None:
+        return [[units[u] for u in order]]
+    rows, room = [], []
+    for u in order:
+        for r in range(len(rows)):
+            if sizes[u] <= room[r]:
+                rows[r].append(units[u])
+                room[r] -= sizes[u]
+                break
+        else:  # a unit longer than the budget gets a row of its own
+            rows.append([units[u]])
+            room.append(max_tokens - sizes[u])
+    return rows
+
+
+def pack_pairs(prompts, chosens, rejecteds, layout: Layout, pad_id: int) -> PackedRows:
+    """Lay out a micro-batch of pairs in rows (see the module docstring)."""
+    # without packing, every sequence (or prefix-shared pair) gets a row of its own
+    budget = layout.max_tokens if layout.packing else 0
+    rows = _fill_rows(_units(prompts, chosens, rejecteds, layout.prefix_sharing), budget)
+    width = max(sum(len(t) for unit in row for _, t in unit[1]) for row in rows)
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    seg = torch.full((n, width), -1, dtype=torch.long)
+    branch = torch.zeros((n, width), dtype=torch.long)
+    src_row, src_pos, labels, pair, side, index = [], [], [], [], [], []
+    for r, row in enumerate(rows):
+        o = 0
+        for s, (i, parts) in enumerate(row):
+            p_len = len(parts[0][1])
+            prompt_end = o + p_len - 1  # the hidden state that predicts each completion's first token
+            for b, tokens in parts:
+                k = len(tokens)
+                input_ids[r, o:o + k] = torch.as_tensor(tokens, dtype=torch.long)
+                start = 0 if b == 0 else p_len
+                position_ids[r, o:o + k] = torch.arange(start, start + k)
+                seg[r, o:o + k] = s
+                branch[r, o:o + k] = b
+                if b:  # score every completion token from the token before it in its own sequence
+                    prev = torch.arange(o - 1, o + k - 1)
+                    prev[0] = prompt_end
+                    src_row += [r] * k
+                    src_pos.append(prev)
+                    labels.append(torch.as_tensor(tokens, dtype=torch.long))
+                    pair += [i] * k
+                    side += [b - 1] * k
+                    index.append(torch.arange(k))
+                o += k
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
+    return PackedRows(input_ids, position_ids, seg, branch, torch.tensor(src_row, dtype=torch.long), cat(src_pos),
+                      cat(labels), torch.tensor(pair, dtype=torch.long), torch.tensor(side, dtype=torch.long),
+                      cat(index))
+
+
+def allowed(seg: torch.Tensor, pos: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """(N, L, L) bool: may query q attend key k (the module docstring's rule; padding attends itself)."""
+    same = seg[:, :, None] == seg[:, None, :]
+    causal = pos[:, None, :] <= pos[:, :, None]
+    visible = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
+    real = (seg[:, :, None] >= 0)
+    eye = torch.eye(seg.shape[1], dtype=torch.bool, device=seg.device)[None]
+    return (same & causal & visible & real) | eye
+
+
+def attention_mask(packed: PackedRows, layout: Layout, dtype: torch.dtype):
+    """What the model's attention takes: a BlockMask (flex), None (varlen), a boolean (N, 1, L, L) mask
+    (SDPA: True attends) or an additive one (eager adds it to the scores)."""
+    if layout.attention == "flex_attention":
+        return block_mask(packed)
+    if layout.attention in VARLEN_ATTENTION:
+        return None  # transformers finds the sequences from the restarting position_ids
+    ok = allowed(packed.seg, packed.position_ids, packed.branch)[:, None]  # (N, 1, L, L)
+    if layout.attention == "sdpa":
+        return ok
+    return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, torch.finfo(dtype).min)
+
+
+def block_mask(packed: PackedRows):
+    """FlexAttention BlockMask for the rule above; blocks with no allowed pair are skipped by the kernel."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg, pos, branch = packed.seg, packed.position_ids, packed.branch
+
+    def mask_mod(b, h, q, k):
+        rule = (seg[b, q] == seg[b, k]) & (pos[b, k] <= pos[b, q]) & ((branch[b, k] == 0) | (branch[b, k] ==
+                                                                                             branch[b, q]))
+        return (rule & (seg[b, q] >= 0)) | (q == k)
+
+    n, length = seg.shape
+    return create_block_mask(mask_mod, n, None, length, length, device=seg.device)
+
+
+def unpack_scores(values: torch.Tensor, packed: PackedRows, chosen_lens, rejected_lens):
+    """Scored values (S,) -> chosen (B, Tc), chosen mask, rejected (B, Tr), rejected mask (differentiable)."""
+    b = len(chosen_lens)
+    out = []
+    for side, lens in ((0, chosen_lens), (1, rejected_lens)):
+        sel = packed.side == side
+        width = max(lens) if lens else 0
+        grid = values.new_zeros((b, width))
+        grid = grid.index_put((packed.pair[sel], packed.index[sel]), values[sel])
+        mask = torch.arange(width, device=values.device)[None] < torch.as_tensor(lens, device=values.device)[:, None]
+        out += [grid, mask]
+    return tuple(out)

@@ -6,12 +6,16 @@
 From the cache's reference log-probs and the policy's, over every held-out pair:
 
     rewards/chosen, rewards/rejected   beta * (policy - reference) log-prob of each completion, mean
-    rewards/accuracies                 fraction of pairs with chosen reward > rejected reward
+    rewards/accuracies                 fraction of pairs with chosen reward > rejected reward (TRL's)
+    rewards/ties                       fraction with equal rewards (all of them when policy = reference)
+    logps/accuracies                   fraction with policy log-prob of chosen > rejected
     rewards/margins                    mean chosen - rejected reward
-    kl/k1, kl/k3                       per-token estimates of KL(policy || reference) on the dataset's
-                                       completions (Schulman 2020: k1 = log r, k3 = (1/r - 1) + log r with
-                                       r = policy / reference); the completions are the dataset's, not
-                                       samples from the policy, so read them as a drift indicator
+    kl                                 per-token estimate of KL(policy || reference) on the completions,
+                                       which stand in for reference samples: the importance-weighted mean
+                                       of (p/q) log(p/q) (as the trainer's `kl` metric)
+    kl/k1, kl/k3                       the unweighted per-token estimators (Schulman 2020: k1 = log(p/q),
+                                       k3 = q/p - 1 + log(p/q)); on off-policy completions they are dominated
+                                       by tokens the policy pushed down, so read them as drift indicators
     kl/sequence                        mean summed log-ratio per completion
 
 With `--generate`, the policy answers each held-out prompt (greedy unless --temperature > 0) and a
@@ -97,8 +101,11 @@ def preference_metrics(policy_c, policy_r, ref_c, ref_r, tok_c, tok_r, beta: flo
     log_ratio = np.concatenate([np.concatenate(tok_c), np.concatenate(tok_r)]).astype(np.float64)
     return {
         "rewards/chosen": float(rc.mean()), "rewards/rejected": float(rr.mean()),
-        "rewards/accuracies": float((rc > rr).mean()), "rewards/margins": float((rc - rr).mean()),
+        "rewards/accuracies": float((rc > rr).mean()), "rewards/ties": float((rc == rr).mean()),
+        "rewards/margins": float((rc - rr).mean()),
         "logps/chosen": float(policy_c.mean()), "logps/rejected": float(policy_r.mean()),
+        "logps/accuracies": float((policy_c > policy_r).mean()),
+        "kl": float((np.exp(np.clip(log_ratio, -20, 20)) * np.clip(log_ratio, -20, 20)).mean()),
         "kl/k1": float(log_ratio.mean()),
         "kl/k3": float((np.expm1(-log_ratio) + log_ratio).mean()),
         "kl/sequence": float(np.concatenate([policy_c - ref_c, policy_r - ref_r]).mean()),

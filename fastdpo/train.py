@@ -122,6 +122,9 @@ class TrainConfig(data.DataArgs, RunArgs):
     prefix_sharing: bool | None = opt(None, "score chosen and rejected after one shared prompt (default: on where "
                                             "exact)")
     max_tokens_per_batch: int | None = opt(None, "cap on a packed row's tokens (default: a whole micro-batch per row)")
+    kl_warn: float | None = opt(1.0, "warn once when the per-token KL estimate to the reference exceeds this")
+    early_stop_kl: float | None = opt(None, "stop the run (the model is saved) once the per-token KL estimate "
+                                            "exceeds this")
 
     def __post_init__(self):
         data.DataArgs.__post_init__(self)
@@ -262,7 +265,8 @@ def pair_logps(model, reference, rows, cfg: TrainConfig, layout, pad_id: int, de
     """Policy (with grad) and reference log-probs of one micro-batch of pairs.
 
     `reference(rows) -> PairScores` scores a live reference; cached values are used when the rows
-    carry them.
+    carry them. Also returns the reference's per-token log-probs (chosen, rejected), aligned with
+    the policy's `PairScores`, for the KL estimate (None for reference-free losses).
     """
     import torch
 
@@ -271,20 +275,40 @@ def pair_logps(model, reference, rows, cfg: TrainConfig, layout, pad_id: int, de
     scores = score_pairs(model, rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], layout, pad_id, device,
                          dtype)
     policy_c, policy_r = sequence_logps(scores, cfg.ld_alpha)
-    ref_c = ref_r = None
+    ref_c = ref_r = ref_tokens = None
     if cfg.needs_reference:
         if "ref_chosen_logps" in rows:  # from the cache
+            tc, mc = _padded(rows["ref_chosen_token_logps"], device)
+            tr, mr = _padded(rows["ref_rejected_token_logps"], device)
+            ref_tokens = (tc, tr)
             if cfg.ld_alpha is None:
                 ref_c = torch.tensor(rows["ref_chosen_logps"], dtype=torch.float32, device=device)
                 ref_r = torch.tensor(rows["ref_rejected_logps"], dtype=torch.float32, device=device)
             else:
-                tc, mc = _padded(rows["ref_chosen_token_logps"], device)
-                tr, mr = _padded(rows["ref_rejected_token_logps"], device)
                 ref_c, ref_r = losses.ld_logps(tc, mc, tr, mr, alpha=cfg.ld_alpha)
         else:  # live reference: the same scoring function, no grad
             with torch.no_grad():
-                ref_c, ref_r = sequence_logps(reference(rows), cfg.ld_alpha)
-    return scores, policy_c, policy_r, ref_c, ref_r
+                ref_scores = reference(rows)
+            ref_c, ref_r = sequence_logps(ref_scores, cfg.ld_alpha)
+            ref_tokens = (ref_scores.chosen, ref_scores.rejected)
+    return scores, policy_c, policy_r, ref_c, ref_r, ref_tokens
+
+
+def kl_estimate(scores, ref_tokens):
+    """Sum over completion tokens of an estimate of KL(policy || reference), and the token count.
+
+    The dataset's completions stand in for samples of the reference, so the importance-weighted
+    E_ref[(p/q) log(p/q)] = KL(p || q) applies per token: w r with r = log p - log q, w = exp(r)
+    (r clamped to +-20). Tokens the policy pushed down (the rejected answers) weigh little, as they
+    do in the policy's own samples; an unweighted estimate (k1, k3) would be dominated by them.
+    """
+    total, count = 0.0, 0
+    for tok, ref, mask in ((scores.chosen, ref_tokens[0], scores.chosen_mask),
+                           (scores.rejected, ref_tokens[1], scores.rejected_mask)):
+        r = (tok.detach() - ref).clamp(-20, 20)
+        total = total + (r.exp() * r * mask).sum()
+        count += int(mask.sum())
+    return total, count
 
 
 def live_reference(ref_model, model, accelerator, cfg: TrainConfig, layout, pad_id: int, dtype):
@@ -503,6 +527,8 @@ def format_line(m: dict, total_steps: int, unit: str = "pairs") -> str:
     parts = [f"step {m['step']}/{total_steps}", f"loss {m['loss']:.4f}"]
     if "rewards/accuracies" in m:
         parts += [f"acc {m['rewards/accuracies']:.3f}", f"margin {m['rewards/margins']:.4f}"]
+    if "kl" in m:
+        parts.append(f"kl {m['kl']:.4f}")
     parts += [f"grad {m['grad_norm']:.3f}", f"lr {m['lr']:.2e}", f"{m['samples_per_s']:.1f} {unit}/s",
               f"{m['tokens_per_s']:.0f} tok/s", f"{m['peak_memory_gb']:.2f} GB"]
     return " | ".join(parts)
@@ -535,7 +561,7 @@ class PreferenceObjective:
     """Per-pair preference losses; the step's loss is their mean over all pairs of the step."""
 
     sums = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-            "logps/rejected")
+            "logps/rejected", "kl_sum", "kl_tokens")
     unit = "pairs"
 
     def __init__(self, cfg: TrainConfig, reference, layout, pad_id: int, dtype):
@@ -547,17 +573,48 @@ class PreferenceObjective:
 
         n_pairs = len(step_batch)
         chosen_tokens = int(source.chosen_lengths[step_batch].sum())
-        scores, pc, pr, rc, rr = pair_logps(model, self.reference, rows, self.cfg, self.layout, self.pad_id, device,
-                                            self.dtype)
+        scores, pc, pr, rc, rr, ref_tokens = pair_logps(model, self.reference, rows, self.cfg, self.layout,
+                                                        self.pad_id, device, self.dtype)
         b = scores.num_pairs
         per_pair, rew_c, rew_r = pair_losses(self.cfg, scores, pc, pr, rc, rr, chosen_tokens * b / n_pairs)
         with torch.no_grad():
+            kl, kl_tokens = kl_estimate(scores, ref_tokens) if ref_tokens is not None else (0.0, 0)
             sums = torch.stack([per_pair.sum(), rew_c.sum(), rew_r.sum(), (rew_c > rew_r).float().sum(),
-                                (rew_c - rew_r).sum(), pc.sum(), pr.sum()])
+                                (rew_c - rew_r).sum(), pc.sum(), pr.sum(), torch.as_tensor(kl, device=device),
+                                torch.tensor(float(kl_tokens), device=device)])
         return per_pair.sum() / n_pairs, sums.detach(), b, scores.num_tokens
 
+    def check(self, m: dict, total_steps: int) -> tuple[list[str], str | None]:
+        """The over-optimisation guard: (warning lines, reason to stop or None), from one step's metrics.
+
+        Signs practitioners watch: reward accuracy near 1 early in training (the pairs are separated
+        too easily: artefacts, or beta too small) and a policy drifting far from the reference.
+        """
+        warnings, stop = [], None
+        self.recent_acc = (getattr(self, "recent_acc", []) + [m["rewards/accuracies"]])[-5:]
+        early = m["step"] <= max(1, total_steps // 10)
+        if early and len(self.recent_acc) == 5 and min(self.recent_acc) >= 0.95 and not getattr(self, "acc_warned", 0):
+            self.acc_warned = 1
+            warnings.append(f"warning: reward accuracy >= 0.95 for 5 steps by step {m['step']} of {total_steps}: "
+                            "the pairs separate very early (look for length or format artefacts; consider a larger "
+                            "--beta)")
+        kl = m.get("kl")
+        if kl is not None and self.cfg.kl_warn is not None and kl > self.cfg.kl_warn and not getattr(
+                self, "kl_warned", 0):
+            self.kl_warned = 1
+            warnings.append(f"warning: per-token KL to the reference is {kl:.3f} at step {m['step']} (> --kl-warn "
+                            f"{self.cfg.kl_warn}): the policy is drifting far; consider a larger --beta or "
+                            "--early-stop-kl")
+        if kl is not None and self.cfg.early_stop_kl is not None and kl > self.cfg.early_stop_kl:
+            stop = f"early stop at step {m['step']}: per-token KL {kl:.3f} > --early-stop-kl {self.cfg.early_stop_kl}"
+        return warnings, stop
+
     def finish(self, sums: list[float], count: float) -> dict:
-        return {name: v / max(count, 1.0) for name, v in zip(self.sums, sums)}
+        *means, kl_sum, kl_tokens = sums
+        out = {name: v / max(count, 1.0) for name, v in zip(self.sums, means)}
+        if self.cfg.needs_reference:
+            out["kl"] = kl_sum / max(kl_tokens, 1.0)  # per token, see kl_estimate
+        return out
 
 
 def make_preference_objective(cfg: TrainConfig, model, accelerator, tokenizer, source, load_kwargs):
@@ -683,7 +740,7 @@ def run(cfg: RunArgs, command: str, open_data, make_objective) -> dict:
         bar = tqdm(total=total_steps, initial=step, unit="step", desc=command, dynamic_ncols=True)
     log = (lambda s: bar.write(s, file=sys.stderr)) if bar is not None else (lambda s: print(s, file=sys.stderr))
 
-    with_token_logps = getattr(cfg, "ld_alpha", None) is not None
+    with_token_logps = isinstance(objective, PreferenceObjective)  # per-token reference values: LD-DPO, KL
     plans: dict[int, list] = {}
     metrics = {}
     last_ckpt = (list_checkpoints(out) or [None])[-1]
@@ -746,6 +803,12 @@ def run(cfg: RunArgs, command: str, open_data, make_objective) -> dict:
                 bar.update(1)
         if tracker:
             accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
+        warnings, stop = objective.check(metrics, total_steps) if hasattr(objective, "check") else ([], None)
+        if is_main:
+            for line in warnings + ([stop] if stop else []):
+                log(line)
+        if stop:
+            break
         if bad_run >= cfg.max_bad_steps:
             if bar is not None:
                 bar.close()
@@ -782,3 +845,23 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
     elif kwargs:
         config = dataclasses.replace(config, **kwargs)
     return run(config, "train", open_source, make_preference_objective)
+
+
+def sweep(config: TrainConfig, betas: list[float], plot: bool = True) -> list[Path]:
+    """Train once per beta from one cache, into OUT/beta-B; then overlay their curves in OUT/sweep/*.png.
+
+    The cache is computed once and each run is policy-only, so a k-point sweep costs k trainings.
+    """
+    runs = []
+    for beta in betas:
+        run_dir = Path(config.output) / f"beta-{beta:g}"
+        train(dataclasses.replace(config, beta=beta, output=str(run_dir)))
+        runs.append(run_dir)
+    if plot:
+        try:
+            from .plot import plot_runs
+
+            plot_runs(runs, Path(config.output) / "sweep")
+        except UserError as e:  # e.g. matplotlib is not installed: the runs themselves are done
+            print(f"fastdpo train: note: no sweep plot ({e})", file=sys.stderr)
+    return runs

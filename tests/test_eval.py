@@ -49,6 +49,7 @@ def test_eval_matches_direct_computation(tiny_model, tmp_path):
     rc, rr, lr = np.array(rc), np.array(rr), np.array(log_ratios)
     expect = {"rewards/chosen": rc.mean(), "rewards/rejected": rr.mean(), "rewards/accuracies": (rc > rr).mean(),
               "rewards/margins": (rc - rr).mean(), "kl/k1": lr.mean(), "kl/k3": (np.exp(-lr) - 1 + lr).mean(),
+              "kl": (np.exp(lr) * lr).mean(),
               "kl/sequence": np.mean(seq)}
     for k, v in expect.items():
         assert math.isclose(res[k], v, abs_tol=1e-4), (k, res[k], v)

@@ -160,8 +160,9 @@ def test_transient_non_finite_step_is_skipped(tiny_model, clean_cache, tmp_path,
 
 
 def test_persistent_non_finite_steps_stop_the_run(tiny_model, clean_cache, tmp_path, monkeypatch):
-    import fastdpo.train as T
     from transformers import AutoModelForCausalLM
+
+    import fastdpo.train as T
 
     monkeypatch.setattr(T, "pair_losses", _nan_from(5))
     with pytest.raises(TrainingStopped, match=r"stopped at step 7: 3 consecutive .*checkpoint-4 is intact"):

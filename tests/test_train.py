@@ -246,3 +246,36 @@ def test_bad_train_flags(tiny_model, ref_cache, pairs, tmp_path):
     for extra, needle in cases:
         code, err = run_cli("train", "--model", tiny_model, "--output", tmp_path / "o", *extra)
         assert code == 2 and needle in err and "Traceback" not in err, (extra, err)
+
+
+def test_kl_metric_and_early_stop(tiny_model, ref_cache, tmp_path):
+    code, err = run_cli("train", "--model", tiny_model, "--ref-cache", ref_cache, "--output", tmp_path / "r",
+                        "--max-steps", "40", "--epochs", "10", "--lr", "1e-2", "--batch-size", "8",
+                        "--early-stop-kl", "0.05", "--kl-warn", "0.01", "--no-progress")
+    assert code == 0, err
+    m = metrics(tmp_path / "r")
+    assert abs(m[0]["kl"]) < 1e-6  # the policy starts as the reference
+    assert m[-1]["kl"] > 0.05 and all(x["kl"] <= 0.05 for x in m[:-1]) and len(m) < 40
+    assert "early stop at step" in err and "warning: per-token KL" in err
+    assert (tmp_path / "r" / "model.safetensors").exists()  # an early stop still saves the model
+
+
+def test_early_accuracy_warning(tiny_model, tmp_path):
+    rows = [{"prompt": p["prompt"], "chosen": " capital Paris.", "rejected": " hello world!"}
+            for p in make_pairs(40, seed=3)]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    code, err = run_cli("train", "--model", tiny_model, "--dataset", f, "--output", tmp_path / "r", "--max-steps",
+                        "60", "--epochs", "20", "--lr", "1e-2", "--batch-size", "4", "--no-progress")
+    assert code == 0, err
+    assert "warning: reward accuracy >= 0.95 for 5 steps" in err
+
+
+def test_beta_sweep_from_one_cache(tiny_model, ref_cache, tmp_path):
+    code, err = run_cli("train", "--model", tiny_model, "--ref-cache", ref_cache, "--output", tmp_path / "s",
+                        "--beta", "0.1,0.5", "--max-steps", "2", "--no-progress")
+    assert code == 0, err
+    for b in ("0.1", "0.5"):
+        cfg = json.loads((tmp_path / "s" / f"beta-{b}" / "fastdpo_config.json").read_text())
+        assert cfg["beta"] == float(b) and len(metrics(tmp_path / "s" / f"beta-{b}")) == 2
+    png = (tmp_path / "s" / "sweep" / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

@@ -1,5 +1,6 @@
 """`fastdpo` command line: one small module per subcommand.
 
+    fastdpo demo                                              # start here: the bundled task, end to end
     fastdpo precompute --model M --dataset D --output CACHE
     fastdpo train --model M --ref-cache CACHE --output OUT
 
@@ -20,6 +21,8 @@ SUBCOMMANDS = {
     "train": "train the policy from a reference cache (or with a live reference)",
     "sft": "supervised fine-tuning (the stage before preference optimisation)",
     "eval": "reward accuracy, margins, KL estimate and judged generations on a held-out cache",
+    "plot": "PNG curves of one or several runs (loss, rewards, margin, accuracy, log-probs)",
+    "demo": "the whole pipeline on a bundled task, nothing to download: DPO visibly improving a tiny model",
 }
 
 
@@ -42,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=module.DESCRIPTION, epilog=module.EXAMPLES,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
-        p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options; flags given override it")
+        if getattr(module, "CONFIG_FILE", True):
+            p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options; flags given override it")
         p.set_defaults(func=module.run)
     return parser
 

@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   fastdpo train --model ./sft --ref-cache cache/d --output runs/ipo --loss ipo --beta 0.5
   fastdpo train --model ./sft --ref-cache cache/d --output runs/rpo --loss sigmoid,sft --loss-weights 1,0.2
   fastdpo train --model ./sft --ref-cache cache/d --output runs/lora --lora-r 16 --lr 5e-6
+  fastdpo train --model ./sft --ref-cache cache/d --output runs/sweep --beta 0.05,0.1,0.3   # beta sweep + plot
   fastdpo train --model ./sft --dataset pairs.jsonl --ref-model ./sft --output runs/live   # two models
   fastdpo train --model ./sft --dataset pairs.jsonl --loss simpo --beta 2 --output runs/simpo
   fastdpo train --config run.yaml --resume latest
@@ -35,12 +36,36 @@ for _group, _names in {
     GROUPS.update(dict.fromkeys(_names, _group))
 
 
+def _betas(text: str) -> list[float]:
+    import argparse
+
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--beta expects a number or a comma-separated list, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("--beta is empty")
+    return values
+
+
 def add_arguments(parser):
     add_config_arguments(parser, TrainConfig, groups=GROUPS)
+    for action in parser._actions:  # --beta also takes a list: one run per value (a sweep from one cache)
+        if action.dest == "beta":
+            action.type = _betas
+            action.help = ("KL strength beta (rewards = beta x (policy - reference) log-prob); a comma-separated "
+                           "list runs one training per value into OUT/beta-B and plots them together (default: 0.1)")
 
 
 def run(args):
-    from ..train import train
+    from ..train import sweep, train
 
-    train(from_args(TrainConfig, args))
+    betas = getattr(args, "beta", None)
+    if isinstance(betas, list):
+        args.beta = betas[0]
+    config = from_args(TrainConfig, args)
+    if isinstance(betas, list) and len(betas) > 1:
+        sweep(config, betas)
+    else:
+        train(config)
     return 0

@@ -112,31 +112,6 @@ def preference_metrics(policy_c, policy_r, ref_c, ref_r, tok_c, tok_r, beta: flo
     }
 
 
-def policy_logps(model, rows, cfg: EvalConfig, layout, device, pad_id: int, on_batch=None):
-    """Per-token policy log-probs of every chosen and rejected completion, through the shared function."""
-    import torch
-
-    from .logps import LogpsModel, score_pairs
-    from .precompute import _length_buckets
-
-    n = len(rows["id"])
-    lengths = [len(rows["prompt_ids"][i]) + max(len(rows["chosen_ids"][i]), len(rows["rejected_ids"][i]))
-               for i in range(n)]
-    tok_c, tok_r = [None] * n, [None] * n
-    scorer = LogpsModel(model, cfg.logps_backend)
-    dtype = next(model.parameters()).dtype
-    with torch.no_grad():
-        for idx in _length_buckets(lengths, cfg.batch_size):
-            scores = score_pairs(scorer, [rows["prompt_ids"][i] for i in idx], [rows["chosen_ids"][i] for i in idx],
-                                 [rows["rejected_ids"][i] for i in idx], layout, pad_id, device, dtype)
-            c, r = scores.numpy_rows()
-            for j, i in enumerate(idx):
-                tok_c[i], tok_r[i] = c[j], r[j]
-            if on_batch:
-                on_batch(len(idx))
-    return tok_c, tok_r
-
-
 def generate_answers(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig, device) -> list[str]:
     """Left-padded batched generation from the exact prompt tokens; returns the decoded answers."""
     import torch
@@ -202,8 +177,12 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, unit="pair", desc="eval", dynamic_ncols=True)
-    tok_c, tok_r = policy_logps(model, rows, cfg, layout, device, tokenizer.pad_token_id,
-                                on_batch=bar.update if bar is not None else None)
+    from .logps import LogpsModel, score_rows
+
+    tok_c, tok_r = score_rows(LogpsModel(model, cfg.logps_backend), rows["prompt_ids"], rows["chosen_ids"],
+                              rows["rejected_ids"], cfg.batch_size, layout, device=device,
+                              pad_id=tokenizer.pad_token_id,
+                              on_batch=(lambda pairs, _tokens: bar.update(pairs)) if bar is not None else None)
     if bar is not None:
         bar.close()
     ref_tok_c = [np.asarray(x, dtype=np.float32) for x in rows["ref_chosen_token_logps"]]

@@ -248,6 +248,35 @@ def score_pairs(model, prompts, chosens, rejecteds, layout, pad_id: int, device,
     return PairScores(tok_c, mask_c, tok_r, mask_r, chosen_lens, rejected_lens, rows.num_tokens)
 
 
+def length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), so padding stays small."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep their order
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def score_rows(model, prompts, chosens, rejecteds, batch_size: int, layout, pad_id: int, device,
+               on_batch=None) -> tuple[list, list]:
+    """Per-token log-probs (lists of float32 arrays) of every pair's completions, without gradients.
+
+    Pairs are scored in length-bucketed batches through `score_pairs`; results come back in input
+    order. `on_batch(pairs, tokens)` is called after each batch (progress bars).
+    """
+    n = len(prompts)
+    lengths = [len(prompts[i]) + max(len(chosens[i]), len(rejecteds[i])) for i in range(n)]
+    tok_c, tok_r = [None] * n, [None] * n
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        for idx in length_buckets(lengths, batch_size):
+            scores = score_pairs(model, [prompts[i] for i in idx], [chosens[i] for i in idx],
+                                 [rejecteds[i] for i in idx], layout, pad_id, device, dtype)
+            c, r = scores.numpy_rows()
+            for j, i in enumerate(idx):
+                tok_c[i], tok_r[i] = c[j], r[j]
+            if on_batch:
+                on_batch(len(idx), scores.num_tokens)
+    return tok_c, tok_r
+
+
 def split_completions(per_token: torch.Tensor, batch: PairBatch) -> tuple[list, list]:
     """Per-token values (2B, L) -> lists of chosen and rejected completion slices (CPU float32)."""
     per_token = per_token.detach().float().cpu()

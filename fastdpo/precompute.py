@@ -141,36 +141,17 @@ def finished_shard(out: Path, index: int, fingerprint: str) -> dict | None:
 # The reference forward
 
 
-def _length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first), so padding stays small."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep source order
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def compute_shard(model, rows, cfg: PrecomputeConfig, layout, device, pad_id: int, on_batch=None) -> dict:
     """Reference log-probs for one shard's rows (a `datasets.Dataset` slice), in source order.
 
     `model` is a `LogpsModel`: the same scoring function the trainer uses.
     """
     import numpy as np
-    import torch
 
-    from .logps import score_pairs
+    from .logps import score_rows
 
     prompts, chosens, rejecteds = rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]
-    n = len(prompts)
-    lengths = [len(prompts[i]) + max(len(chosens[i]), len(rejecteds[i])) for i in range(n)]
-    tok_c, tok_r = [None] * n, [None] * n
-    dtype = next(model.parameters()).dtype
-    with torch.no_grad():
-        for idx in _length_buckets(lengths, cfg.batch_size):
-            scores = score_pairs(model, [prompts[i] for i in idx], [chosens[i] for i in idx],
-                                 [rejecteds[i] for i in idx], layout, pad_id, device, dtype)
-            c, r = scores.numpy_rows()
-            for j, i in enumerate(idx):
-                tok_c[i], tok_r[i] = c[j], r[j]
-            if on_batch:
-                on_batch(len(idx), scores.num_tokens)
+    tok_c, tok_r = score_rows(model, prompts, chosens, rejecteds, cfg.batch_size, layout, pad_id, device, on_batch)
     return {
         "id": rows["id"],
         "prompt_ids": prompts,

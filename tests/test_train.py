@@ -279,3 +279,16 @@ def test_beta_sweep_from_one_cache(tiny_model, ref_cache, tmp_path):
         assert cfg["beta"] == float(b) and len(metrics(tmp_path / "s" / f"beta-{b}")) == 2
     png = (tmp_path / "s" / "sweep" / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_report_to_tensorboard(tiny_model, ref_cache, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _train(tiny_model, tmp_path / "r", ref_cache=ref_cache, max_steps=3, report_to="tensorboard")
+    events = list((tmp_path / "r").rglob("events.out.tfevents.*"))
+    assert events, "no tensorboard event file"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+    assert abs(acc.Scalars("loss")[0].value - math.log(2)) < 1e-5

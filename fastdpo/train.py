@@ -650,7 +650,11 @@ def prepare_policy(policy, cfg: RunArgs, resume_dir: Path | None):
         disable_dropout(policy)
     policy.config.use_cache = False
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if cfg.lora_r is not None:
         if cfg.gradient_checkpointing:
             policy.enable_input_require_grads()

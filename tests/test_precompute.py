@@ -181,3 +181,11 @@ def test_config_file_with_flag_override(tiny_model, tmp_path, pairs_file):
     assert json.loads((tmp_path / "c" / "manifest.json").read_text())["settings"]["max_length"] == 50
     cfg.write_text("model: x\nbogus_option: 1\n")
     _one_line_error(*run_cli("precompute", "--config", cfg), "unknown option(s) bogus_option")
+
+
+def test_hub_ids_that_cannot_be_loaded(tiny_model, tmp_path, pairs_file):
+    """Offline (as in CI), a Hub id fails fast with one line naming it."""
+    _one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", "no-such-org/no-such-dataset",
+                             "--output", tmp_path / "o"), "cannot load dataset no-such-org/no-such-dataset")
+    _one_line_error(*run_cli("precompute", "--model", "no-such-org/no-such-model", "--dataset", pairs_file,
+                             "--output", tmp_path / "o"), "cannot load", "no-such-org/no-such-model")

@@ -292,3 +292,45 @@ def test_report_to_tensorboard(tiny_model, ref_cache, tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
     assert abs(acc.Scalars("loss")[0].value - math.log(2)) < 1e-5
+
+
+def test_gradient_checkpointing_same_trajectory(tiny_model, ref_cache, tmp_path):
+    _train(tiny_model, tmp_path / "a", ref_cache=ref_cache, max_steps=3)
+    _train(tiny_model, tmp_path / "b", ref_cache=ref_cache, max_steps=3, gradient_checkpointing=True)
+    assert_same_trajectory(metrics(tmp_path / "a"), metrics(tmp_path / "b"), atol=1e-5)
+
+
+def test_bfloat16_runs(tiny_model, ref_cache, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _train(tiny_model, tmp_path / "r", ref_cache=ref_cache, max_steps=2, dtype="bfloat16")
+    m = metrics(tmp_path / "r")
+    assert all(math.isfinite(x["loss"]) for x in m)
+    assert abs(m[0]["loss"] - math.log(2)) < 0.05  # the cache is fp32, the policy bf16: close, not equal
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "r")
+    assert next(saved.parameters()).dtype == torch.bfloat16
+
+
+def test_model_without_fused_head_falls_back_with_a_note(tiny_tokenizer, tmp_path):
+    """A GPT-2 (not in the fused-head list): logits path, padded batches, each said once; numbers still exact."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = tiny_tokenizer
+    config = GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    import torch
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    f = write_jsonl(tmp_path / "d.jsonl", make_pairs(8))
+    code, err = run_cli("precompute", "--model", tmp_path / "gpt2", "--dataset", f, "--output", tmp_path / "c",
+                        "--no-progress")
+    assert code == 0, err
+    assert "not known to have a plain LM head" in err and "packing off by default" in err
+    code, err = run_cli("train", "--model", tmp_path / "gpt2", "--ref-cache", tmp_path / "c", "--output",
+                        tmp_path / "r", "--max-steps", "2", "--no-progress")
+    assert code == 0, err
+    m = metrics(tmp_path / "r")
+    assert abs(m[0]["loss"] - math.log(2)) < 1e-6 and abs(m[0]["rewards/margins"]) < 1e-6

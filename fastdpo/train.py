@@ -6,11 +6,12 @@
     fastdpo train --model ./sft --dataset pairs.jsonl --loss simpo --beta 2 --output runs/simpo  # reference-free
     fastdpo train --model /tmp/tiny --ref-cache /tmp/cache --output /tmp/run --max-steps 4   # tiny CPU run
 
-Per optimizer step: every process takes its share of `grad_accum x processes` micro-batches of the
-epoch plan (`batching.epoch_plan`), scores chosen+rejected in one forward through `LogpsModel`,
-forms per-pair losses with `losses.preference_loss`, and back-propagates their sum divided by the
-step's total number of pairs, so accumulation equals one larger batch. Metrics are reduced across
-processes; only the main process logs and saves.
+Per optimizer step: the epoch plan (`batching.epoch_plan`) gives the step's pairs (batch x
+accumulation x processes); each process takes its micro-batches, scores chosen and rejected in one
+forward through `LogpsModel` (padded, packed or prefix-shared: `fastdpo.packing`), forms per-pair
+losses with `losses.preference_loss`, and back-propagates their sum divided by the step's number of
+pairs, so accumulation equals one larger batch. Metrics are reduced across processes; only the main
+process logs and saves. `run` is the loop, shared with `fastdpo sft` through an objective object.
 """
 
 from __future__ import annotations
@@ -32,11 +33,7 @@ import numpy as np
 from . import __version__, batching, cache, data, losses, modeling
 from .config import format_config, opt, to_dict
 from .errors import TrainingStopped, UserError
-from .io import atomic_write_json, ensure_dir, fsync_dir, writing
-
-METRIC_FIELDS = ("step", "epoch", "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                 "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "lr", "samples_per_s",
-                 "tokens_per_s", "elapsed_s", "peak_memory_gb")
+from .io import atomic_write_bytes, atomic_write_json, ensure_dir, fsync_dir, writing
 
 
 @dataclass
@@ -544,13 +541,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a kill
-    atomic_write_json_lines(path, keep)
-
-
-def atomic_write_json_lines(path: Path, lines: list[str]) -> None:
-    from .io import atomic_write_bytes
-
-    atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())
+    atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -566,6 +557,8 @@ class PreferenceObjective:
 
     def __init__(self, cfg: TrainConfig, reference, layout, pad_id: int, dtype):
         self.cfg, self.reference, self.layout, self.pad_id, self.dtype = cfg, reference, layout, pad_id, dtype
+        self.recent_acc: list[float] = []  # the guard's window
+        self.acc_warned = self.kl_warned = False
 
     def micro_step(self, model, rows, step_batch, source, device):
         """(loss summed over this micro-batch's pairs, divided by the step's count; metric sums; count; tokens)."""
@@ -591,17 +584,16 @@ class PreferenceObjective:
         too easily: artefacts, or beta too small) and a policy drifting far from the reference.
         """
         warnings, stop = [], None
-        self.recent_acc = (getattr(self, "recent_acc", []) + [m["rewards/accuracies"]])[-5:]
+        self.recent_acc = (self.recent_acc + [m["rewards/accuracies"]])[-5:]
         early = m["step"] <= max(1, total_steps // 10)
-        if early and len(self.recent_acc) == 5 and min(self.recent_acc) >= 0.95 and not getattr(self, "acc_warned", 0):
-            self.acc_warned = 1
+        if early and len(self.recent_acc) == 5 and min(self.recent_acc) >= 0.95 and not self.acc_warned:
+            self.acc_warned = True
             warnings.append(f"warning: reward accuracy >= 0.95 for 5 steps by step {m['step']} of {total_steps}: "
                             "the pairs separate very early (look for length or format artefacts; consider a larger "
                             "--beta)")
         kl = m.get("kl")
-        if kl is not None and self.cfg.kl_warn is not None and kl > self.cfg.kl_warn and not getattr(
-                self, "kl_warned", 0):
-            self.kl_warned = 1
+        if kl is not None and self.cfg.kl_warn is not None and kl > self.cfg.kl_warn and not self.kl_warned:
+            self.kl_warned = True
             warnings.append(f"warning: per-token KL to the reference is {kl:.3f} at step {m['step']} (> --kl-warn "
                             f"{self.cfg.kl_warn}): the policy is drifting far; consider a larger --beta or "
                             "--early-stop-kl")
@@ -674,6 +666,7 @@ def run(cfg: RunArgs, command: str, open_data, make_objective) -> dict:
     from accelerate.utils import set_seed
 
     from .logps import LogpsModel, fused_head_note
+    from .packing import attention_for
 
     out = Path(cfg.output)
     resume_dir = resolve_resume(cfg)
@@ -693,8 +686,6 @@ def run(cfg: RunArgs, command: str, open_data, make_objective) -> dict:
 
     tokenizer = modeling.load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
     source = open_data(cfg, tokenizer, is_main, dtype)
-    from .packing import attention_for
-
     attention = attention_for(device, cfg.attn_implementation, getattr(cfg, "packing", False),
                               getattr(cfg, "prefix_sharing", False))
     load_kwargs = dict(revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
@@ -729,6 +720,8 @@ def run(cfg: RunArgs, command: str, open_data, make_objective) -> dict:
         if is_main:
             _truncate_metrics(out / "metrics.jsonl", step)
             print(f"resumed from {resume_dir} at step {step}", file=sys.stderr)
+    elif is_main:
+        _truncate_metrics(out / "metrics.jsonl", 0)  # a fresh run into an old directory starts its log over
     if tracker:
         accelerator.init_trackers("fastdpo", config={k: str(v) if isinstance(v, list | type(None)) else v
                                                      for k, v in to_dict(cfg).items()})

@@ -50,6 +50,11 @@ def assert_same_trajectory(a: list[dict], b: list[dict], atol: float, fields=VAL
     assert [m["step"] for m in a] == [m["step"] for m in b]
     for ma, mb in zip(a, b):
         for f in fields:
+            margin = max(abs(ma["rewards/margins"]), abs(mb["rewards/margins"]))
+            if f == "rewards/accuracies" and atol and margin < 1e-4:
+                # While the policy still equals the reference every margin is rounding noise, and
+                # `chosen > rejected` is a coin toss that differs between batch layouts and CPUs.
+                continue
             assert math.isclose(ma[f], mb[f], rel_tol=0, abs_tol=atol), (ma["step"], f, ma[f], mb[f])
 
 

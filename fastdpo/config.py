@@ -19,6 +19,10 @@ from .errors import UserError
 
 _MISSING = dataclasses.MISSING
 
+# shared by every command that packs (fastdpo.packing.Layout.row_budget)
+PACKED_ROW_HELP = ("cap on a packed row's tokens (default: a whole micro-batch per row with FlexAttention, "
+                   "the longest sequence's length with SDPA/eager's dense masks)")
+
 
 def opt(default=_MISSING, help: str = "", *, choices=None, metavar=None, required: bool = False,
         cli: bool = True, default_factory=_MISSING):

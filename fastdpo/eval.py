@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 
 from . import __version__, cache, modeling
-from .config import format_config, opt, to_dict
+from .config import PACKED_ROW_HELP, format_config, opt, to_dict
 from .errors import UserError
 from .io import atomic_write_json
 
@@ -57,7 +57,7 @@ class EvalConfig:
     packing: bool | None = opt(None, "pack sequences into rows without padding (default: on where exact)")
     prefix_sharing: bool | None = opt(None, "score chosen and rejected after one shared prompt (default: on where "
                                             "exact)")
-    max_tokens_per_batch: int | None = opt(None, "cap on a packed row's tokens")
+    max_tokens_per_batch: int | None = opt(None, PACKED_ROW_HELP)
     generate: bool = opt(False, "also generate an answer per prompt and judge it")
     judge: str | None = opt(None, "judge for --generate, as module:function(prompt, completion) -> bool|float "
                                   "(e.g. fastdpo.demo_task:judge)")

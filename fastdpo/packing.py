@@ -18,6 +18,11 @@ so a rejected token sees its prompt but never the chosen answer, and sequences n
 other. The mask goes to the model through transformers' attention interface: a FlexAttention
 `BlockMask` (GPU; masked blocks are skipped), or a dense additive 4D mask for SDPA/eager (CPU).
 
+Row length: FlexAttention and varlen FlashAttention cost what the sequences cost, so by default a
+whole micro-batch goes in one row. A dense mask scores every query against the whole row, (sum L)^2
+instead of sum L^2, so with SDPA/eager rows are by default no longer than the micro-batch's longest
+sequence (the padded width): packing then only fills what padding would have wasted.
+
 Scoring: completion token j is predicted by the hidden state of the token before it *in its own
 sequence*: the last prompt token for the first chosen and the first rejected token alike. Only
 those (source position, label) pairs go through the LM head, via the fused kernel.
@@ -40,12 +45,21 @@ class Layout:
 
     packing: bool = False
     prefix_sharing: bool = False
-    max_tokens: int | None = None  # cap on a packed row's length (None: the whole micro-batch in one row)
+    max_tokens: int | None = None  # cap on a packed row's length (None: see row_budget)
     attention: str = "sdpa"  # the model's attention implementation
 
     @property
     def padded(self) -> bool:
         return not (self.packing or self.prefix_sharing)
+
+    def row_budget(self, longest: int) -> int | None:
+        """Tokens per packed row (0: a row per sequence; None: one row). Default: one row where the attention
+        skips masked-out keys, the longest sequence's length where a dense mask makes a row cost its length^2."""
+        if not self.packing:
+            return 0
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return longest if self.attention in ("sdpa", "eager") else None
 
 
 def resolve_layout(config, attention: str | None, packing: bool | None, prefix_sharing: bool | None,
@@ -163,8 +177,8 @@ def _fill_rows(units, max_tokens: int | None) -> list[list]:
 def pack_pairs(prompts, chosens, rejecteds, layout: Layout, pad_id: int) -> PackedRows:
     """Lay out a micro-batch of pairs in rows (see the module docstring)."""
     # without packing, every sequence (or prefix-shared pair) gets a row of its own
-    budget = layout.max_tokens if layout.packing else 0
-    rows = _fill_rows(_units(prompts, chosens, rejecteds, layout.prefix_sharing), budget)
+    units = _units(prompts, chosens, rejecteds, layout.prefix_sharing)
+    rows = _fill_rows(units, layout.row_budget(max(sum(len(t) for _, t in parts) for _, parts in units)))
     width = max(sum(len(t) for unit in row for _, t in unit[1]) for row in rows)
     n = len(rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__, cache, data, modeling
-from .config import format_config, opt, to_dict
+from .config import PACKED_ROW_HELP, format_config, opt, to_dict
 from .errors import UserError
 from .io import atomic_write_json, ensure_dir, sha256_file, sha256_json
 
@@ -46,7 +46,7 @@ class PrecomputeConfig(data.DataArgs):
     packing: bool | None = opt(None, "pack sequences into rows without padding (default: on where exact)")
     prefix_sharing: bool | None = opt(None, "score chosen and rejected after one shared prompt (default: on where "
                                             "exact)")
-    max_tokens_per_batch: int | None = opt(None, "cap on a packed row's tokens (default: a whole batch per row)")
+    max_tokens_per_batch: int | None = opt(None, PACKED_ROW_HELP)
     overwrite: bool = opt(False, "replace an existing cache made with other settings")
     progress: bool = opt(True, "show a progress bar")
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, batching, cache, data, losses, modeling
-from .config import format_config, opt, to_dict
+from .config import PACKED_ROW_HELP, format_config, opt, to_dict
 from .errors import TrainingStopped, UserError
 from .io import atomic_write_bytes, atomic_write_json, ensure_dir, fsync_dir, writing
 
@@ -118,7 +118,7 @@ class TrainConfig(data.DataArgs, RunArgs):
     packing: bool | None = opt(None, "pack sequences into rows without padding (default: on where exact)")
     prefix_sharing: bool | None = opt(None, "score chosen and rejected after one shared prompt (default: on where "
                                             "exact)")
-    max_tokens_per_batch: int | None = opt(None, "cap on a packed row's tokens (default: a whole micro-batch per row)")
+    max_tokens_per_batch: int | None = opt(None, PACKED_ROW_HELP)
     kl_warn: float | None = opt(1.0, "warn once when the per-token KL estimate to the reference exceeds this")
     early_stop_kl: float | None = opt(None, "stop the run (the model is saved) once the per-token KL estimate "
                                             "exceeds this")

@@ -116,16 +116,35 @@ def test_mask_rule():
     assert torch.equal(ok, expect)
     assert rows.position_ids[0].tolist() == [0, 1, 2, 3, 2]
     assert rows.src_pos.tolist() == [1, 2, 1]  # C0 and R0 are both predicted by the last prompt token
-    two = packing.pack_pairs([[1], [2, 3]], [[4], [5]], [[6], [7]], Layout(packing=True), pad_id=0)
+    two = packing.pack_pairs([[1], [2, 3]], [[4], [5]], [[6], [7]], Layout(packing=True, attention="flex_attention"),
+                             pad_id=0)
+    assert two.seg.shape == (1, 10)
     ok2 = packing.allowed(two.seg, two.position_ids, two.branch)[0]
     seg = two.seg[0]
     assert not ok2[seg[:, None] != seg[None, :]].any()
 
 
+def test_default_row_length_follows_the_attention():
+    """A dense mask costs a row its length squared: SDPA/eager rows stay within the padded width, filling
+    what padding would waste; FlexAttention skips masked blocks and takes the whole micro-batch in one row."""
+    prompts, chosens, rejecteds = [[1] * 6, [2], [3], [4]], [[5] * 4, [6], [7], [8]], [[9] * 2, [10], [11], [12]]
+    lengths = [10, 8, 2, 2, 2, 2, 2, 2]  # [P C] and [P R] per pair
+    dense = packing.pack_pairs(prompts, chosens, rejecteds, Layout(packing=True), 0)
+    assert dense.seg.shape == (3, 10) and dense.num_tokens == sum(lengths)  # rows: 10 | 8 2 | 2 2 2 2 2
+    flex = packing.pack_pairs(prompts, chosens, rejecteds, Layout(packing=True, attention="flex_attention"), 0)
+    assert flex.seg.shape == (1, sum(lengths))
+    capped = packing.pack_pairs(prompts, chosens, rejecteds, Layout(packing=True, max_tokens=4), 0)
+    assert capped.seg.shape == (5, 10)  # a sequence longer than the cap keeps a row of its own
+    padded = packing.pack_pairs(prompts, chosens, rejecteds, Layout(), 0)
+    assert padded.seg.shape == (8, 10)
+
+
 def test_flex_block_mask_matches_dense_rule(tiny_tokenizer):
     pytest.importorskip("torch.nn.attention.flex_attention")
     prompts, chosens, rejecteds = _pairs(tiny_tokenizer, make_pairs(4, seed=9))
-    rows = packing.pack_pairs(prompts, chosens, rejecteds, Layout(packing=True, prefix_sharing=True), 2)
+    rows = packing.pack_pairs(prompts, chosens, rejecteds,
+                              Layout(packing=True, prefix_sharing=True, attention="flex_attention"), 2)
+    assert rows.seg.shape[0] == 1
     bm = packing.block_mask(rows)
     dense = packing.allowed(rows.seg, rows.position_ids, rows.branch)
     n, length = rows.seg.shape

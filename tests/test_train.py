@@ -107,7 +107,7 @@ def test_resume_reproduces_straight_run(tiny_model, sharded_cache, tmp_path):
 
 def test_sigkill_then_resume_latest(tiny_model, sharded_cache, tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--model", tiny_model, "--ref-cache", sharded_cache, "--output", str(out), "--max-steps", "20",
+    args = ["train", "--model", tiny_model, "--ref-cache", sharded_cache, "--output", str(out), "--max-steps", "40",
             "--batch-size", "2", "--epochs", "10", "--lr", "1e-3", "--save-steps", "3", "--no-progress"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "fastdpo", *args], cwd=REPO, env=env,
@@ -121,7 +121,7 @@ def test_sigkill_then_resume_latest(tiny_model, sharded_cache, tmp_path):
     code, err = run_cli(*args, "--resume", "latest")
     assert code == 0, err
     assert "resumed from" in err
-    _train(tiny_model, tmp_path / "straight", ref_cache=sharded_cache, max_steps=20, batch_size=2, epochs=10)
+    _train(tiny_model, tmp_path / "straight", ref_cache=sharded_cache, max_steps=40, batch_size=2, epochs=10)
     assert_same_trajectory(metrics(tmp_path / "straight"), metrics(out), atol=0)
 
 

@@ -339,3 +339,31 @@ def test_model_without_fused_head_falls_back_with_a_note(tiny_tokenizer, tmp_pat
     assert code == 0, err
     m = metrics(tmp_path / "r")
     assert abs(m[0]["loss"] - math.log(2)) < 1e-6 and abs(m[0]["rewards/margins"]) < 1e-6
+
+
+def test_compare_losses_dpo_pushes_rejected_down_ipo_stops(tiny_model, tmp_path, capsys):
+    """tools/compare_losses.py: DPO and IPO from one cache. DPO keeps lowering the rejected answer's
+    log-probability; IPO's squared loss settles at a finite margin, so its rejected log-prob stays higher."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_losses", REPO / "tools" / "compare_losses.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    rows = [{"prompt": p["prompt"], "chosen": " capital Paris.", "rejected": " hello world!"}
+            for p in make_pairs(32, seed=4)]
+    data_file = write_jsonl(tmp_path / "d.jsonl", rows)
+    precompute(PrecomputeConfig(model=tiny_model, dataset=str(data_file), output=str(tmp_path / "c"),
+                                progress=False))
+    code = tool.run(["--model", tiny_model, "--ref-cache", str(tmp_path / "c"), "--output", str(tmp_path / "cmp"),
+                     "--losses", "sigmoid", "ipo", "--", "--beta", "0.5", "--lr", "3e-3", "--batch-size", "8",
+                     "--epochs", "10", "--max-steps", "40", "--no-progress"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "loss-sigmoid" in table and "loss-ipo" in table
+    dpo, ipo = metrics(tmp_path / "cmp" / "loss-sigmoid"), metrics(tmp_path / "cmp" / "loss-ipo")
+    assert json.loads((tmp_path / "cmp" / "loss-ipo" / "fastdpo_config.json").read_text())["loss"] == ["ipo"]
+    assert dpo[0]["logps/rejected"] == ipo[0]["logps/rejected"]  # same cache, same start
+    assert dpo[-1]["logps/rejected"] < ipo[-1]["logps/rejected"] - 2.0  # measured here: -34.6 vs -26.3
+    settled = [m["logps/rejected"] for m in ipo[20:]]
+    assert max(settled) - min(settled) < 1.0  # IPO has stopped moving it
+    assert (tmp_path / "cmp" / "compare" / "curves.png").stat().st_size > 5000

@@ -49,6 +49,8 @@ import torch.nn.functional as F
 from fastdpo.kernels import HAS_TRITON, linear_token_logps, sequence_logps, sequence_logps_ref
 from fastdpo.kernels._utils import interpreter_enabled
 
+from fastdpo.modeling import machine_name
+
 # Datasheet HBM bandwidth, bytes/s, keyed by a substring of torch.cuda.get_device_name()
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "A100-SXM4-80GB": 2.039e12}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -374,19 +376,6 @@ def device_peak_bandwidth(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
-
-
-def machine_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 def row_for(provider: Provider, case: Case, mode: str, reps: int, warmup: int, dtype_name: str) -> dict:

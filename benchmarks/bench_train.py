@@ -61,6 +61,8 @@ from pathlib import Path
 
 import torch
 
+from fastdpo.modeling import machine_name
+
 # ----------------------------------------------------------------------------------------------------------------
 # presets, data shapes, methods
 # ----------------------------------------------------------------------------------------------------------------
@@ -545,19 +547,6 @@ def fit_test(setup: Setup, method: str) -> tuple[str, str]:
 # ----------------------------------------------------------------------------------------------------------------
 # output: CSV, markdown, PNG
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def machine_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 def _version(module: str) -> str:

@@ -84,3 +84,14 @@ def run_subprocess(*argv: str, env: dict | None = None, timeout: int = 300) -> s
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "fastdpo", *map(str, argv)], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=REPO)
+
+
+def load_script(path: Path):
+    """Import a script that is not part of the package (benchmarks/, tools/) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module

@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
-from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_logps", REPO / "benchmarks" / "bench_logps.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+from conftest import REPO, load_script
 
 
 def test_bench_logps_tiny_cpu_run(tmp_path):
-    bench = _load_bench()
+    bench = load_script(REPO / "benchmarks" / "bench_logps.py")
     providers = ["eager", "chunked-torch", "fastdpo-linear", "eager-head"]
     modes = ["forward", "backward", "full"]
     out = tmp_path / "tiny"

@@ -9,26 +9,14 @@ taken against, and TRL's trainer (with its precompute, so its reference-pass tim
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_train", REPO / "benchmarks" / "bench_train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+from conftest import REPO, load_script
 
 
 def test_bench_train_tiny_cpu_run(tmp_path):
-    bench = _load_bench()
+    bench = load_script(REPO / "benchmarks" / "bench_train.py")
     methods = ["fastdpo-packed", "two-model", "trl-precompute"]
     out = tmp_path / "tiny"
     bench.main(["--preset", "tiny", "--data", "short", "--prompt-len", "12", "--completion-len", "12",

@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, make_pairs, run_cli, write_jsonl
+from conftest import REPO, load_script, make_pairs, run_cli, write_jsonl
 
 from fastdpo.precompute import PrecomputeConfig, precompute
 from fastdpo.train import train
@@ -344,11 +344,7 @@ def test_model_without_fused_head_falls_back_with_a_note(tiny_tokenizer, tmp_pat
 def test_compare_losses_dpo_pushes_rejected_down_ipo_stops(tiny_model, tmp_path, capsys):
     """tools/compare_losses.py: DPO and IPO from one cache. DPO keeps lowering the rejected answer's
     log-probability; IPO's squared loss settles at a finite margin, so its rejected log-prob stays higher."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compare_losses", REPO / "tools" / "compare_losses.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script(REPO / "tools" / "compare_losses.py")
     rows = [{"prompt": p["prompt"], "chosen": " capital Paris.", "rejected": " hello world!"}
             for p in make_pairs(32, seed=4)]
     data_file = write_jsonl(tmp_path / "d.jsonl", rows)

@@ -196,3 +196,24 @@ def test_loss_trajectory_with_features_on_equals_off(tiny_model, tmp_path):
         for k in ("loss", "rewards/margins", "rewards/chosen", "logps/rejected", "grad_norm"):
             assert math.isclose(x[k], y[k], abs_tol=1e-5), (x["step"], k, x[k], y[k])
     assert m_on[0]["tokens_per_s"] / m_on[0]["samples_per_s"] < m_off[0]["tokens_per_s"] / m_off[0]["samples_per_s"]
+
+
+def test_flex_attention_precompute_equals_padded(tiny_model, tmp_path):
+    """FlexAttention, the default on CUDA, through transformers with fastdpo's block mask: its forward runs on
+    CPU too (its backward does not), so the whole precompute path is checked here against a padded SDPA cache."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from fastdpo import cache
+
+    f = write_jsonl(tmp_path / "d.jsonl", make_pairs(12, seed=5))
+    flex, padded = tmp_path / "flex", tmp_path / "padded"
+    precompute(PrecomputeConfig(model=tiny_model, dataset=str(f), output=str(flex), batch_size=6,
+                                attn_implementation="flex_attention", progress=False))
+    precompute(PrecomputeConfig(model=tiny_model, dataset=str(f), output=str(padded), batch_size=6, packing=False,
+                                prefix_sharing=False, progress=False))
+    layout = json.loads((flex / "manifest.json").read_text())["settings"]["resolved_layout"]
+    assert (layout["attention"], layout["packing"], layout["prefix_sharing"]) == ("flex_attention", True, True)
+    a, b = cache.read_shard(flex / "shard-00000.arrow"), cache.read_shard(padded / "shard-00000.arrow")
+    assert a["chosen_ids"].to_pylist() == b["chosen_ids"].to_pylist()
+    for col in ("ref_chosen_token_logps", "ref_rejected_token_logps"):
+        for x, y in zip(a[col].to_pylist(), b[col].to_pylist()):
+            assert len(x) == len(y) and max(abs(u - v) for u, v in zip(x, y)) <= 1e-5, col

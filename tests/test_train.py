@@ -363,3 +363,11 @@ def test_compare_losses_dpo_pushes_rejected_down_ipo_stops(tiny_model, tmp_path,
     settled = [m["logps/rejected"] for m in ipo[20:]]
     assert max(settled) - min(settled) < 1.0  # IPO has stopped moving it
     assert (tmp_path / "cmp" / "compare" / "curves.png").stat().st_size > 5000
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for CPU runs")
+def test_flex_attention_training_on_cpu_is_refused(tiny_model, ref_cache, tmp_path):
+    code, err = run_cli("train", "--model", tiny_model, "--ref-cache", ref_cache, "--output", tmp_path / "r",
+                        "--attn-implementation", "flex_attention", "--no-progress")
+    assert code == 2 and "FlexAttention has no CPU backward" in err
+    assert not (tmp_path / "r").exists()

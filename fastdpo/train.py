@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, batching, cache, data, losses, modeling
+from . import __version__, batching, cache, data, modeling
 from .config import PACKED_ROW_HELP, format_config, opt, to_dict
 from .errors import TrainingStopped, UserError
 from .io import atomic_write_bytes, atomic_write_json, ensure_dir, fsync_dir, writing
@@ -134,12 +134,16 @@ class TrainConfig(data.DataArgs, RunArgs):
             raise ValueError("missing data: give --ref-cache CACHE (from fastdpo precompute) or --dataset D")
         if self.ref_model and not self.dataset:
             raise ValueError("--ref-model runs a live reference and needs --dataset")
+        from . import losses  # torch: not needed to build the CLI or its --help
+
         losses.validate_loss_config(self.loss, self.loss_weights, self.beta, self.label_smoothing,
                                     has_reference=True, batch_size=self.batch_size, simpo_gamma=self.simpo_gamma,
                                     discopop_tau=self.discopop_tau, ld_alpha=self.ld_alpha)
 
     @property
     def needs_reference(self) -> bool:
+        from . import losses
+
         return losses.needs_reference(self.loss)
 
 
@@ -253,6 +257,8 @@ def _padded(lists, device):
 
 def sequence_logps(scores, ld_alpha):
     """Per-token scores -> chosen (B,), rejected (B,) sequence log-probs (LD-DPO weighted if asked)."""
+    from . import losses
+
     if ld_alpha is None:
         return scores.sums()
     return losses.ld_logps(scores.chosen, scores.chosen_mask, scores.rejected, scores.rejected_mask, alpha=ld_alpha)
@@ -267,6 +273,7 @@ def pair_logps(model, reference, rows, cfg: TrainConfig, layout, pad_id: int, de
     """
     import torch
 
+    from . import losses
     from .logps import score_pairs
 
     scores = score_pairs(model, rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], layout, pad_id, device,
@@ -330,6 +337,8 @@ def live_reference(ref_model, model, accelerator, cfg: TrainConfig, layout, pad_
 def pair_losses(cfg: TrainConfig, scores, pc, pr, rc, rr, sft_num_tokens):
     """Per-pair losses and rewards. With LD-DPO, the sft term of a mixture stays the plain token-mean NLL (TRL)."""
     import torch
+
+    from . import losses
 
     kw = dict(beta=cfg.beta, label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
               discopop_tau=cfg.discopop_tau, sft_num_tokens=sft_num_tokens,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import make_pairs, run_cli, write_jsonl
+from conftest import REPO, make_pairs, run_cli, write_jsonl
 
 from fastdpo import cache
 from fastdpo.precompute import PrecomputeConfig, precompute
@@ -189,3 +191,14 @@ def test_hub_ids_that_cannot_be_loaded(tiny_model, tmp_path, pairs_file):
                              "--output", tmp_path / "o"), "cannot load dataset no-such-org/no-such-dataset")
     _one_line_error(*run_cli("precompute", "--model", "no-such-org/no-such-model", "--dataset", pairs_file,
                              "--output", tmp_path / "o"), "cannot load", "no-such-org/no-such-model")
+
+
+def test_help_does_not_import_torch():
+    """`fastdpo --help` and `fastdpo COMMAND --help` answer in a fraction of a second: no torch import."""
+    code = ("import sys\nfrom fastdpo.cli import main\n"
+            "for argv in (['--help'], ['train', '--help'], ['precompute', '--help'], ['eval', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False False"

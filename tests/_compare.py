@@ -1,4 +1,4 @@
-"""Shared test helper: compare arrays and, on failure, say how far off and where."""
+"""Shared test helpers: compare arrays and, on failure, say how far off and where; the kernels' error rule."""
 
 from __future__ import annotations
 
@@ -43,3 +43,20 @@ def _as_float64(x) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().double()
     return torch.as_tensor(x, dtype=torch.float64)  # Python floats keep their full precision
+
+
+def check_vs_eager(name, kernel, eager, oracle, rel_atol=4e-7):
+    """|kernel - oracle| <= 2 * max|eager - oracle| + atol, with the shared reporter on failure."""
+    oracle = oracle.detach().double()
+    eager_err = (eager.detach().double() - oracle).abs().max().item() if oracle.numel() else 0.0
+    atol = 2 * eager_err + rel_atol * (1.0 + (oracle.abs().max().item() if oracle.numel() else 0.0))
+    assert_close_report(kernel, oracle, atol=atol, rtol=0.0, name=f"{name} (eager err {eager_err:.3g})")
+
+
+def run_token(fn, logits, labels, mask, upstream, **kw):
+    """Forward + backward through `fn` with logits as an intermediate (as in a model); returns (out, grad)."""
+    leaf = logits.detach().clone().requires_grad_()
+    x = leaf * 1  # intermediate, so the in-place backward writes into a buffer we own
+    out = fn(x, labels, mask, **kw)
+    (out * upstream).sum().backward()
+    return out.detach(), leaf.grad

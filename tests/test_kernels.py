@@ -25,7 +25,7 @@ from pathlib import Path  # noqa: E402
 
 import fastdpo.kernels as K  # noqa: E402
 import pytest  # noqa: E402
-from _compare import assert_close_report  # noqa: E402
+from _compare import assert_close_report, check_vs_eager, run_token  # noqa: E402
 from fastdpo.kernels import _utils as kernel_utils  # noqa: E402
 from fastdpo.kernels import (  # noqa: E402
     linear_token_logps,
@@ -51,12 +51,11 @@ REPO = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def check_vs_eager(name, kernel, eager, oracle, rel_atol=4e-7):
-    """|kernel - oracle| <= 2 * max|eager - oracle| + atol, with the shared reporter on failure."""
-    oracle = oracle.detach().double()
-    eager_err = (eager.detach().double() - oracle).abs().max().item() if oracle.numel() else 0.0
-    atol = 2 * eager_err + rel_atol * (1.0 + (oracle.abs().max().item() if oracle.numel() else 0.0))
-    assert_close_report(kernel, oracle, atol=atol, rtol=0.0, name=f"{name} (eager err {eager_err:.3g})")
+def python_without_interpreter(code: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run `python -c CODE` in a fresh process whose environment does not set TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=timeout)
 
 
 def make_batch(b, t, v, dtype, seed=0, p_mask=0.3, all_masked_row=None, scale=3.0):
@@ -69,15 +68,6 @@ def make_batch(b, t, v, dtype, seed=0, p_mask=0.3, all_masked_row=None, scale=3.
     labels[~mask] = -100  # what a collator writes: the kernels must never read these
     upstream = torch.randn(labels.shape, generator=g)  # per-token weights: every row differs
     return logits.to(DEVICE), labels.to(DEVICE), mask.to(DEVICE), upstream.to(DEVICE)
-
-
-def run_token(fn, logits, labels, mask, upstream, **kw):
-    """Forward + backward through `fn` with logits as an intermediate (as in a model); returns (out, grad)."""
-    leaf = logits.detach().clone().requires_grad_()
-    x = leaf * 1  # intermediate, so the in-place backward writes into a buffer we own
-    out = fn(x, labels, mask, **kw)
-    (out * upstream).sum().backward()
-    return out.detach(), leaf.grad
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -458,8 +448,7 @@ def test_interpreter_enabled_after_import():
         "assert torch.allclose(out, K.token_logps_ref(x, lab, m), atol=1e-5)\n"
         "print('ok')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    res = python_without_interpreter(code)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
@@ -474,8 +463,7 @@ def test_import_and_torch_backend_without_triton():
         "assert torch.allclose(out, ref, atol=1e-5), (out, ref)\n"
         "print('ok')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    res = python_without_interpreter(code)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
@@ -529,10 +517,7 @@ print("OK")
 @pytest.mark.skipif(not K.HAS_TRITON, reason="no triton")
 def test_kernels_compile_for_sm90():
     """Every dtype / flag variant compiles to sm_90 PTX with 16-byte vectorized logits loads and stores."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run(
-        [sys.executable, "-c", _AOT_CHECK], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
-    )
+    res = python_without_interpreter(_AOT_CHECK, timeout=300)
     if res.stdout.startswith("SKIP"):
         pytest.skip(f"Triton AOT API unavailable: {res.stdout[5:200]}")
     assert res.returncode == 0 and "OK" in res.stdout, (res.stdout + res.stderr)[-3000:]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _compare import assert_close_report
+from _compare import assert_close_report, check_vs_eager, run_token
 from fastdpo.kernels import (
     linear_token_logps,
     linear_token_logps_ref,
@@ -28,13 +28,6 @@ DTYPES = [torch.bfloat16, torch.float32]
 MiB = 1 << 20
 
 
-def check_vs_eager(name, kernel, eager, oracle, rel_atol=4e-7):
-    oracle = oracle.detach().double()
-    eager_err = (eager.detach().double() - oracle).abs().max().item()
-    atol = 2 * eager_err + rel_atol * (1.0 + oracle.abs().max().item())
-    assert_close_report(kernel, oracle, atol=atol, rtol=0.0, name=f"{name} (eager err {eager_err:.3g})")
-
-
 def batch(b, t, v, dtype, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     logits = (torch.randn(b, t, v, device="cuda", generator=g) * 3).to(dtype)
@@ -45,31 +38,23 @@ def batch(b, t, v, dtype, seed=0):
     return logits, labels, mask
 
 
-def grad_of(fn, logits, labels, mask, upstream, **kw):
-    x = logits.detach().clone().requires_grad_()
-    y = x.clone()
-    out = fn(y, labels, mask, **kw)
-    (g,) = torch.autograd.grad((out * upstream).sum(), y)
-    return out.detach(), g
-
-
 @pytest.mark.parametrize("vocab", VOCABS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_token_and_sequence_logps_realistic(vocab, dtype, backend):
     logits, labels, mask = batch(2, 192, vocab, dtype)
     w_tok = torch.randn(labels.shape, device="cuda")
-    out, grad = grad_of(token_logps, logits, labels, mask, w_tok, backend=backend)
-    ref, ref_grad = grad_of(token_logps_ref, logits.double(), labels, mask, w_tok)
-    eager, eager_grad = grad_of(token_logps_ref, logits, labels, mask, w_tok)
+    out, grad = run_token(token_logps, logits, labels, mask, w_tok, backend=backend)
+    ref, ref_grad = run_token(token_logps_ref, logits.double(), labels, mask, w_tok)
+    eager, eager_grad = run_token(token_logps_ref, logits, labels, mask, w_tok)
     check_vs_eager(f"token_logps V={vocab}", out, eager, ref)
     check_vs_eager(f"grad V={vocab}", grad, eager_grad, ref_grad)
     assert torch.all(grad[~mask] == 0)
 
     w_seq = torch.randn(labels.shape[0], device="cuda")
-    out, grad = grad_of(sequence_logps, logits, labels, mask, w_seq, backend=backend)
-    ref, ref_grad = grad_of(sequence_logps_ref, logits.double(), labels, mask, w_seq)
-    eager, eager_grad = grad_of(sequence_logps_ref, logits, labels, mask, w_seq)
+    out, grad = run_token(sequence_logps, logits, labels, mask, w_seq, backend=backend)
+    ref, ref_grad = run_token(sequence_logps_ref, logits.double(), labels, mask, w_seq)
+    eager, eager_grad = run_token(sequence_logps_ref, logits, labels, mask, w_seq)
     check_vs_eager(f"sequence_logps V={vocab}", out, eager, ref)
     check_vs_eager(f"seq grad V={vocab}", grad, eager_grad, ref_grad)
 
@@ -175,8 +160,8 @@ def test_vocab_beyond_256k(backend):
     vocab = 262147  # > 256k and odd
     logits, labels, mask = batch(2, 64, vocab, torch.bfloat16, seed=3)
     w = torch.randn(labels.shape, device="cuda")
-    out, grad = grad_of(token_logps, logits, labels, mask, w, backend=backend)
-    ref, ref_grad = grad_of(token_logps_ref, logits.double(), labels, mask, w)
-    eager, eager_grad = grad_of(token_logps_ref, logits, labels, mask, w)
+    out, grad = run_token(token_logps, logits, labels, mask, w, backend=backend)
+    ref, ref_grad = run_token(token_logps_ref, logits.double(), labels, mask, w)
+    eager, eager_grad = run_token(token_logps_ref, logits, labels, mask, w)
     check_vs_eager("token_logps V=262147", out, eager, ref)
     check_vs_eager("grad V=262147", grad, eager_grad, ref_grad)

@@ -679,8 +679,9 @@ def run(cfg: RunArgs, command: str, open_data, make_objective) -> dict:
 
     out = Path(cfg.output)
     resume_dir = resolve_resume(cfg)
-    dtype, mixed = resolve_train_dtype(cfg, modeling.process_state().device)
-    if cfg.attn_implementation == "flex_attention" and modeling.process_state().device.type == "cpu":
+    process_device = modeling.process_state().device
+    dtype, mixed = resolve_train_dtype(cfg, process_device)
+    if cfg.attn_implementation == "flex_attention" and process_device.type == "cpu":
         raise UserError("--attn-implementation flex_attention cannot train on CPU: PyTorch's FlexAttention has no "
                         "CPU backward (precompute and eval can use it); use sdpa, the CPU default, or a GPU")
     AcceleratorState._reset_state()  # a second run in one process may want other mixed precision

@@ -1,7 +1,9 @@
-"""The reference cache: Arrow IPC stream shards plus `manifest.json`.
+"""The reference cache, written and read here: Arrow IPC stream shards plus `manifest.json`.
 
-    DIR/shard-00000.arrow, shard-00001.arrow, ...   `--shard-rows` rows each, in source order
-    DIR/manifest.json                                 written last, atomically
+    DIR/.fastdpo-precompute.json         written first: the run's fingerprint and settings (claims DIR)
+    DIR/shard-00000.arrow, ...           `--shard-rows` rows each, in source order; tmp + fsync + rename
+    DIR/.shard-00000.arrow.done.json     after each shard: its manifest entry (what a resume keeps)
+    DIR/manifest.json                    written last, atomically: the cache is finished
 
 Shards are Arrow IPC *stream* files, the format `datasets` uses for its own cache, so
 `datasets.Dataset.from_file(shard)` opens one zero-copy. The column names are a contract:
@@ -13,19 +15,27 @@ Shards are Arrow IPC *stream* files, the format `datasets` uses for its own cach
     ref_rejected_logps         float32
     ref_chosen_token_logps     list<float32>   one value per completion token
     ref_rejected_token_logps   list<float32>
+
+The manifest's schema is `Manifest` below. Reading (`open_cache`) checks it field by field, checks
+that the directory holds exactly the listed shards, each against its sha256, and that the cache
+was made with the policy's tokenizer, before any training starts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from .batching import Source
 from .errors import UserError
-from .io import atomic_write_bytes, sha256_bytes, sha256_file
+from .io import atomic_write_bytes, atomic_write_json, ensure_dir, sha256_bytes, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -46,8 +56,144 @@ SCHEMA = pa.schema([
 ])
 
 
+# ----------------------------------------------------------------------------------------------
+# The manifest
+
+
+@dataclass
+class ShardEntry:
+    file: str  # name inside the cache directory
+    rows: int
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class Manifest:
+    """manifest.json. Nested sections are plain JSON objects; their keys are listed beside each."""
+
+    format_version: int
+    fastdpo_version: str
+    fingerprint: str  # sha256 of settings, weights, tokenizer, data, dtype and format: what a resume must match
+    model: dict  # name_or_path, revision, weights_sha256 (None when the weights are not local files)
+    tokenizer: dict  # sha256 (modeling.tokenizer_hash), name_or_path, pad_token_id, bos_token_id, eos_token_id
+    dataset: dict  # name, config, split, fingerprint, rows_read, rows_written, rows_skipped {reason: n},
+    #                boundary_merges, columns {prompt, chosen, rejected}
+    settings: dict  # PrecomputeConfig.settings() + resolved_dtype, resolved_device, resolved_layout
+    config: dict  # the full PrecomputeConfig
+    num_processes: int
+    shards: list[ShardEntry]
+    timings: dict = field(default_factory=dict)  # tokenize_s, forward_s, total_s
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_REQUIRED_KEYS = {"tokenizer": ("sha256",), "model": ("name_or_path",), "settings": ()}
+
+
+def parse_manifest(data, path: Path) -> Manifest:
+    """A Manifest from parsed JSON, or a UserError naming the file and the field that is wrong."""
+    if not isinstance(data, dict):
+        raise UserError(f"{path} is not a fastdpo manifest (not a JSON object)")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path} has cache format version {data.get('format_version')}; this fastdpo reads version "
+                        f"{FORMAT_VERSION}")
+    for name, keys in _REQUIRED_KEYS.items():
+        if not isinstance(data.get(name), dict) or any(k not in data[name] for k in keys):
+            raise UserError(f"{path}: field {name!r} is missing or incomplete (needs {', '.join(keys) or 'an object'})")
+    shards = data.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise UserError(f"{path}: field 'shards' must be a non-empty list")
+    entries = []
+    for i, s in enumerate(shards):
+        try:
+            entry = ShardEntry(**{k: s[k] for k in ("file", "rows", "sha256", "bytes")})
+        except (KeyError, TypeError):
+            raise UserError(f"{path}: shards[{i}] needs file, rows, sha256 and bytes") from None
+        if not isinstance(entry.file, str) or Path(entry.file).name != entry.file or entry.file in ("", ".", ".."):
+            raise UserError(f"{path}: shards[{i}].file {entry.file!r} must be a file name inside the cache directory")
+        if not (isinstance(entry.rows, int) and isinstance(entry.bytes, int) and isinstance(entry.sha256, str)):
+            raise UserError(f"{path}: shards[{i}] has a rows, bytes or sha256 of the wrong type")
+        entries.append(entry)
+    known = {f.name for f in dataclasses.fields(Manifest)}
+    values = {k: v for k, v in data.items() if k in known}
+    values.setdefault("fastdpo_version", "unknown")
+    values.setdefault("fingerprint", "")
+    values.setdefault("dataset", {})
+    values.setdefault("config", {})
+    values.setdefault("num_processes", 1)
+    return Manifest(**{**values, "shards": entries})
+
+
+def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
+    """The manifest of a finished cache, or a UserError saying what is wrong with DIR."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise UserError(f"reference cache not found: {cache_dir} (no such directory)")
+    path = cache_dir / MANIFEST
+    if not path.is_file():
+        hint = " (precompute has not finished; re-run it to resume)" if (cache_dir / STATE).exists() else ""
+        raise UserError(f"{cache_dir} is not a fastdpo cache: no {MANIFEST}{hint}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is damaged: {e}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    return parse_manifest(data, path)
+
+
+def write_manifest(out: Path, manifest: Manifest) -> None:
+    atomic_write_json(out / MANIFEST, manifest.to_dict())
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: the directory, shards, done-markers
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.arrow"
+
+
+def _our_files(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if p.name in (MANIFEST, STATE)
+            or p.name.startswith(("shard-", ".shard-", ".manifest.json.", f"{STATE}."))]
+
+
+def prepare_output(out: Path, fingerprint: str, settings: dict, overwrite: bool, is_main: bool) -> None:
+    """Claim `out` for a precompute with these settings: fresh, resumable (same fingerprint) or refused."""
+    if is_main:
+        ensure_dir(out)
+    state_path = out / STATE
+    entries = list(out.iterdir()) if out.is_dir() else []
+    if entries:
+        previous = None
+        if state_path.is_file():
+            try:
+                previous = json.loads(state_path.read_text())
+            except (OSError, ValueError):
+                previous = None
+        if previous is not None and previous.get("fingerprint") == fingerprint:
+            return  # resume
+        if not overwrite:
+            if previous is None:
+                raise UserError(f"--output {out} is not empty and holds no fastdpo precompute; choose an empty "
+                                "directory or pass --overwrite")
+            diff = sorted(k for k in set(settings) | set(previous.get("settings", {}))
+                          if settings.get(k) != previous.get("settings", {}).get(k))
+            what = ", ".join(diff) if diff else "model, tokenizer or data contents"
+            raise UserError(f"--output {out} holds a cache made with other settings (differs in: {what}); "
+                            "pass --overwrite to replace it or choose another --output")
+        if is_main:
+            for p in _our_files(out):
+                p.unlink()
+    if is_main:
+        atomic_write_json(state_path, {"fingerprint": fingerprint, "settings": settings})
 
 
 def _list_array(values: list, np_dtype, pa_type) -> pa.Array:
@@ -81,12 +227,39 @@ def serialize(table: pa.Table) -> pa.Buffer:
     return sink.getvalue()
 
 
-def write_shard(path: str | os.PathLike, table: pa.Table) -> dict:
+def write_shard(path: str | os.PathLike, table: pa.Table) -> ShardEntry:
     """Write atomically (temporary name, fsync, rename). Returns the manifest entry."""
     buf = serialize(table)
     atomic_write_bytes(path, memoryview(buf))
-    return {"file": Path(path).name, "rows": table.num_rows, "sha256": sha256_bytes(memoryview(buf)),
-            "bytes": buf.size}
+    return ShardEntry(Path(path).name, table.num_rows, sha256_bytes(memoryview(buf)), buf.size)
+
+
+def _marker(out: Path, index: int) -> Path:
+    return out / f".{shard_name(index)}.done.json"
+
+
+def write_finished_shard(out: Path, index: int, table: pa.Table, fingerprint: str) -> ShardEntry:
+    """Write shard `index`, then its done-marker (its manifest entry and the run's fingerprint)."""
+    entry = write_shard(out / shard_name(index), table)
+    atomic_write_json(_marker(out, index), {"fingerprint": fingerprint, "entry": dataclasses.asdict(entry)})
+    return entry
+
+
+def finished_shard(out: Path, index: int, fingerprint: str) -> ShardEntry | None:
+    """The entry of shard `index` if a run with this fingerprint finished it and it is intact, else None."""
+    try:
+        marker = json.loads(_marker(out, index).read_text())
+        entry = ShardEntry(**marker["entry"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    path = out / shard_name(index)
+    if marker.get("fingerprint") != fingerprint or not path.is_file() or path.stat().st_size != entry.bytes:
+        return None
+    return entry if sha256_file(path) == entry.sha256 else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
 
 
 def read_shard(path: str | os.PathLike) -> pa.Table:
@@ -95,87 +268,58 @@ def read_shard(path: str | os.PathLike) -> pa.Table:
         return pa.ipc.open_stream(source).read_all()
 
 
-def shard_metadata(table: pa.Table) -> dict:
-    meta = (table.schema.metadata or {}).get(b"fastdpo")
-    return json.loads(meta) if meta else {}
-
-
-# ----------------------------------------------------------------------------------------------
-# Manifest
-
-
-def load_manifest(cache_dir: str | os.PathLike) -> dict:
-    """The parsed manifest of a finished cache, or a UserError saying what is wrong with DIR."""
-    cache_dir = Path(cache_dir)
-    if not cache_dir.is_dir():
-        raise UserError(f"reference cache not found: {cache_dir} (no such directory)")
-    path = cache_dir / MANIFEST
-    if not path.is_file():
-        hint = " (precompute has not finished; re-run it to resume)" if (cache_dir / STATE).exists() else ""
-        raise UserError(f"{cache_dir} is not a fastdpo cache: no {MANIFEST}{hint}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is damaged: {e}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
-        raise UserError(f"{path} is not a fastdpo manifest")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise UserError(f"{path} has cache format version {version}; this fastdpo reads version {FORMAT_VERSION}")
-    return manifest
-
-
-def verify_shard(cache_dir: str | os.PathLike, entry: dict) -> Path:
-    """Check a shard against its manifest sha256; a missing, truncated or modified shard is refused by name."""
-    path = Path(cache_dir) / entry["file"]
+def verify_shard(cache_dir: str | os.PathLike, entry: ShardEntry | dict) -> Path:
+    """Check a shard against its manifest entry (a `ShardEntry`, or the dict `precompute()` returns); a
+    missing, truncated or modified shard is refused by name."""
+    entry = ShardEntry(**entry) if isinstance(entry, dict) else entry
+    path = Path(cache_dir) / entry.file
     if not path.is_file():
         raise UserError(f"cache shard {path} is missing")
-    if path.stat().st_size != entry.get("bytes", path.stat().st_size):
-        raise UserError(f"cache shard {path} is truncated or damaged (size {path.stat().st_size}, "
-                        f"manifest says {entry['bytes']}); re-run precompute into a new directory")
-    digest = sha256_file(path)
-    if digest != entry["sha256"]:
+    size = path.stat().st_size
+    if size != entry.bytes:
+        raise UserError(f"cache shard {path} is truncated or damaged (size {size}, manifest says {entry.bytes}); "
+                        "re-run precompute into a new directory")
+    try:
+        digest = sha256_file(path)
+    except OSError as e:
+        raise UserError(f"cannot read cache shard {path}: {e.strerror}") from None
+    if digest != entry.sha256:
         raise UserError(f"cache shard {path} is damaged: sha256 {digest[:12]}... does not match the manifest "
-                        f"({entry['sha256'][:12]}...); re-run precompute into a new directory")
+                        f"({entry.sha256[:12]}...); re-run precompute into a new directory")
     return path
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading a cache for training
-
-
-class CacheSource:
+class CacheSource(Source):
     """A finished cache as one row space over its memory-mapped shards (nothing loaded into RAM).
 
-    Every shard is checked against its manifest sha256 when first opened; opening happens here,
-    before training starts, so a damaged cache fails in seconds, not hours into a run.
+    Every shard is checked against its manifest sha256 when opened, before training starts, so a
+    damaged cache fails in seconds, not hours into a run.
     """
 
     has_ref = True
 
-    def __init__(self, cache_dir: str | os.PathLike, manifest: dict | None = None, verify: bool = True):
+    def __init__(self, cache_dir: str | os.PathLike, manifest: Manifest | None = None):
         import pyarrow.compute as pc
 
         self.dir = Path(cache_dir)
         self.manifest = manifest if manifest is not None else load_manifest(self.dir)
+        listed = {e.file for e in self.manifest.shards}
+        unlisted = sorted(p.name for p in self.dir.glob("shard-*.arrow") if p.name not in listed)
+        if unlisted:
+            raise UserError(f"{self.dir} holds shard(s) its manifest does not list ({', '.join(unlisted[:3])}"
+                            f"{', ...' if len(unlisted) > 3 else ''}); the cache is inconsistent: re-run precompute "
+                            "into a new directory")
         self.tables = []
-        for entry in self.manifest["shards"]:
-            path = verify_shard(self.dir, entry) if verify else self.dir / entry["file"]
-            table = read_shard(path)
-            if table.num_rows != entry["rows"] or table.schema.remove_metadata() != SCHEMA:
-                raise UserError(f"cache shard {path} does not match the manifest (rows or columns differ)")
+        for entry in self.manifest.shards:
+            table = read_shard(verify_shard(self.dir, entry))
+            if table.num_rows != entry.rows or table.schema.remove_metadata() != SCHEMA:
+                raise UserError(f"cache shard {self.dir / entry.file} does not match the manifest (rows or columns "
+                                "differ)")
             self.tables.append(table)
-        self.shard_bounds = [0]
-        for t in self.tables:
-            self.shard_bounds.append(self.shard_bounds[-1] + t.num_rows)
-        lens = {c: np.concatenate([pc.list_value_length(t.column(c)).to_numpy(zero_copy_only=False)
-                                   for t in self.tables]).astype(np.int64) if self.tables else np.zeros(0, np.int64)
-                for c in ("prompt_ids", "chosen_ids", "rejected_ids")}
-        self.lengths = lens["prompt_ids"] + np.maximum(lens["chosen_ids"], lens["rejected_ids"])
-        self.chosen_lengths = lens["chosen_ids"]
-
-    def __len__(self):
-        return self.shard_bounds[-1]
+        self.shard_bounds = np.concatenate([[0], np.cumsum([t.num_rows for t in self.tables])]).tolist()
+        self._set_lengths(*(np.concatenate([pc.list_value_length(t.column(c)).to_numpy(zero_copy_only=False)
+                                            for t in self.tables]).astype(np.int64)
+                            for c in ("prompt_ids", "chosen_ids", "rejected_ids")))
 
     def fetch(self, indices: np.ndarray, with_token_logps: bool = False) -> dict:
         """Rows at global `indices`, in that order, as python lists (only these rows are read)."""
@@ -193,3 +337,27 @@ class CacheSource:
                 for j, w in enumerate(where):
                     out[c][w] = values[j]
         return out
+
+
+def open_cache(cache_dir: str, setup, *, policy_weights: str | None = None, is_main: bool = True) -> CacheSource:
+    """Open a cache for a model: refused unless it was made with `setup`'s tokenizer; with `policy_weights`
+    (a policy that should start at the reference), a note when the weights or dtype differ from the cache's."""
+    from .modeling import tokenizer_hash, weights_hash
+
+    manifest = load_manifest(cache_dir)
+    theirs, ours = manifest.tokenizer["sha256"], tokenizer_hash(setup.tokenizer)
+    if theirs != ours:
+        raise UserError(f"tokenizer mismatch: {setup.args.model} has tokenizer {ours[:12]} but the cache {cache_dir} "
+                        f"was made with {manifest.model['name_or_path']}'s tokenizer {str(theirs)[:12]}; precompute "
+                        "the cache with this model's tokenizer")
+    if policy_weights is not None and is_main:
+        weights = weights_hash(policy_weights, setup.args.revision)
+        if weights and manifest.model.get("weights_sha256") not in (None, weights):
+            print(f"warning: {policy_weights}'s weights differ from the cache's reference "
+                  f"{manifest.model['name_or_path']} (fine for a policy that starts elsewhere, but usually a "
+                  "mistake)", file=sys.stderr)
+        ref_dtype, ours_dtype = manifest.settings.get("resolved_dtype"), str(setup.dtype).replace("torch.", "")
+        if ref_dtype and ref_dtype != ours_dtype:
+            print(f"note: the cache was computed in {ref_dtype} and the policy runs in {ours_dtype}; a fresh "
+                  "policy's margin will not start at exactly 0", file=sys.stderr)
+    return CacheSource(cache_dir, manifest)

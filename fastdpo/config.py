@@ -1,8 +1,19 @@
-"""Command configs as dataclasses; CLI flags are generated from them, not written twice.
+"""Command configs as dataclasses that validate themselves; CLI flags are generated from them.
 
-Each field carries its help text in `metadata`. `add_arguments` turns a dataclass into argparse
-flags (`max_length` -> `--max-length`, bools -> `--x/--no-x`, lists -> comma-separated values),
-and `from_args` merges an optional `--config run.yaml|json` file under the flags actually given.
+A field is declared once, with `opt(default, help, choices=..., ge=..., group=...)`, and that one
+declaration gives:
+
+- the flag (`max_length` -> `--max-length`, bools -> `--x/--no-x`, lists -> comma-separated values,
+  `positional=True` -> a positional argument), its help text and its `--help` group;
+- the check, run by `Args.__post_init__` whatever the values came from (flags, a `--config` YAML or
+  JSON file, or the Python API): the type, `choices` (for lists: each item), bounds
+  (`ge`/`gt`/`le`/`lt`; float values must also be finite) and `required`. A failure is one line
+  naming the key and what is allowed, raised before any model loads;
+- the printed config and `fastdpo_config.json` (`to_dict`).
+
+Cross-field rules live in a `check(self)` method; `Args.__post_init__` calls every class's own
+`check` along the MRO (mixins first), so `DataArgs`, `ModelArgs` and `RunArgs` compose without
+each config repeating the others' rules.
 """
 
 from __future__ import annotations
@@ -10,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -19,15 +31,14 @@ from .errors import UserError
 
 _MISSING = dataclasses.MISSING
 
-# shared by every command that packs (fastdpo.packing.Layout.row_budget)
-PACKED_ROW_HELP = ("cap on a packed row's tokens (default: a whole micro-batch per row with FlexAttention, "
-                   "the longest sequence's length with SDPA/eager's dense masks)")
-
 
 def opt(default=_MISSING, help: str = "", *, choices=None, metavar=None, required: bool = False,
-        cli: bool = True, default_factory=_MISSING):
-    """A config field: default, one-line help, optional choices. `required` is checked after merging."""
-    meta = {"help": help, "choices": choices, "metavar": metavar, "required": required, "cli": cli}
+        group: str | None = None, ge=None, gt=None, le=None, lt=None, positional: bool = False,
+        default_factory=_MISSING):
+    """A config field: default, one-line help, allowed values and `--help` group."""
+    meta = {"help": help, "choices": choices, "metavar": metavar, "required": required, "group": group,
+            "bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None},
+            "positional": positional}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -37,17 +48,98 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _unwrap_optional(tp):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-        return tp, True
-    return tp, False
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """What a field holds: `base` (bool, int, float, str), a list of them, None allowed, or a scalar-or-list."""
+
+    base: type
+    is_list: bool = False
+    optional: bool = False
+    scalar_or_list: bool = False  # e.g. beta: float | list[float] (one run, or a sweep)
 
 
-def _scalar_parser(tp, name):
+def field_kind(cls, f: dataclasses.Field) -> Kind:
+    tp = typing.get_type_hints(cls)[f.name]
+    args = list(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else [tp]
+    optional = type(None) in args
+    args = [a for a in args if a is not type(None)]
+    lists = [typing.get_args(a)[0] for a in args if typing.get_origin(a) in (list, tuple)]
+    if lists:
+        return Kind(lists[0], True, optional, scalar_or_list=len(args) > 1)
+    return Kind(args[0], False, optional)
+
+
+def _describe_bounds(bounds: dict) -> str:
+    words = {"ge": "at least", "gt": "greater than", "le": "at most", "lt": "less than"}
+    return " and ".join(f"{words[k]} {v:g}" for k, v in bounds.items())
+
+
+def _in_bounds(x, bounds: dict) -> bool:
+    return all({"ge": x >= v, "gt": x > v, "le": x <= v, "lt": x < v}[k] for k, v in bounds.items())
+
+
+def _check_scalar(kind: Kind, meta, value, label: str):
+    """The value, converted (int -> float), or a UserError naming `label` and what is allowed."""
+    tp = kind.base
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    if not ok and tp is not typing.Any:
+        shown = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, tp.__name__)
+        raise UserError(f"{label} must be {shown}, got {value!r}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise UserError(f"{label} {value!r} is not one of: {', '.join(map(str, choices))}")
+    if tp is float and not math.isfinite(value):
+        raise UserError(f"{label} must be a finite number, got {value!r}")
+    bounds = meta.get("bounds") or {}
+    if tp in (int, float) and bounds and not _in_bounds(value, bounds):
+        raise UserError(f"{label} must be {_describe_bounds(bounds)}, got {value!r}")
+    return value
+
+
+def check_value(cls, f: dataclasses.Field, value, label: str | None = None):
+    """Check one field's value (type, choices, bounds); returns it normalised. `label` names it in errors."""
+    kind = field_kind(cls, f)
+    label = label or f.name
+    if value is None:
+        if kind.optional or f.default is None:
+            return None
+        raise UserError(f"{label} must not be null")
+    if kind.is_list:
+        if isinstance(value, list | tuple):
+            items = [_check_scalar(kind, f.metadata, v, label) for v in value]
+            if kind.scalar_or_list:  # one value, or several (a sweep)
+                if not items:
+                    raise UserError(f"{label} is empty")
+                return items[0] if len(items) == 1 else items
+            return items
+        if kind.scalar_or_list:
+            return _check_scalar(kind, f.metadata, value, label)
+        raise UserError(f"{label} must be a list, got {value!r}")
+    return _check_scalar(kind, f.metadata, value, label)
+
+
+@dataclasses.dataclass
+class Args:
+    """Base of every command config: validates its fields on construction (see the module docstring)."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = check_value(type(self), f, getattr(self, f.name))
+            if f.metadata.get("required") and value is None:
+                raise UserError(f"missing required option {flag_name(f.name)}")
+            setattr(self, f.name, value)
+        for klass in reversed(type(self).__mro__):
+            if "check" in vars(klass):
+                vars(klass)["check"](self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags
+
+
+def _parse_scalar(tp, name):
     def parse(text: str):
         if text.lower() in ("none", "null") and tp is not str:
             return None
@@ -59,65 +151,70 @@ def _scalar_parser(tp, name):
     return parse
 
 
-def _list_parser(item_tp, name):
-    scalar = _scalar_parser(item_tp, name)
-
-    def parse(text: str):
-        return [scalar(x.strip()) for x in text.split(",") if x.strip()]
-
-    return parse
+def _parse_list(tp, name):
+    scalar = _parse_scalar(tp, name)
+    return lambda text: [scalar(x.strip()) for x in text.split(",") if x.strip()]
 
 
-def field_kind(cls, f: dataclasses.Field):
-    """(base type, is_list, is_optional) of a dataclass field."""
-    hints = typing.get_type_hints(cls)
-    tp, optional = _unwrap_optional(hints[f.name])
-    if typing.get_origin(tp) in (list, tuple):
-        return typing.get_args(tp)[0], True, optional
-    return tp, False, optional
+# `--help` shows groups in this order (ungrouped options first, as argparse does); others follow
+GROUP_ORDER = ("model", "data", "loss", "optimisation", "layout", "logging and checkpoints", "lora", "generation")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls, groups: dict[str, str] | None = None) -> None:
-    """Add one flag per dataclass field. Defaults are suppressed so we can tell what was given."""
-    arg_groups = {}
-    for f in dataclasses.fields(cls):
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per field, in `--help` groups from `opt(group=...)` (titles renamed by `cls.GROUP_TITLES`).
+
+    Defaults are suppressed so that `from_args` can tell what was given from what a file gave.
+    """
+    titles = getattr(cls, "GROUP_TITLES", {})
+    order = {g: i for i, g in enumerate(GROUP_ORDER)}
+    fields = sorted(dataclasses.fields(cls), key=lambda f: (f.metadata.get("group") is not None,
+                                                            order.get(f.metadata.get("group"), len(order))))
+    groups = {}
+    for f in fields:
         meta = f.metadata
-        if not meta.get("cli", True):
-            continue
-        group_name = (groups or {}).get(f.name)
-        target = parser
-        if group_name:
-            target = arg_groups.setdefault(group_name, parser.add_argument_group(group_name))
-        tp, is_list, _ = field_kind(cls, f)
+        group = titles.get(meta.get("group"), meta.get("group"))
+        target = groups.setdefault(group, parser.add_argument_group(group)) if group else parser
+        kind = field_kind(cls, f)
         default = f.default if f.default is not _MISSING else (
             f.default_factory() if f.default_factory is not _MISSING else None)
         help_text = meta.get("help", "")
         if meta.get("required"):
             help_text += " (required)"
-        elif default not in (None, "", []) and tp is not bool:
+        elif default not in (None, "", []) and kind.base is not bool:
             shown = ",".join(map(str, default)) if isinstance(default, list | tuple) else default
             help_text += f" (default: {shown})"
-        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
-        if tp is bool and not is_list:
+        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
+        if meta.get("positional"):
+            target.add_argument(f.name, nargs="*", metavar=meta.get("metavar") or f.name.upper(), **kw)
+            continue
+        if kind.base is bool and not kind.is_list:
             kw["action"] = argparse.BooleanOptionalAction
             if default:
                 kw["help"] += " (default: on)"
         else:
-            kw["type"] = _list_parser(tp, f.name) if is_list else _scalar_parser(tp, f.name)
+            kw["type"] = _parse_list(kind.base, f.name) if kind.is_list else _parse_scalar(kind.base, f.name)
             if meta.get("choices"):
-                kw["choices"] = meta["choices"] if not is_list else None
                 kw["metavar"] = "{" + ",".join(map(str, meta["choices"])) + "}"
             if meta.get("metavar"):
                 kw["metavar"] = meta["metavar"]
-        target.add_argument(flag_name(f.name), **kw)
+        target.add_argument(flag_name(f.name), dest=f.name, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config files and merging
 
 
 def load_config_file(path: str) -> dict:
     """Parse a YAML or JSON config file as plain data (never executes anything)."""
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror}") from None
     try:
         if path.endswith((".yaml", ".yml")):
             import yaml
@@ -126,8 +223,9 @@ def load_config_file(path: str) -> dict:
         else:
             data = json.loads(text)
     except Exception as e:  # yaml and json raise different types
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot parse config file {path}: {first}") from None
+        from .errors import first_line
+
+        raise UserError(f"cannot parse config file {path}: {first_line(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -135,67 +233,55 @@ def load_config_file(path: str) -> dict:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def _coerce(cls, f: dataclasses.Field, value, source: str):
-    """Check and convert a value from a config file to the field's type."""
-    tp, is_list, optional = field_kind(cls, f)
-    if value is None:
-        if optional or f.default is None:
-            return None
-        raise UserError(f"{source}: {f.name} must not be null")
-    if is_list:
-        if isinstance(value, str):
-            return _list_parser(tp, f.name)(value)
-        if not isinstance(value, list | tuple):
-            value = [value]
-        return [_coerce_scalar(tp, v, f.name, source) for v in value]
-    return _coerce_scalar(tp, value, f.name, source)
-
-
-def _coerce_scalar(tp, value, name, source):
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{source}: {name} must be true or false, got {value!r}")
-    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp is str and isinstance(value, str):
-        return value
-    if tp in (int, float) and isinstance(value, str):
+def _from_file(kind: Kind, value):
+    """A config file's string for a list field may be comma-separated, as on the command line."""
+    if kind.is_list and isinstance(value, str):
+        parts = [x.strip() for x in value.split(",") if x.strip()]
+        if kind.base in (int, float):
+            try:
+                return [kind.base(x) for x in parts]
+            except ValueError:
+                return value  # check_value names it
+        return parts
+    if kind.base in (int, float) and isinstance(value, str) and not kind.is_list:
         try:
-            return tp(value)
+            return kind.base(value)  # YAML reads 1e-5 as a string
         except ValueError:
-            pass
-    if tp is typing.Any:
-        return value
-    raise UserError(f"{source}: {name} must be {tp.__name__}, got {value!r}")
+            return value
+    return value
 
 
-def build_config(cls, values: dict, source: str = "config"):
-    """Instantiate `cls` from a dict, naming unknown keys and missing required ones."""
+def build_config(cls, values: dict, labels: dict[str, str] | None = None):
+    """Instantiate `cls` from a dict; each key is checked and named by `labels[key]` in errors."""
+    labels = labels or {}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise UserError(f"{source}: unknown option(s) {', '.join(unknown)}")
-    kwargs = {k: _coerce(cls, fields[k], v, source) for k, v in values.items()}
-    missing = [flag_name(n) for n, f in fields.items() if f.metadata.get("required") and kwargs.get(n) is None]
-    if missing:
-        raise UserError(f"missing required option {', '.join(missing)}")
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+        where = {labels.get(k, "").split(":")[0] for k in unknown} - {""}
+        raise UserError(f"{', '.join(sorted(where)) + ': ' if where else ''}unknown option(s) {', '.join(unknown)}")
+    kwargs = {k: check_value(cls, fields[k], _from_file(field_kind(cls, fields[k]), v), labels.get(k, k))
+              for k, v in values.items()}
+    return cls(**kwargs)
 
 
 def from_args(cls, args: argparse.Namespace):
     """Config from parsed flags, on top of `--config FILE` if given. Flags override the file."""
     given = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func")}
-    values = {}
-    if getattr(args, "config", None):
-        values.update(load_config_file(args.config))
+    values, labels = {}, {}
+    path = getattr(args, "config", None)
+    if path:
+        values.update(load_config_file(path))
+        labels.update({k: f"{path}: {k}" for k in values})
     values.update(given)
-    return build_config(cls, values, source=args.config if getattr(args, "config", None) else "flags")
+    labels.update({k: flag_name(k) for k in given})
+    return build_config(cls, values, labels)
+
+
+def make(cls, config=None, **kwargs):
+    """The Python API's config: `config` with `kwargs` replaced, or `cls(**kwargs)`; checked either way."""
+    if config is None:
+        return build_config(cls, kwargs)
+    return dataclasses.replace(config, **kwargs) if kwargs else config
 
 
 def to_dict(cfg) -> dict:

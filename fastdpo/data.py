@@ -21,11 +21,12 @@ import collections
 import dataclasses
 import json
 import os
-import re
+import sys
 from dataclasses import dataclass
 
-from .config import opt
-from .errors import UserError
+from .config import Args, opt
+from .errors import UserError, first_line
+from .io import is_local_path
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
@@ -45,30 +46,26 @@ SKIP_REASONS = {
 
 
 @dataclass
-class DataArgs:
-    """Where preference pairs come from and how they are tokenized (shared by precompute and train)."""
+class DataArgs(Args):
+    """Where preference pairs come from and how they are tokenized (shared by precompute, train and sft)."""
 
     dataset: str | None = opt(None, "Hub dataset id, a .jsonl/.json/.parquet/.csv/.arrow file, or a directory of them",
-                              required=True)
-    dataset_config: str | None = opt(None, "Hub dataset configuration name")
-    split: str = opt("train", "dataset split to read")
-    prompt_column: str = opt("prompt", "column holding the prompt (absent: extracted from chosen/rejected)")
-    chosen_column: str = opt("chosen", "column holding the preferred completion")
-    rejected_column: str = opt("rejected", "column holding the dispreferred completion")
-    max_prompt_length: int | None = opt(512, "cap on prompt tokens (none: no cap)")
-    max_length: int | None = opt(1024, "cap on prompt+completion tokens; the completion is cut (none: no cap)")
-    truncation: str = opt("keep_end", "which end of a long prompt to keep", choices=["keep_end", "keep_start"])
-    assistant_marker: str = opt("\n\nAssistant:", "implicit-prompt string data: the prompt ends after the last one")
-    limit: int | None = opt(None, "process only the first N rows of the split")
-    strict: bool = opt(False, "stop at the first row that would be skipped, naming it")
-
-    def __post_init__(self):
-        if self.max_prompt_length is not None and self.max_prompt_length < 1:
-            raise ValueError("--max-prompt-length must be at least 1")
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError("--max-length must be at least 2")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError("--limit must be at least 1")
+                              required=True, group="data")
+    dataset_config: str | None = opt(None, "Hub dataset configuration name", group="data")
+    split: str = opt("train", "dataset split to read", group="data")
+    prompt_column: str = opt("prompt", "column holding the prompt (absent: extracted from chosen/rejected)",
+                             group="data")
+    chosen_column: str = opt("chosen", "column holding the preferred completion", group="data")
+    rejected_column: str = opt("rejected", "column holding the dispreferred completion", group="data")
+    max_prompt_length: int | None = opt(512, "cap on prompt tokens (none: no cap)", ge=1, group="data")
+    max_length: int | None = opt(1024, "cap on prompt+completion tokens; the completion is cut (none: no cap)", ge=2,
+                                 group="data")
+    truncation: str = opt("keep_end", "which end of a long prompt to keep", choices=["keep_end", "keep_start"],
+                          group="data")
+    assistant_marker: str = opt("\n\nAssistant:", "implicit-prompt string data: the prompt ends after the last one",
+                                group="data")
+    limit: int | None = opt(None, "process only the first N rows of the split", ge=1, group="data")
+    strict: bool = opt(False, "stop at the first row that would be skipped, naming it", group="data")
 
     def data_settings(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(DataArgs)}
@@ -76,16 +73,6 @@ class DataArgs:
 
 # ----------------------------------------------------------------------------------------------
 # Loading
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _looks_like_path(name: str) -> bool:
-    return (name.startswith((".", "/", "~")) or os.path.splitext(name)[1].lower() in FILE_BUILDERS
-            or name.count("/") > 1 or os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name))
 
 
 def _diagnose_file(path: str) -> str | None:
@@ -192,16 +179,16 @@ def load_source(args: DataArgs):
                 if name.lower().endswith((".jsonl", ".json")):
                     return _load_json_rows_leniently(name)
             if isinstance(e, ValueError) and "split" in str(e).lower():
-                raise UserError(f"dataset {name} has no split {args.split!r}: {_first_line(e)}") from None
-            raise UserError(f"cannot read dataset {name}: {_first_line(e)}") from None
-    if _looks_like_path(name):
+                raise UserError(f"dataset {name} has no split {args.split!r}: {first_line(e)}") from None
+            raise UserError(f"cannot read dataset {name}: {first_line(e)}") from None
+    if is_local_path(name):
         raise UserError(f"dataset not found: {name} (no such file or directory)")
     try:
         return datasets.load_dataset(name, args.dataset_config, split=args.split)
     except Exception as e:
         where = name + (f" (config {args.dataset_config})" if args.dataset_config else "")
         raise UserError(f"cannot load dataset {where} split {args.split!r} from the Hugging Face Hub: "
-                        f"{_first_line(e)}") from None
+                        f"{first_line(e)}") from None
 
 
 def _pick_split(dsd, split, name):
@@ -570,6 +557,18 @@ def _map_rows(ds, fn: RowTokenizer, args: DataArgs, fingerprint: str | None):
                       **({"new_fingerprint": fingerprint + "-kept"} if fingerprint else {}))
     kept = kept.remove_columns(["skip", "boundary_merge"])
     return kept, skips, stats
+
+
+def keep_rows(tokenized, args: DataArgs, is_main: bool = True):
+    """The kept rows of `tokenize_dataset` / `tokenize_sft_dataset`'s result; prints the skip summary and
+    refuses a dataset without a usable row."""
+    rows, skips, stats = tokenized
+    summary = summarise_skips(skips, stats["rows_read"])
+    if is_main and summary:
+        print(summary, file=sys.stderr)
+    if len(rows) == 0:
+        raise UserError(f"no usable rows in {args.dataset}: {summary or 'the split is empty'}")
+    return rows
 
 
 def summarise_skips(skips: collections.Counter, total: int) -> str | None:

@@ -136,11 +136,6 @@ def judge(prompt: str, completion: str) -> bool:
     return extract_answer(completion) == correct_answer(parse_prompt(prompt))
 
 
-def is_slip(prompt: str, completion: str) -> bool:
-    """True when the completion makes exactly the systematic slip."""
-    return extract_answer(completion) == slip_answer(parse_prompt(prompt))
-
-
 def data_file(split: str) -> Path:
     """Path of a bundled split: "sft", "train" or "eval"."""
     if split not in DATA_FILES:

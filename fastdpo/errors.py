@@ -1,8 +1,11 @@
 """User-facing errors: one line, naming the thing, exit code 2. Tracebacks are for our bugs."""
 
 
-class UserError(Exception):
-    """A mistake in the user's input (flag, file, column, row). The CLI prints it on one line and exits 2."""
+class UserError(ValueError):
+    """A mistake in the user's input (flag, file, column, row). The CLI prints it on one line and exits 2.
+
+    A ValueError, so that Python callers of `fastdpo.train(...)` who catch ValueError keep working.
+    """
 
     exit_code = 2
 
@@ -14,3 +17,9 @@ class TrainingStopped(Exception):
     """A run stopped on purpose (e.g. too many non-finite steps); the message says why. Exit code 1."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run to many lines), or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

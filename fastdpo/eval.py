@@ -3,20 +3,9 @@
     fastdpo eval --model runs/dpo --ref-cache cache/heldout --beta 0.1 --output runs/dpo/eval.json
     fastdpo eval --model runs/dpo --ref-cache cache/heldout --generate --judge mypkg.judges:exact_match
 
-From the cache's reference log-probs and the policy's, over every held-out pair:
-
-    rewards/chosen, rewards/rejected   beta * (policy - reference) log-prob of each completion, mean
-    rewards/accuracies                 fraction of pairs with chosen reward > rejected reward (TRL's)
-    rewards/ties                       fraction with equal rewards (all of them when policy = reference)
-    logps/accuracies                   fraction with policy log-prob of chosen > rejected
-    rewards/margins                    mean chosen - rejected reward
-    kl                                 per-token estimate of KL(policy || reference) on the completions,
-                                       which stand in for reference samples: the importance-weighted mean
-                                       of (p/q) log(p/q) (as the trainer's `kl` metric)
-    kl/k1, kl/k3                       the unweighted per-token estimators (Schulman 2020: k1 = log(p/q),
-                                       k3 = q/p - 1 + log(p/q)); on off-policy completions they are dominated
-                                       by tokens the policy pushed down, so read them as drift indicators
-    kl/sequence                        mean summed log-ratio per completion
+Every held-out pair is scored through the path precompute used (`scoring.score_rows`), and the
+statistics are the trainer's (`fastdpo.metrics`): rewards, accuracies and ties, margins, log-probs,
+and the KL estimates (`kl`, `kl/k1`, `kl/k3`, `kl/sequence`; see that module for their definitions).
 
 With `--generate`, the policy answers each held-out prompt (greedy unless --temperature > 0) and a
 judge `module:function(prompt, completion) -> bool | float` scores the answers.
@@ -24,58 +13,40 @@ judge `module:function(prompt, completion) -> bool | float` scores the answers.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
+import inspect
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
 
-from . import __version__, cache, modeling
-from .config import PACKED_ROW_HELP, format_config, opt, to_dict
+from . import __version__, cache, metrics, modeling
+from .config import format_config, make, opt, to_dict
 from .errors import UserError
 from .io import atomic_write_json
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(modeling.ScoringArgs):
     """`fastdpo eval`: preference and generation metrics on a held-out cache."""
 
-    model: str | None = opt(None, "policy to evaluate: a local directory or a Hub id", required=True)
+    GROUP_TITLES = {"model": "policy model"}
+
     ref_cache: str | None = opt(None, "held-out reference cache from `fastdpo precompute`", required=True)
     output: str | None = opt(None, "write the results to this JSON file (default: print only)")
-    beta: float = opt(0.1, "beta for the implicit rewards (use the training run's)")
-    batch_size: int = opt(8, "pairs per forward")
-    limit: int | None = opt(None, "evaluate only the first N pairs")
-    revision: str | None = opt(None, "model revision on the Hub")
-    dtype: str = opt("auto", "model dtype (auto: as the cache was computed)",
-                     choices=["auto", "float32", "bfloat16", "float16"])
-    device: str = opt("auto", "device to run on")
-    trust_remote_code: bool = opt(False, "allow custom model code from the Hub")
-    logps_backend: str = opt("auto", "log-prob kernel backend", choices=["auto", "triton", "torch", "eager"])
-    packing: bool | None = opt(None, "pack sequences into rows without padding (default: on where exact)")
-    prefix_sharing: bool | None = opt(None, "score chosen and rejected after one shared prompt (default: on where "
-                                            "exact)")
-    max_tokens_per_batch: int | None = opt(None, PACKED_ROW_HELP)
-    generate: bool = opt(False, "also generate an answer per prompt and judge it")
+    beta: float = opt(0.1, "beta for the implicit rewards (use the training run's)", gt=0)
+    limit: int | None = opt(None, "evaluate only the first N pairs", ge=1)
+    generate: bool = opt(False, "also generate an answer per prompt and judge it", group="generation")
     judge: str | None = opt(None, "judge for --generate, as module:function(prompt, completion) -> bool|float "
-                                  "(e.g. fastdpo.demo_task:judge)")
-    max_new_tokens: int = opt(64, "generation length cap")
-    temperature: float = opt(0.0, "sampling temperature (0: greedy)")
-    generate_limit: int | None = opt(None, "generate for only the first N prompts")
-    keep_samples: int = opt(20, "how many generated samples to store in the JSON")
-    progress: bool = opt(True, "show a progress bar")
+                                  "(e.g. fastdpo.demo_task:judge)", group="generation")
+    max_new_tokens: int = opt(64, "generation length cap", ge=1, group="generation")
+    temperature: float = opt(0.0, "sampling temperature (0: greedy)", ge=0, group="generation")
+    generate_limit: int | None = opt(None, "generate for only the first N prompts", ge=1, group="generation")
+    keep_samples: int = opt(20, "how many generated samples to store in the JSON", ge=0, group="generation")
 
-    def __post_init__(self):
-        if not (self.beta > 0 and math.isfinite(self.beta)):
-            raise ValueError("--beta must be a positive number")
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("--batch-size and --max-new-tokens must be at least 1")
-        if self.temperature < 0:
-            raise ValueError("--temperature must be >= 0")
+    def check(self):
         if self.judge and not self.generate:
-            raise ValueError("--judge scores generated answers; add --generate")
+            raise UserError("--judge scores generated answers; add --generate")
 
 
 def load_judge(spec: str):
@@ -90,26 +61,34 @@ def load_judge(spec: str):
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise UserError(f"--judge {spec}: {module_name} has no function {fn_name}")
+    try:
+        inspect.signature(fn).bind("prompt", "completion")
+    except TypeError:
+        raise UserError(f"--judge {spec}: the judge must take (prompt, completion)") from None
+    except ValueError:
+        pass  # builtins without a signature: called as asked
     return fn
 
 
-def preference_metrics(policy_c, policy_r, ref_c, ref_r, tok_c, tok_r, beta: float) -> dict:
-    """Metrics from per-pair log-probs (numpy arrays) and per-token log-ratios (lists of arrays)."""
+def preference_results(tok_c, tok_r, rows, beta: float) -> dict:
+    """The trainer's statistics over all held-out pairs, from the policy's per-token log-probs (lists of
+    float32 arrays, as `score_rows` returns them) and the cache's rows."""
     import numpy as np
+    import torch
 
-    rc, rr = beta * (policy_c - ref_c), beta * (policy_r - ref_r)
-    log_ratio = np.concatenate([np.concatenate(tok_c), np.concatenate(tok_r)]).astype(np.float64)
-    return {
-        "rewards/chosen": float(rc.mean()), "rewards/rejected": float(rr.mean()),
-        "rewards/accuracies": float((rc > rr).mean()), "rewards/ties": float((rc == rr).mean()),
-        "rewards/margins": float((rc - rr).mean()),
-        "logps/chosen": float(policy_c.mean()), "logps/rejected": float(policy_r.mean()),
-        "logps/accuracies": float((policy_c > policy_r).mean()),
-        "kl": float((np.exp(np.clip(log_ratio, -20, 20)) * np.clip(log_ratio, -20, 20)).mean()),
-        "kl/k1": float(log_ratio.mean()),
-        "kl/k3": float((np.expm1(-log_ratio) + log_ratio).mean()),
-        "kl/sequence": float(np.concatenate([policy_c - ref_c, policy_r - ref_r]).mean()),
-    }
+    from .scoring import padded
+
+    def summed(arrays):  # as precompute sums the cache's values: a fresh policy ties exactly
+        return torch.tensor([t.sum(dtype=np.float32) for t in arrays], dtype=torch.float64)
+
+    pc, pr = summed(tok_c), summed(tok_r)
+    rc, rr = (torch.tensor(rows[k], dtype=torch.float64) for k in ("ref_chosen_logps", "ref_rejected_logps"))
+    sides = []
+    for policy, ref in ((tok_c, rows["ref_chosen_token_logps"]), (tok_r, rows["ref_rejected_token_logps"])):
+        (p, mask), (q, _) = padded(policy, "cpu"), padded(ref, "cpu")
+        sides.append((p, q, mask))
+    sums = metrics.preference_sums(None, pc, pr, rc, rr, beta * (pc - rc), beta * (pr - rr), sides)
+    return metrics.preference_means({k: float(v) for k, v in sums.items()}, len(pc))
 
 
 def generate_answers(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig, device) -> list[str]:
@@ -138,78 +117,59 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig
     return answers
 
 
-def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
-    """Run `fastdpo eval`; `fastdpo.evaluate(model=..., ref_cache=...)` works like the CLI. Returns the results."""
-    if config is None:
-        config = EvalConfig(**kwargs)
-    elif kwargs:
-        config = dataclasses.replace(config, **kwargs)
-    cfg = config
+def judged_samples(model, tokenizer, rows, cfg: EvalConfig, device, judge) -> dict:
+    """Generated answers for the first prompts, judged if a judge is given."""
     import numpy as np
 
+    m = min(len(rows["prompt_ids"]), cfg.generate_limit or len(rows["prompt_ids"]))
+    prompts = rows["prompt_ids"][:m]
+    answers = generate_answers(model, tokenizer, prompts, cfg, device)
+    prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+    samples = [{"id": rows["id"][i], "prompt": prompt_texts[i], "completion": answers[i]} for i in range(m)]
+    out = {}
+    if judge is not None:
+        scores = [float(judge(p, a)) for p, a in zip(prompt_texts, answers)]
+        for s, score in zip(samples, scores):
+            s["score"] = score
+        out = {"generation_accuracy": float(np.mean(scores)) if scores else float("nan"), "judge": cfg.judge}
+    return {**out, "num_generated": m, "samples": samples[:cfg.keep_samples]}
+
+
+def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
+    """Run `fastdpo eval`; `fastdpo.evaluate(model=..., ref_cache=...)` works like the CLI. Returns the results."""
+    import numpy as np
+
+    from .scoring import score_rows
+
+    cfg = make(EvalConfig, config, **kwargs)
     t0 = time.perf_counter()
     if cfg.progress:
         print(f"fastdpo {__version__} eval\n{format_config(cfg)}", file=sys.stderr)
     judge = load_judge(cfg.judge) if cfg.judge else None
-    tokenizer = modeling.load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
-    manifest = cache.load_manifest(cfg.ref_cache)
-    if manifest["tokenizer"]["sha256"] != modeling.tokenizer_hash(tokenizer):
-        raise UserError(f"tokenizer mismatch: {cfg.model}'s tokenizer differs from the one the cache "
-                        f"{cfg.ref_cache} was made with ({manifest['model']['name_or_path']})")
-    source = cache.CacheSource(cfg.ref_cache, manifest)
+    device = modeling.resolve_device(cfg.device)
+    cached = cache.load_manifest(cfg.ref_cache).settings.get("resolved_dtype", "auto")
+    setup = modeling.prepare(cfg, device, modeling.resolve_dtype(cfg.dtype if cfg.dtype != "auto" else cached, device))
+    source = cache.open_cache(cfg.ref_cache, setup)
     n = min(len(source), cfg.limit or len(source))
     rows = source.fetch(np.arange(n), with_token_logps=True)
-
-    device = modeling.resolve_device(cfg.device)
-    dtype_name = cfg.dtype if cfg.dtype != "auto" else manifest["settings"].get("resolved_dtype", "auto")
-    dtype = modeling.resolve_dtype(dtype_name, device)
-    from .packing import attention_for, resolve_layout
-
-    attention = attention_for(device, None, cfg.packing, cfg.prefix_sharing)
-    model = modeling.load_model(cfg.model, revision=cfg.revision, dtype=dtype, device=device,
-                                trust_remote_code=cfg.trust_remote_code, attn_implementation=attention).eval()
-    layout, notes = resolve_layout(model.config, attention, cfg.packing, cfg.prefix_sharing, cfg.max_tokens_per_batch)
-    for note in notes:
-        print(note, file=sys.stderr)
+    model = setup.load(device=device).eval()
+    scorer = setup.scorer(model)
+    setup.print_notes()
 
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, unit="pair", desc="eval", dynamic_ncols=True)
-    from .logps import LogpsModel, score_rows
-
-    tok_c, tok_r = score_rows(LogpsModel(model, cfg.logps_backend), rows["prompt_ids"], rows["chosen_ids"],
-                              rows["rejected_ids"], cfg.batch_size, layout, device=device,
-                              pad_id=tokenizer.pad_token_id,
+    tok_c, tok_r = score_rows(scorer, rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], cfg.batch_size,
+                              setup.layout, setup.tokenizer.pad_token_id, device,
                               on_batch=(lambda pairs, _tokens: bar.update(pairs)) if bar is not None else None)
     if bar is not None:
         bar.close()
-    ref_tok_c = [np.asarray(x, dtype=np.float32) for x in rows["ref_chosen_token_logps"]]
-    ref_tok_r = [np.asarray(x, dtype=np.float32) for x in rows["ref_rejected_token_logps"]]
-    policy_c = np.array([t.sum(dtype=np.float32) for t in tok_c], dtype=np.float64)
-    policy_r = np.array([t.sum(dtype=np.float32) for t in tok_r], dtype=np.float64)
-    results = {
-        "model": cfg.model, "ref_cache": cfg.ref_cache, "num_pairs": n, "beta": cfg.beta,
-        **preference_metrics(policy_c, policy_r, np.asarray(rows["ref_chosen_logps"], dtype=np.float64),
-                             np.asarray(rows["ref_rejected_logps"], dtype=np.float64),
-                             [a - b for a, b in zip(tok_c, ref_tok_c)], [a - b for a, b in zip(tok_r, ref_tok_r)],
-                             cfg.beta),
-    }
+    results = {"model": cfg.model, "ref_cache": cfg.ref_cache, "num_pairs": n, "beta": cfg.beta,
+               **preference_results(tok_c, tok_r, rows, cfg.beta)}
     if cfg.generate:
-        m = min(n, cfg.generate_limit or n)
-        prompts = rows["prompt_ids"][:m]
-        answers = generate_answers(model, tokenizer, prompts, cfg, device)
-        prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
-        samples = [{"id": rows["id"][i], "prompt": prompt_texts[i], "completion": answers[i]} for i in range(m)]
-        if judge is not None:
-            scores = [float(judge(p, a)) for p, a in zip(prompt_texts, answers)]
-            for s, score in zip(samples, scores):
-                s["score"] = score
-            results["generation_accuracy"] = float(np.mean(scores)) if scores else float("nan")
-            results["judge"] = cfg.judge
-        results["num_generated"] = m
-        results["samples"] = samples[:cfg.keep_samples]
+        results.update(judged_samples(model, setup.tokenizer, rows, cfg, device, judge))
     results["config"] = to_dict(cfg)
     results["elapsed_s"] = round(time.perf_counter() - t0, 3)
     if cfg.output:

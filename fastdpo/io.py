@@ -1,4 +1,4 @@
-"""Atomic, durable writes and content hashes. A crash never leaves a file that looks complete."""
+"""Atomic, durable writes, content hashes and local paths. A crash never leaves a file that looks complete."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -79,7 +80,7 @@ def writing(path, cleanup: str | os.PathLike | None = None):
             shutil.rmtree(cleanup, ignore_errors=True)
         if isinstance(e, OSError):
             raise write_error(path, e) from None
-        raise UserError(f"cannot write {path}: {str(e).strip().splitlines()[0]}") from None
+        raise UserError(f"cannot write {path}: {first_line(e)}") from None
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:
@@ -107,3 +108,13 @@ def sha256_bytes(data) -> str:
 
 def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
+
+
+def is_local_path(name: str) -> bool:
+    """Whether `name` can only mean a local path, never a Hub id (`org/name`): it starts with `.`, `/` or
+    `~`, has more than one `/`, or ends in a data file's suffix."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.lower().endswith(DATA_SUFFIXES)
+            or (os.sep != "/" and os.sep in name) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name))

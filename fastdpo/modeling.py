@@ -1,9 +1,16 @@
-"""Loading models and tokenizers with transformers, and fingerprinting them.
+"""Models and tokenizers: the arguments that name them, loading with transformers, fingerprints,
+and the one setup path every command takes.
 
-The weights hash is a sha256 over the model's weight files (a Hub cache already names each file
-by its sha256, so cached Hub models hash for free). The tokenizer hash covers what the tokenizer
-files define (vocabulary, merges, normalisation, special tokens, chat template), so a tokenizer
-saved again by fastdpo hashes the same as the one it came from.
+    ModelArgs     --model, --revision, --dtype, --trust-remote-code, --attn-implementation, --logps-backend
+    LayoutArgs    --packing, --prefix-sharing, --max-tokens-per-batch (how pairs are laid out for a forward)
+    ScoringArgs   both, plus --device and --batch-size: commands that score without training
+
+`prepare(args, device, dtype)` turns them into a `Setup` (tokenizer, model config, attention, layout
+and notes for the user), the same way for precompute, train, eval and sft; `Setup.load()` then loads
+the weights. The weights hash is a sha256 over the model's weight files (a Hub cache already names
+each file by its sha256, so cached Hub models hash for free). The tokenizer hash covers what the
+tokenizer files define (vocabulary, merges, normalisation, special tokens, chat template), so a
+tokenizer saved again by fastdpo hashes the same as the one it came from.
 """
 
 from __future__ import annotations
@@ -12,13 +19,118 @@ import hashlib
 import json
 import os
 import re
+import sys
+from dataclasses import dataclass, field
 
-from .errors import UserError
-from .io import sha256_file
+from .config import Args, opt
+from .errors import UserError, first_line
+from .io import is_local_path, sha256_file
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 _WEIGHT_FILE = re.compile(r"^(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
+LOGPS_BACKENDS = ["auto", "triton", "torch", "eager"]
+
+
+@dataclass
+class ModelArgs(Args):
+    """Which model, and how it is loaded and scored (every command)."""
+
+    model: str | None = opt(None, "model: a local directory or a Hugging Face Hub id", required=True, group="model")
+    revision: str | None = opt(None, "model revision (branch, tag or commit) on the Hub", group="model")
+    dtype: str = opt("auto", "float32; bfloat16 weights; float16 (scoring only); bf16-mixed (fp32 weights, bf16 "
+                     "autocast; training only); auto: bfloat16 on GPU, float32 on CPU",
+                     choices=["auto", "float32", "bfloat16", "float16", "bf16-mixed"], group="model")
+    trust_remote_code: bool = opt(False, "allow custom model code from the Hub (off: never runs remote code)",
+                                  group="model")
+    attn_implementation: str | None = opt(None, "transformers attention implementation (e.g. sdpa, eager, "
+                                                "flex_attention; default: flex_attention on CUDA where packing "
+                                                "or prefix sharing may be used, else transformers' choice)",
+                                          group="model")
+    logps_backend: str = opt("auto", "log-prob backend: auto (triton on CUDA, torch elsewhere), triton, torch, or "
+                             "eager (full logits, the classic way)", choices=LOGPS_BACKENDS, group="model")
+
+
+@dataclass
+class LayoutArgs(Args):
+    """How a micro-batch of pairs is laid out for one forward (`fastdpo.packing`)."""
+
+    packing: bool | None = opt(None, "pack sequences into rows without padding (default: on where exact)",
+                               group="layout")
+    prefix_sharing: bool | None = opt(None, "score chosen and rejected after one shared prompt (default: on where "
+                                            "exact)", group="layout")
+    max_tokens_per_batch: int | None = opt(None, "cap on a packed row's tokens (default: a whole micro-batch per row "
+                                                 "with FlexAttention, the longest sequence's length with "
+                                                 "SDPA/eager's dense masks)", ge=2, group="layout")
+
+
+@dataclass
+class ScoringArgs(ModelArgs, LayoutArgs):
+    """Commands that run a model without training it (precompute, eval)."""
+
+    device: str = opt("auto", "device to run on (auto: the accelerate process's device)", group="model")
+    batch_size: int = opt(8, "pairs per forward (chosen and rejected of each pair run together)", ge=1)
+    progress: bool = opt(True, "show a progress bar")
+
+    def check(self):
+        if self.dtype == "bf16-mixed":
+            raise UserError("--dtype bf16-mixed is a training mode (fp32 weights, bf16 autocast); to score, use "
+                            "bfloat16 or float32")
+
+
+@dataclass
+class Setup:
+    """What a command needs before the weights: tokenizer, model config, attention, layout, dtype, notes."""
+
+    args: ModelArgs
+    tokenizer: object
+    config: object
+    attention: str | None
+    layout: object  # fastdpo.packing.Layout
+    dtype: object  # torch.dtype of the weights
+    notes: list[str] = field(default_factory=list)
+
+    def load(self, weights_from: str | None = None, device=None):
+        """The causal LM (from `weights_from`, e.g. a checkpoint, else `--model`), on `device` if given."""
+        a = self.args
+        return load_model(weights_from or a.model, revision=None if weights_from else a.revision, dtype=self.dtype,
+                          device=device, trust_remote_code=a.trust_remote_code, attn_implementation=self.attention)
+
+    def scorer(self, causal_lm):
+        """`causal_lm` wrapped so that its forward returns completion log-probs (the one scoring path)."""
+        from .scoring import LogpsModel, fused_head_note
+
+        note = fused_head_note(causal_lm)
+        if note and note not in self.notes:
+            self.notes.append(note)
+        return LogpsModel(causal_lm, self.args.logps_backend)
+
+    def print_notes(self, is_main: bool = True) -> None:
+        if is_main:
+            for note in self.notes:
+                print(note, file=sys.stderr)
+        self.notes.clear()
+
+
+def prepare(args: ModelArgs, device, dtype) -> Setup:
+    """Tokenizer, config, attention implementation and layout for `args` (layout: padded without LayoutArgs)."""
+    from .packing import Layout, attention_for, resolve_layout
+
+    tokenizer = load_tokenizer(args.model, args.revision, args.trust_remote_code)
+    config = load_config(args.model, args.revision, args.trust_remote_code)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise UserError(f"model {args.model} has a vocabulary of {vocab} but its tokenizer has {len(tokenizer)} "
+                        "tokens; ids beyond the vocabulary cannot be scored (resize the model's embeddings or use "
+                        "the matching tokenizer)")
+    if isinstance(args, LayoutArgs):
+        attention = attention_for(device, args.attn_implementation, args.packing, args.prefix_sharing)
+        layout, notes = resolve_layout(config, attention, args.packing, args.prefix_sharing,
+                                       args.max_tokens_per_batch)
+    else:
+        attention, notes = args.attn_implementation, []
+        layout = Layout(attention=attention or "sdpa")
+    return Setup(args, tokenizer, config, attention, layout, dtype, notes)
 
 
 def use_cpu() -> bool:
@@ -50,22 +162,22 @@ def resolve_device(device: str = "auto"):
 
 
 def resolve_dtype(dtype: str, device):
-    """'auto' is bf16 on a GPU and fp32 on CPU."""
+    """The weights' dtype: 'auto' is bf16 on a GPU and fp32 on CPU; bf16-mixed keeps fp32 weights."""
     import torch
 
     if dtype in (None, "auto"):
         return torch.bfloat16 if getattr(device, "type", str(device)) == "cuda" else torch.float32
+    if dtype == "bf16-mixed":
+        return torch.float32
     if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r} is not one of float32, bfloat16, float16")
+        raise UserError(f"--dtype {dtype!r} is not one of float32, bfloat16, float16, bf16-mixed")
     return getattr(torch, DTYPES[dtype])
 
 
 def _not_found(kind: str, name: str, exc: BaseException) -> UserError:
-    if name.startswith((".", "/", "~")) or os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        if not os.path.exists(name):
-            return UserError(f"{kind} not found: {name} (no such directory)")
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return UserError(f"cannot load {kind} {name}: {first}")
+    if is_local_path(name) and not os.path.exists(name):
+        return UserError(f"{kind} not found: {name} (no such directory)")
+    return UserError(f"cannot load {kind} {name}: {first_line(exc)}")
 
 
 def check_model_path(name: str) -> None:
@@ -73,7 +185,7 @@ def check_model_path(name: str) -> None:
     if os.path.exists(name):
         if not os.path.isdir(name):
             raise UserError(f"model path {name} is a file; give the model's directory")
-    elif name.startswith((".", "/", "~")) or name.count("/") > 1:
+    elif is_local_path(name):
         raise UserError(f"model not found: {name} (no such directory)")
 
 

@@ -1,6 +1,6 @@
 """Padding-free packing and prompt-prefix sharing for batches of preference pairs.
 
-One pair has P prompt, C chosen and R rejected tokens. Three layouts of a micro-batch:
+One pair has P prompt, C chosen and R rejected tokens. Three layouts of a micro-batch (`lay_out`):
 
     padded          [P C . . .]  [P R . . .]   one row per sequence, right-padded (the classic one)
     packed          [P C P R P' C' P' R' ...]  sequences concatenated into rows; positions restart
@@ -25,7 +25,8 @@ sequence (the padded width): packing then only fills what padding would have was
 
 Scoring: completion token j is predicted by the hidden state of the token before it *in its own
 sequence*: the last prompt token for the first chosen and the first rejected token alike. Only
-those (source position, label) pairs go through the LM head, via the fused kernel.
+those (source position, label) pairs go through the LM head (`fastdpo.scoring`), in every layout.
+SFT lays out one completion per prompt (`rejecteds=None`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ import torch
 # transformers attention implementations that take a custom mask, and those that only do varlen packing
 MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+# Model types whose transformers implementation passes a custom 4D / BlockMask attention mask and explicit
+# position_ids through to every attention layer unchanged (checked against transformers' modeling code).
+MASKABLE_MODEL_TYPES = {
+    "llama", "mistral", "mixtral", "ministral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+    "gemma3_text", "phi3", "olmo", "olmo2", "olmo3", "cohere", "cohere2", "granite", "granitemoe", "starcoder2",
+    "smollm3", "glm", "glm4", "helium", "stablelm",
+}
 
 
 @dataclass
@@ -70,12 +79,10 @@ def resolve_layout(config, attention: str | None, packing: bool | None, prefix_s
     (None: transformers' default, SDPA for the supported models). For packing and prefix sharing,
     None means "on wherever exact for this model's attention implementation".
     """
-    from .logps import FUSED_HEAD_MODEL_TYPES
-
     attention = attention or "sdpa"
     notes = []
     reason = None
-    if getattr(config, "model_type", None) not in FUSED_HEAD_MODEL_TYPES:
+    if getattr(config, "model_type", None) not in MASKABLE_MODEL_TYPES:
         reason = f"model type {config.model_type!r} is not known to take custom attention masks"
     elif _uses_sliding_window(config):
         reason = "the model uses sliding-window attention, which a custom mask would override"
@@ -146,6 +153,8 @@ class PackedRows:
 def _units(prompts, chosens, rejecteds, prefix_sharing: bool):
     """Sequences to place in rows: (pair, [(branch, tokens), ...])."""
     units = []
+    if rejecteds is None:  # one completion per prompt (SFT)
+        return [(i, [(0, p), (1, c)]) for i, (p, c) in enumerate(zip(prompts, chosens))]
     for i, (p, c, r) in enumerate(zip(prompts, chosens, rejecteds)):
         if prefix_sharing:
             units.append((i, [(0, p), (1, c), (2, r)]))
@@ -174,8 +183,8 @@ def _fill_rows(units, max_tokens: int | None) -> list[list]:
     return rows
 
 
-def pack_pairs(prompts, chosens, rejecteds, layout: Layout, pad_id: int) -> PackedRows:
-    """Lay out a micro-batch of pairs in rows (see the module docstring)."""
+def lay_out(prompts, chosens, rejecteds, layout: Layout, pad_id: int) -> PackedRows:
+    """Lay out a micro-batch of pairs in rows (see the module docstring); `rejecteds=None`: completions only."""
     # without packing, every sequence (or prefix-shared pair) gets a row of its own
     units = _units(prompts, chosens, rejecteds, layout.prefix_sharing)
     rows = _fill_rows(units, layout.row_budget(max(sum(len(t) for _, t in parts) for _, parts in units)))
@@ -225,8 +234,11 @@ def allowed(seg: torch.Tensor, pos: torch.Tensor, branch: torch.Tensor) -> torch
 
 
 def attention_mask(packed: PackedRows, layout: Layout, dtype: torch.dtype):
-    """What the model's attention takes: a BlockMask (flex), None (varlen), a boolean (N, 1, L, L) mask
-    (SDPA: True attends) or an additive one (eager adds it to the scores)."""
+    """What the model's attention takes: the usual (N, L) padding mask for padded rows; otherwise a
+    BlockMask (flex), None (varlen), a boolean (N, 1, L, L) mask (SDPA: True attends) or an additive one
+    (eager adds it to the scores)."""
+    if layout.padded:
+        return (packed.seg >= 0).long()
     if layout.attention == "flex_attention":
         return block_mask(packed)
     if layout.attention in VARLEN_ATTENTION:

@@ -27,8 +27,10 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from .config import Args, opt
 from .errors import UserError
 from .io import atomic_write_bytes, ensure_dir
 
@@ -53,6 +55,24 @@ DISTINGUISHING_KEYS = ("loss_weights", "label_smoothing", "lr", "lr_scheduler", 
                        "max_steps", "epochs", "seed", "simpo_gamma", "ld_alpha", "lora_r", "model", "ref_cache",
                        "dataset")
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class PlotConfig(Args):
+    """`fastdpo plot`: overlaid training curves of runs."""
+
+    runs: list[str] = opt(None, "run directories holding metrics.jsonl", positional=True, metavar="RUN_DIR",
+                          default_factory=list)
+    output: str | None = opt(None, "directory for the PNGs (default: the first run directory)", metavar="DIR")
+    metrics: list[str] | None = opt(None, f"panels, comma-separated: metrics.jsonl fields or the pairs "
+                                          f"{', '.join(GROUPS)} (default: {','.join(DEFAULT_METRICS)})",
+                                    metavar="M1,M2,...")
+    smooth: float = opt(0.0, "exponential moving average weight, drawn over the faint raw curves (0: raw curves "
+                             "only)", ge=0, lt=1, metavar="W")
+
+    def check(self):
+        if not self.runs:
+            raise UserError("give at least one run directory (fastdpo plot RUN_DIR [RUN_DIR ...])")
 
 
 def _matplotlib():

@@ -1,4 +1,4 @@
-"""Shared plumbing for the log-prob kernels: optional Triton import, backend choice, interpreter support.
+"""Shared plumbing for the log-prob kernels: optional Triton import, backend choice.
 
 Triton is optional (it does not exist on macOS): without it `triton_jit` leaves the kernel a plain Python
 function that is never launched, and only the torch backend is available.
@@ -33,63 +33,26 @@ def triton_jit(fn):
 
 
 def interpreter_enabled() -> bool:
-    """Whether Triton kernels run through the CPU interpreter (`TRITON_INTERPRET=1`), read at call time."""
-    if HAS_TRITON:
-        try:
-            return bool(triton.knobs.runtime.interpret)
-        except AttributeError:  # pragma: no cover - older Triton without knobs
-            pass
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    """Whether Triton kernels run through its CPU interpreter.
+
+    `triton.jit` fixes a function's mode from TRITON_INTERPRET when it decorates it, at import: triton.language's own
+    helpers (tl.max, tl.sum, ...) when triton is imported, our kernels when fastdpo.kernels is. So TRITON_INTERPRET=1
+    must be set before both imports; setting it afterwards changes nothing.
+    """
+    return _INTERPRETED
 
 
-_TWINS: dict[int, object] = {}
+def _interpreted_at_import() -> bool:
+    if not HAS_TRITON:
+        return False
+    try:
+        ours = bool(triton.knobs.runtime.interpret)  # what triton.jit reads; the kernels are decorated right after
+    except AttributeError:  # pragma: no cover - older Triton without knobs
+        ours = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    return ours and type(tl.max).__name__ == "InterpretedFunction"
 
 
-def _twin(jit_fn):
-    from triton.runtime.interpreter import InterpretedFunction
-
-    twin = _TWINS.get(id(jit_fn))
-    if twin is None:
-        twin = _TWINS[id(jit_fn)] = InterpretedFunction(jit_fn.fn)
-    return twin
-
-
-class _InterpretedLaunch:
-    """Launch a compiled-mode kernel on the interpreter: `triton.jit` chose the mode when triton was imported, so
-    if that happened before TRITON_INTERPRET=1 was set, our kernels and triton.language's own @jit helpers
-    (tl.max, tl.sum, tl.sigmoid, ...) are compiled-mode functions. Swap the helpers for interpreted twins during
-    the launch and put them back afterwards."""
-
-    def __init__(self, kernel):
-        self.kernel = _twin(kernel)
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            from triton.runtime.jit import JITFunction
-
-            modules = [tl, tl.core, tl.standard, tl.math]
-            saved = [(m, k, v) for m in modules for k, v in vars(m).items() if isinstance(v, JITFunction)]
-            try:
-                for m, k, v in saved:
-                    setattr(m, k, _twin(v))
-                return self.kernel[grid](*args, **kwargs)
-            finally:
-                for m, k, v in saved:
-                    setattr(m, k, v)
-
-        return run
-
-
-def launchable(kernel, device: torch.device):
-    """The kernel to launch for tensors on `device` (`kernel[grid](...)`)."""
-    if device.type != "cpu" or is_interpreted(kernel) or not hasattr(kernel, "fn"):
-        return kernel
-    return _InterpretedLaunch(kernel)
-
-
-def is_interpreted(kernel) -> bool:
-    """Whether `kernel` (from `launchable`) runs on Triton's CPU interpreter."""
-    return type(kernel).__name__ in ("InterpretedFunction", "_InterpretedLaunch")
+_INTERPRETED = _interpreted_at_import()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -111,8 +74,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             raise ValueError("backend='triton' needs the `triton` package; use backend='torch'")
         if device.type == "cpu" and not interpreter_enabled():
             raise ValueError(
-                "backend='triton' got CPU tensors: Triton needs CUDA tensors, or TRITON_INTERPRET=1 set to run "
-                "its (slow) CPU interpreter; use backend='torch' (or 'auto') on CPU"
+                "backend='triton' got CPU tensors: Triton needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                "triton and fastdpo are imported to run its (slow) CPU interpreter; use backend='torch' (or 'auto') "
+                "on CPU"
             )
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"backend='triton' does not support {device.type} tensors; use backend='torch'")

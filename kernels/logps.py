@@ -29,7 +29,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._utils import cdiv, is_interpreted, launchable, next_power_of_2, resolve_backend, tl, triton_jit
+from ._utils import cdiv, next_power_of_2, resolve_backend, tl, triton_jit
 
 __all__ = [
     "token_logps",
@@ -131,7 +131,6 @@ def _logps_bwd_kernel(
     HAS_MASK: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    RTNE_BF16: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     # d logp / d x_v = g * mask * (1[v == label] - exp(z_v - lse)) * dz_v/dx_v,
@@ -163,13 +162,7 @@ def _logps_bwd_kernel(
     if HAS_SCALE:
         grad = grad * logit_scale
     grad = tl.where(active, grad, 0.0)  # exactly zero on masked rows, whatever they held
-    if RTNE_BF16:
-        # The CPU interpreter truncates fp32 -> bf16; round to nearest even by hand, as the GPU does natively
-        bits = grad.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        tl.store(ptrs, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=in_row)
-    else:
-        tl.store(ptrs, grad.to(logits_ptr.dtype.element_ty), mask=in_row)
+    tl.store(ptrs, grad.to(logits_ptr.dtype.element_ty), mask=in_row)
 
 
 # Fixed launch configs, no autotuning: BLOCK_V sets the summation order of the LSE, and the reference precompute and
@@ -219,7 +212,7 @@ def triton_rows_forward(
         return logps, lse
     block, num_warps = _fwd_config(n_cols, logits3d.element_size())
     mask_u8 = mask.view(torch.uint8) if mask is not None else labels
-    launchable(_logps_fwd_kernel, logits3d.device)[(n_rows,)](
+    _logps_fwd_kernel[(n_rows,)](
         logits3d,
         labels,
         mask_u8,
@@ -253,8 +246,7 @@ def triton_rows_backward_(
         return
     block, num_warps = _bwd_config(n_cols)
     mask_u8 = mask.view(torch.uint8) if mask is not None else labels
-    kernel = launchable(_logps_bwd_kernel, logits3d.device)
-    kernel[(n_rows, cdiv(n_cols, block))](
+    _logps_bwd_kernel[(n_rows, cdiv(n_cols, block))](
         logits3d,
         labels,
         mask_u8,
@@ -265,7 +257,6 @@ def triton_rows_backward_(
         logits3d.stride(0),
         logits3d.stride(1),
         HAS_MASK=mask is not None,
-        RTNE_BF16=logits3d.dtype == torch.bfloat16 and is_interpreted(kernel),
         BLOCK_V=block,
         num_warps=num_warps,
         **_scalars(logit_scale, softcap),

@@ -13,6 +13,11 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if "TRITON_INTERPRET" not in os.environ:  # triton.jit fixes the mode at import: decide before anything imports triton
+    import torch  # Triton's CPU interpreter without CUDA; compiled kernels with it (set TRITON_INTERPRET to override)
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,9 @@
 """Tests for fastdpo.kernels: token_logps, sequence_logps and the fused LM head, on both backends.
 
-Without CUDA the Triton kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1, slow: small shapes
-only); with CUDA the same tests run the compiled kernels (realistic shapes are in test_kernels_cuda.py).
+Without CUDA the Triton kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest.py before
+anything imports triton; slow: small shapes only), with its fp32 -> bf16 conversion rounded to nearest even as on a
+GPU (tests/_triton_interp.py); with CUDA the same tests run the compiled kernels (realistic shapes are in
+test_kernels_cuda.py).
 
 Tolerance rule (flash-attention's): against an fp64 oracle, the kernel's max error is at most twice the max error
 of eager PyTorch on the same-dtype inputs (`log_softmax(logits.float())`, the recipe the kernel replaces) plus a
@@ -13,21 +15,17 @@ kernel that rounded per-token values to bf16 would miss the bound by ~1000x.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
+import _triton_interp
+import fastdpo.kernels as K
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton; also re-read at call time
-
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import fastdpo.kernels as K  # noqa: E402
-import pytest  # noqa: E402
-from _compare import assert_close_report, check_vs_eager, run_token  # noqa: E402
-from fastdpo.kernels import _utils as kernel_utils  # noqa: E402
-from fastdpo.kernels import (  # noqa: E402
+from _compare import assert_close_report, check_vs_eager, run_token
+from fastdpo.kernels import _utils as kernel_utils
+from fastdpo.kernels import (
     linear_token_logps,
     linear_token_logps_ref,
     sequence_logps,
@@ -35,10 +33,14 @@ from fastdpo.kernels import (  # noqa: E402
     token_logps,
     token_logps_ref,
 )
-from fastdpo.kernels import logps as logps_mod  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from fastdpo.kernels import logps as logps_mod
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+INTERPRETED = kernel_utils.interpreter_enabled()
+if INTERPRETED:
+    assert _triton_interp.install(), "cannot patch Triton's interpreter: see tests/_triton_interp.py"
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not K.HAS_TRITON, reason="no triton"))]
@@ -420,7 +422,7 @@ def test_backend_selection(monkeypatch):
         kernel_utils.resolve_backend("auto", torch.device("cpu"))
     monkeypatch.delenv(kernel_utils.ENV_BACKEND)
     if K.HAS_TRITON:
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        monkeypatch.setattr(kernel_utils, "interpreter_enabled", lambda: False)  # as if imported without it
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
             token_logps(logits.cpu(), labels.cpu(), mask.cpu(), backend="triton")
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
@@ -438,18 +440,46 @@ def test_shape_checks():
 
 
 @pytest.mark.skipif(not K.HAS_TRITON, reason="no triton")
-def test_interpreter_enabled_after_import():
-    """Another test module may import fastdpo.kernels before TRITON_INTERPRET=1 is set: still runs on CPU."""
+def test_interpreter_set_after_import_is_a_clear_error():
+    """triton.jit fixes the mode at import: TRITON_INTERPRET=1 set afterwards gives backend='triton' on CPU tensors
+    a clear error (set it before importing), while the torch backend and 'auto' keep working."""
     code = (
         "import os, torch, fastdpo.kernels as K\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
         "x = torch.randn(2, 3, 300); lab = torch.randint(0, 300, (2, 3)); m = lab > 50\n"
-        "out = K.token_logps(x, lab, m, backend='triton')\n"
-        "assert torch.allclose(out, K.token_logps_ref(x, lab, m), atol=1e-5)\n"
-        "print('ok')\n"
+        "assert torch.allclose(K.token_logps(x, lab, m), K.token_logps_ref(x, lab, m), atol=1e-5)\n"
+        "try:\n"
+        "    K.token_logps(x, lab, m, backend='triton')\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
     )
     res = python_without_interpreter(code)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "TRITON_INTERPRET=1 set before triton and fastdpo are imported" in res.stdout, res.stdout[-2000:]
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="kernels are not on Triton's CPU interpreter")
+def test_interpreter_rounds_bf16_to_nearest_even():
+    """The test shim (tests/_triton_interp.py): the interpreter's fp32 -> bf16 store rounds like torch and GPUs."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n)
+        tl.store(y_ptr + offs, x.to(y_ptr.dtype.element_ty), mask=offs < n)
+
+    # ties (down to even, up to even), carries into the exponent and to inf, then random magnitudes
+    edges = [0x3F808000, 0x3F818000, 0x3F7FFFFF, 0x477FFFFF, 0x7F7FFFFF, 0xBF808001, 0x00018000]
+    edges = torch.tensor(edges, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    x = torch.cat([edges, torch.randn(1000) * 10.0 ** torch.randint(-30, 30, (1000,))])
+    x = torch.cat([x, torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0])])
+    y = torch.empty(x.numel(), dtype=torch.bfloat16)
+    cast_kernel[(1,)](x, y, x.numel(), BLOCK=2048)
+    ref = x.to(torch.bfloat16)
+    assert torch.equal(y.view(torch.int16)[:-3], ref.view(torch.int16)[:-3])
+    assert y[-3].isnan() and y[-2] == 0 and y[-1] == 0 and y[-1].view(torch.int16) < 0
 
 
 def test_import_and_torch_backend_without_triton():
@@ -469,7 +499,7 @@ def test_import_and_torch_backend_without_triton():
 
 # ----------------------------------------------------------------------------------------------------------------
 # compiled path without a GPU: the interpreter is lenient, so also compile the kernels for Hopper (sm_90). In a
-# subprocess, because the interpreter patches triton.language in this one.
+# subprocess without TRITON_INTERPRET: in this one triton.language's helpers are the interpreter's.
 # ----------------------------------------------------------------------------------------------------------------
 
 _AOT_CHECK = """
@@ -492,14 +522,14 @@ for dtype in ("bf16", "fp16", "fp32"):
     fwd = {"logits_ptr": "*" + dtype, "labels_ptr": "*i64", "mask_ptr": "*u8", "logps_ptr": "*fp32"}
     fwd.update({"lse_ptr": "*fp32", **common, **dict.fromkeys((*flags, "BLOCK_V"), "constexpr")})
     bwd = {"logits_ptr": "*" + dtype, "labels_ptr": "*i64", "mask_ptr": "*u8", "lse_ptr": "*fp32"}
-    bwd.update({"grad_ptr": "*fp32", **common, **dict.fromkeys((*flags, "RTNE_BF16", "BLOCK_V"), "constexpr")})
+    bwd.update({"grad_ptr": "*fp32", **common, **dict.fromkeys((*flags, "BLOCK_V"), "constexpr")})
     block, warps = L._fwd_config(151936, 4 if dtype == "fp32" else 2)
     bblock, bwarps = L._bwd_config(151936)
     for on in (False, True):
         consts = dict.fromkeys(flags, on)
         for kernel, sig, extra, nw in (
             (L._logps_fwd_kernel, fwd, {"BLOCK_V": block}, warps),
-            (L._logps_bwd_kernel, bwd, {"RTNE_BF16": False, "BLOCK_V": bblock}, bwarps),
+            (L._logps_bwd_kernel, bwd, {"BLOCK_V": bblock}, bwarps),
         ):
             try:
                 src = ASTSource(JITFunction(kernel.fn), sig, constexprs={**consts, **extra}, attrs=aligned)

@@ -10,9 +10,9 @@ import torch
 from conftest import make_pairs, write_jsonl
 
 from fastdpo import packing
-from fastdpo.logps import LogpsModel, score_pairs
 from fastdpo.packing import Layout
 from fastdpo.precompute import PrecomputeConfig, precompute
+from fastdpo.scoring import LogpsModel, score_pairs
 from fastdpo.train import train
 
 LAYOUTS = {
@@ -81,7 +81,7 @@ def test_truncated_prompts_and_one_pair_filling_the_budget(scorer, tiny_tokenize
     assert len(prompts[0]) == 24  # truncated at the limit (BOS kept)
     budget = len(prompts[0]) + len(chosens[0]) + len(rejecteds[0])  # the long pair alone fills a row
     layout = Layout(packing=True, prefix_sharing=True, max_tokens=budget)
-    rows_ = packing.pack_pairs(prompts, chosens, rejecteds, layout, 2)
+    rows_ = packing.lay_out(prompts, chosens, rejecteds, layout, 2)
     assert any((rows_.seg[r] >= 0).sum() == budget and rows_.seg[r].max() == 0 for r in range(len(rows_.seg)))
     with torch.no_grad():
         _assert_same(score_pairs(scorer, prompts, chosens, rejecteds, Layout(), 2, "cpu"),
@@ -105,7 +105,7 @@ def test_gradients_equal_padded(tiny_model, tiny_tokenizer):
 
 def test_mask_rule():
     """Rejected sees its prompt but not chosen; segments never see each other; padding sees itself."""
-    rows = packing.pack_pairs([[5, 6]], [[7, 8]], [[9]], Layout(packing=True, prefix_sharing=True), pad_id=0)
+    rows = packing.lay_out([[5, 6]], [[7, 8]], [[9]], Layout(packing=True, prefix_sharing=True), pad_id=0)
     ok = packing.allowed(rows.seg, rows.position_ids, rows.branch)[0].int()
     # tokens: P0 P1 C0 C1 R0
     expect = torch.tensor([[1, 0, 0, 0, 0],
@@ -116,7 +116,7 @@ def test_mask_rule():
     assert torch.equal(ok, expect)
     assert rows.position_ids[0].tolist() == [0, 1, 2, 3, 2]
     assert rows.src_pos.tolist() == [1, 2, 1]  # C0 and R0 are both predicted by the last prompt token
-    two = packing.pack_pairs([[1], [2, 3]], [[4], [5]], [[6], [7]], Layout(packing=True, attention="flex_attention"),
+    two = packing.lay_out([[1], [2, 3]], [[4], [5]], [[6], [7]], Layout(packing=True, attention="flex_attention"),
                              pad_id=0)
     assert two.seg.shape == (1, 10)
     ok2 = packing.allowed(two.seg, two.position_ids, two.branch)[0]
@@ -129,20 +129,20 @@ def test_default_row_length_follows_the_attention():
     what padding would waste; FlexAttention skips masked blocks and takes the whole micro-batch in one row."""
     prompts, chosens, rejecteds = [[1] * 6, [2], [3], [4]], [[5] * 4, [6], [7], [8]], [[9] * 2, [10], [11], [12]]
     lengths = [10, 8, 2, 2, 2, 2, 2, 2]  # [P C] and [P R] per pair
-    dense = packing.pack_pairs(prompts, chosens, rejecteds, Layout(packing=True), 0)
+    dense = packing.lay_out(prompts, chosens, rejecteds, Layout(packing=True), 0)
     assert dense.seg.shape == (3, 10) and dense.num_tokens == sum(lengths)  # rows: 10 | 8 2 | 2 2 2 2 2
-    flex = packing.pack_pairs(prompts, chosens, rejecteds, Layout(packing=True, attention="flex_attention"), 0)
+    flex = packing.lay_out(prompts, chosens, rejecteds, Layout(packing=True, attention="flex_attention"), 0)
     assert flex.seg.shape == (1, sum(lengths))
-    capped = packing.pack_pairs(prompts, chosens, rejecteds, Layout(packing=True, max_tokens=4), 0)
+    capped = packing.lay_out(prompts, chosens, rejecteds, Layout(packing=True, max_tokens=4), 0)
     assert capped.seg.shape == (5, 10)  # a sequence longer than the cap keeps a row of its own
-    padded = packing.pack_pairs(prompts, chosens, rejecteds, Layout(), 0)
+    padded = packing.lay_out(prompts, chosens, rejecteds, Layout(), 0)
     assert padded.seg.shape == (8, 10)
 
 
 def test_flex_block_mask_matches_dense_rule(tiny_tokenizer):
     pytest.importorskip("torch.nn.attention.flex_attention")
     prompts, chosens, rejecteds = _pairs(tiny_tokenizer, make_pairs(4, seed=9))
-    rows = packing.pack_pairs(prompts, chosens, rejecteds,
+    rows = packing.lay_out(prompts, chosens, rejecteds,
                               Layout(packing=True, prefix_sharing=True, attention="flex_attention"), 2)
     assert rows.seg.shape[0] == 1
     bm = packing.block_mask(rows)

@@ -129,12 +129,12 @@ def test_missing_matplotlib_is_a_user_error(runs, tmp_path, monkeypatch):
 
 def _cli(argv):
     from fastdpo.cli import plot as cli_plot
+    from fastdpo.config import add_arguments, from_args
 
     parser = argparse.ArgumentParser(prog="fastdpo plot")
-    cli_plot.add_arguments(parser)
+    add_arguments(parser, cli_plot.CONFIG)
     parser.add_argument("--config")
-    args = parser.parse_args(argv)
-    return cli_plot.run(args)
+    return cli_plot.run(from_args(cli_plot.CONFIG, parser.parse_args(argv)))
 
 
 def test_cli_module(runs, tmp_path, capsys):

@@ -4,7 +4,9 @@
     fastdpo precompute --model M --dataset D --output CACHE
     fastdpo train --model M --ref-cache CACHE --output OUT
 
-A user mistake prints one line and exits 2; a traceback means a bug in fastdpo.
+Each subcommand module names its config dataclass (`CONFIG`), whose fields become its flags
+(`fastdpo.config`), and a `run(config)`. A user mistake prints one line and exits 2; a traceback
+means a bug in fastdpo.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
+    from ..config import add_arguments
 
     parser = Parser(prog="fastdpo", description="Offline-reference preference optimisation for LLMs.",
                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
@@ -44,22 +47,26 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f".{name}", __name__)
         p = sub.add_parser(name, help=help_text, description=module.DESCRIPTION, epilog=module.EXAMPLES,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
+        add_arguments(p, module.CONFIG)
         if getattr(module, "CONFIG_FILE", True):
             p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options; flags given override it")
-        p.set_defaults(func=module.run)
+        p.set_defaults(func=module.run, config_class=module.CONFIG)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..config import from_args
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    run, config_class = args.func, args.config_class
+    del args.func, args.config_class
     try:
-        return args.func(args) or 0
+        return run(from_args(config_class, args)) or 0
     except UserError as e:
         print(f"fastdpo {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code

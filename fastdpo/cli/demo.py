@@ -1,5 +1,9 @@
 """`fastdpo demo`."""
 
+from dataclasses import dataclass
+
+from ..config import Args, opt
+
 CONFIG_FILE = False  # no --config: the demo takes no options beyond where to write
 
 DESCRIPTION = """Run the whole pipeline on the bundled task with a tiny model built locally: build -> sft ->
@@ -12,15 +16,15 @@ EXAMPLES = """examples:
 """
 
 
-def add_arguments(parser):
-    parser.add_argument("--output", default="fastdpo-demo", help="directory for everything the demo writes "
-                                                                  "(default: fastdpo-demo)")
-    parser.add_argument("--reduced", action="store_true", help="fewer steps and eval rows (for smoke tests)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+@dataclass
+class CONFIG(Args):
+    output: str = opt("fastdpo-demo", "directory for everything the demo writes")
+    reduced: bool = opt(False, "fewer steps and eval rows (for smoke tests)")
+    progress: bool = opt(True, "show progress bars")
 
 
-def run(args):
+def run(config):
     from ..demo import demo
 
-    demo(args.output, reduced=args.reduced, progress=args.progress)
+    demo(config.output, reduced=config.reduced, progress=config.progress)
     return 0

@@ -1,8 +1,5 @@
 """`fastdpo eval`."""
 
-from ..config import add_arguments as add_config_arguments
-from ..config import from_args
-from ..eval import EvalConfig
 
 DESCRIPTION = """Score a policy on a held-out reference cache: implicit-reward accuracy, margins, chosen and
 rejected rewards, and a per-token estimate of its KL to the reference on the completions. With
@@ -16,12 +13,8 @@ EXAMPLES = """examples:
 """
 
 
-def add_arguments(parser):
-    add_config_arguments(parser, EvalConfig)
-
-
-def run(args):
+def run(config):
     from ..eval import evaluate, summary
 
-    print(summary(evaluate(from_args(EvalConfig, args))))
+    print(summary(evaluate(config)))
     return 0

@@ -1,8 +1,5 @@
 """`fastdpo precompute`."""
 
-from ..config import add_arguments as add_config_arguments
-from ..config import from_args
-from ..precompute import PrecomputeConfig
 
 DESCRIPTION = """Run the frozen reference model once over a preference dataset and write, for every pair,
 the token ids and the reference log-probs (summed and per token) to Arrow shards plus a manifest.
@@ -16,16 +13,9 @@ EXAMPLES = """examples:
   accelerate launch --num_processes 8 -m fastdpo precompute --model M --dataset D --output cache/d
 """
 
-DATA_FLAGS = ("dataset", "dataset_config", "split", "prompt_column", "chosen_column", "rejected_column",
-              "max_prompt_length", "max_length", "truncation", "assistant_marker", "limit", "strict")
 
-
-def add_arguments(parser):
-    add_config_arguments(parser, PrecomputeConfig, groups={name: "data" for name in DATA_FLAGS})
-
-
-def run(args):
+def run(config):
     from ..precompute import precompute
 
-    precompute(from_args(PrecomputeConfig, args))
+    precompute(config)
     return 0

@@ -1,0 +1,219 @@
+"""Run directories' model saves and checkpoints: atomic writes, RNG state, list / resolve / load.
+
+    OUT/checkpoint-STEP/   model (safetensors) + tokenizer, optimizer.pt, scheduler.pt, rng_state.pt,
+                           trainer_state.json (written last: its presence marks a complete checkpoint)
+    OUT/                   the final model, saved the same way (config.json last)
+
+Every save goes to a hidden temporary directory first (`.checkpoint-STEP.tmp`, `.NAME.tmp-PID`) and
+is renamed into place, so a crash never leaves a directory that looks complete; temporaries a crash
+or an interrupt left behind are removed at the next start (`sweep_temporaries`). Resuming restores
+the optimizer, scheduler, every RNG and the data position, so a resumed run equals an uninterrupted
+one step for step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .config import to_dict
+from .errors import UserError, first_line
+from .io import atomic_write_json, fsync_dir, writing
+
+# Settings that decide which pairs form each step: a resume must keep them.
+PLAN_KEYS = ("batch_size", "grad_accum", "seed", "shuffle", "group_by_length", "ref_cache", "dataset")
+
+
+def unwrapped_policy(accelerator, model):
+    """The causal LM inside accelerate's wrapper and our `LogpsModel`."""
+    return accelerator.unwrap_model(model).model
+
+
+def save_pretrained_atomic(accelerator, model, tokenizer, target: Path, merge_lora: bool = False) -> None:
+    """save_pretrained into a temporary directory, then move the files in; config.json goes last."""
+    policy = unwrapped_policy(accelerator, model)
+    state_dict = accelerator.get_state_dict(model)  # gathers sharded weights; keys carry the wrapper's prefix
+    if not accelerator.is_main_process:
+        return
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with writing(target, cleanup=tmp), _removed_on_interrupt(tmp):
+        tmp.mkdir(parents=True)
+        if merge_lora and hasattr(policy, "merge_and_unload"):
+            import copy
+
+            copy.deepcopy(policy).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+        elif hasattr(policy, "peft_config"):
+            policy.save_pretrained(tmp, safe_serialization=True)
+        else:
+            sd = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+            policy.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name in os.listdir(tmp):
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        target.mkdir(parents=True, exist_ok=True)
+        # config.json last: until it is in place, the directory does not load as a model
+        for name in sorted(os.listdir(tmp), key=lambda n: n in ("config.json", "adapter_config.json")):
+            os.replace(tmp / name, target / name)
+        fsync_dir(target)
+        tmp.rmdir()
+
+
+class _removed_on_interrupt:
+    """Remove a temporary directory when Ctrl-C (or any exception) leaves the block early."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+        return False
+
+
+def sweep_temporaries(out: Path) -> None:
+    """Remove temporaries of our own naming that a killed save left in a run directory."""
+    if not out.is_dir():
+        return
+    for p in out.iterdir():
+        if p.is_dir() and p.name.startswith(".") and (".tmp-" in p.name or p.name.endswith(".tmp")):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    import torch
+
+    np_state = np.random.get_state()
+    state = {"python": json.dumps(random.getstate()), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+             "numpy_pos": int(np_state[2]), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import torch
+
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, out: Path, progress: dict, cfg,
+                    keep: int | None = None) -> Path:
+    """OUT/checkpoint-STEP: weights, optimizer, scheduler, RNG, data position (`progress`). Atomic.
+
+    `keep`: afterwards keep only the newest `keep` complete checkpoints.
+    """
+    import torch
+
+    step = progress["step"]
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    save_pretrained_atomic(accelerator, model, tokenizer, tmp, merge_lora=False)
+    optim_state = optimizer.state_dict()
+    if accelerator.is_main_process:
+        with writing(final, cleanup=tmp), _removed_on_interrupt(tmp):
+            for name, obj in (("optimizer.pt", optim_state), ("scheduler.pt", scheduler.state_dict()),
+                              ("rng_state.pt", _rng_state())):
+                torch.save(obj, tmp / name)
+                with open(tmp / name, "rb") as f:
+                    os.fsync(f.fileno())
+            # trainer_state.json marks a complete checkpoint; it is written last
+            atomic_write_json(tmp / "trainer_state.json", {**progress, "fastdpo_version": __version__,
+                                                           "config": to_dict(cfg),
+                                                           "num_processes": accelerator.num_processes})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(out)
+        if keep:
+            for old in list_checkpoints(out)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints (renamed into place, so trainer_state.json exists), oldest first."""
+    found = []
+    for p in Path(out).glob("checkpoint-*"):
+        if p.is_dir() and (p / "trainer_state.json").is_file() and p.name.split("-")[-1].isdigit():
+            found.append(p)
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def resolve_resume(resume: str | None, out: str) -> Path | None:
+    """`--resume` as a checkpoint directory: None, the newest complete one ('latest'), or the one named."""
+    if not resume:
+        return None
+    if resume == "latest":
+        ckpts = list_checkpoints(Path(out))
+        if not ckpts:
+            raise UserError(f"--resume latest: no complete checkpoint in {out}")
+        return ckpts[-1]
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(f"--resume {path}: not a complete fastdpo checkpoint (no trainer_state.json)")
+    return path
+
+
+def read_trainer_state(path: Path) -> dict:
+    """trainer_state.json, checked: an object with an integer `step` >= 1."""
+    file = path / "trainer_state.json"
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{file} is unreadable: {first_line(e)}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{file} is not a fastdpo trainer state (not a JSON object)")
+    if not isinstance(state.get("step"), int) or isinstance(state["step"], bool) or state["step"] < 1:
+        raise UserError(f"{file}: field 'step' must be an integer >= 1, got {state.get('step')!r}")
+    if not isinstance(state.get("config", {}), dict):
+        raise UserError(f"{file}: field 'config' must be an object")
+    return state
+
+
+def load_checkpoint(path: Path, cfg, accelerator, optimizer, scheduler) -> dict:
+    """Restore optimizer, scheduler and RNG from `path`; returns its trainer state. The data settings must match."""
+    state = read_trainer_state(path)
+    saved = state.get("config", {})
+    changed = [k for k in PLAN_KEYS if saved.get(k) != getattr(cfg, k, None)]
+    if state.get("num_processes") != accelerator.num_processes:
+        changed.append(f"number of processes ({state.get('num_processes')} -> {accelerator.num_processes})")
+    if changed:
+        raise UserError(f"--resume {path}: the checkpoint was made with other data settings ({', '.join(changed)}); "
+                        "resume with the same settings")
+    optimizer.load_state_dict(_load_state(path / "optimizer.pt"))
+    scheduler.load_state_dict(_load_state(path / "scheduler.pt"))
+    _set_rng_state(_load_state(path / "rng_state.pt"))
+    return state
+
+
+def _load_state(path: Path):
+    """fastdpo's own optimizer/scheduler/RNG state: tensors and plain data only (weights_only=True)."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise UserError(f"{path} is not a fastdpo checkpoint file (only tensors and plain data are loaded, "
+                        f"nothing else is unpickled): {first_line(e)}") from None

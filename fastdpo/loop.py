@@ -1,0 +1,427 @@
+"""The training loop of `fastdpo train` and `fastdpo sft`: one optimizer step reads
+
+    fetch -> forward -> loss -> backward -> clip -> step -> log
+
+(`Trainer.fit`). What differs between the two commands is an `Objective`: what it needs from a
+batch (`needs_token_logps`), `step(model, batch) -> (loss, {metric: sum})` and `finish(sums)`, the
+step's metrics. Everything else is here: accelerate (devices, DDP, mixed precision, trackers), the
+policy (dropout off, gradient checkpointing, LoRA), optimizer and schedule, the epoch plan
+(`fastdpo.batching`), non-finite step guard, checkpoints and resume (`fastdpo.checkpoint`), and the
+run directory's `metrics.jsonl`, `fastdpo_config.json` and `<command>_summary.json`.
+
+Normalisation: an objective divides its micro-batch loss by the whole optimizer step's count (pairs,
+or target tokens), never by its own micro-batch's, and the loop multiplies by the number of
+processes because DDP averages gradients: gradient accumulation and extra processes give the
+gradient of one larger batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__, batching, checkpoint, metrics, modeling
+from .config import format_config, opt, to_dict
+from .errors import TrainingStopped, UserError
+from .io import atomic_write_bytes, atomic_write_json, ensure_dir, writing
+
+
+@dataclass
+class RunArgs(modeling.ModelArgs):
+    """What every training command shares: the model, optimisation, logging, checkpoints, LoRA."""
+
+    output: str | None = opt(None, "run directory: metrics.jsonl, checkpoints, final model", required=True)
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory", group="optimisation")
+    optimizer: str = opt("adamw", "optimizer", choices=["adamw", "sgd"], group="optimisation")
+    lr: float = opt(1e-6, "peak learning rate", gt=0, group="optimisation")
+    weight_decay: float = opt(0.0, "decoupled weight decay (AdamW) or L2 (SGD)", ge=0, group="optimisation")
+    momentum: float = opt(0.0, "SGD momentum", ge=0, lt=1, group="optimisation")
+    lr_scheduler: str = opt("linear", "learning-rate schedule after warm-up", choices=["constant", "linear", "cosine"],
+                            group="optimisation")
+    warmup_steps: int = opt(0, "linear warm-up steps", ge=0, group="optimisation")
+    warmup_ratio: float = opt(0.0, "warm-up as a fraction of all steps (used when --warmup-steps is 0)", ge=0, lt=1,
+                              group="optimisation")
+    batch_size: int = opt(4, "examples per micro-batch per process (pairs for preference losses)", ge=1,
+                          group="optimisation")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch x processes x accum)", ge=1,
+                          group="optimisation")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables clipping)", ge=0, group="optimisation")
+    epochs: int = opt(1, "passes over the data", ge=1, group="optimisation")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides --epochs)", ge=1,
+                                group="optimisation")
+    seed: int = opt(42, "seed for data order and initialisation", ge=0, le=2**32 - 1, group="optimisation")
+    shuffle: bool = opt(True, "shuffle shards and rows each epoch (deterministic from --seed and the epoch)",
+                        group="optimisation")
+    group_by_length: bool = opt(True, "batch examples of similar length together to cut padding",
+                                group="optimisation")
+    disable_dropout: bool = opt(True, "turn dropout off in the policy, as TRL does", group="optimisation")
+    max_bad_steps: int = opt(5, "stop after this many consecutive steps with a non-finite loss or gradient", ge=1,
+                             group="optimisation")
+    log_every: int = opt(10, "print a metrics line every N steps (metrics.jsonl gets every step)", ge=1,
+                         group="logging and checkpoints")
+    report_to: str = opt("none", "experiment tracker, through accelerate", choices=["none", "tensorboard", "wandb"],
+                         group="logging and checkpoints")
+    save_steps: int | None = opt(None, "write OUT/checkpoint-STEP every N steps", ge=1, group="logging and checkpoints")
+    save_total_limit: int | None = opt(None, "keep only the newest N checkpoints", ge=1,
+                                       group="logging and checkpoints")
+    resume: str | None = opt(None, "continue from OUT/checkpoint-STEP, or 'latest' for the newest complete one",
+                             group="logging and checkpoints")
+    progress: bool = opt(True, "show a progress bar with ETA", group="logging and checkpoints")
+    lora_r: int | None = opt(None, "LoRA rank; enables LoRA through peft", ge=1, group="lora")
+    lora_alpha: float = opt(16.0, "LoRA alpha", gt=0, group="lora")
+    lora_dropout: float = opt(0.0, "LoRA dropout", ge=0, lt=1, group="lora")
+    lora_target_modules: str = opt("all-linear", "comma-separated module names, or all-linear", group="lora")
+    merge_lora: bool = opt(False, "save the merged model instead of the adapter", group="lora")
+
+    GROUP_TITLES = {"lora": "LoRA (pip install 'fastdpo[peft]')"}
+
+    def check(self):
+        if self.merge_lora and self.lora_r is None:
+            raise UserError("--merge-lora needs --lora-r")
+        if self.dtype == "float16":
+            raise UserError("--dtype float16 cannot train here (fp16 needs loss scaling); use bf16-mixed or bfloat16 "
+                            "on a GPU, float32 on CPU")
+
+
+class Objective:
+    """What a training command optimises: the loop's one plug-in."""
+
+    unit = "examples"  # what a row is, in log lines
+    needs_token_logps = False  # fetch the cache's per-token reference log-probs with the rows
+
+    def step(self, model, batch: batching.Batch):
+        """(loss divided by the step's normaliser, {metric: sum over the micro-batch, incl. "tokens"})."""
+        raise NotImplementedError
+
+    def finish(self, sums: dict[str, float]) -> dict:
+        """The step's metrics from its sums over micro-batches and processes (`sums["examples"]` included)."""
+        raise NotImplementedError
+
+    def check(self, m: dict, total_steps: int) -> tuple[list[str], str | None]:
+        """(warning lines, a reason to stop or None) after each step."""
+        return [], None
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup
+
+
+def disable_dropout(model) -> None:
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+
+
+def apply_lora(model, cfg: RunArgs, resume_dir: Path | None):
+    try:
+        import peft
+    except ImportError:
+        raise UserError("--lora-r needs peft: pip install 'fastdpo[peft]'") from None
+    if resume_dir is not None:
+        return peft.PeftModel.from_pretrained(model, str(resume_dir), is_trainable=True)
+    targets = cfg.lora_target_modules
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                           target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return peft.get_peft_model(model, lora)
+    except ValueError as e:
+        raise UserError(f"--lora-target-modules {cfg.lora_target_modules!r}: {e}") from None
+
+
+def prepare_policy(policy, cfg: RunArgs, resume_dir: Path | None):
+    """Dropout off, KV cache off, gradient checkpointing and LoRA as asked."""
+    if cfg.disable_dropout:
+        disable_dropout(policy)
+    policy.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if cfg.lora_r is not None:
+        if cfg.gradient_checkpointing:
+            policy.enable_input_require_grads()
+        policy = apply_lora(policy, cfg, resume_dir)
+    return policy
+
+
+def build_optimizer(params, cfg: RunArgs):
+    import torch
+
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer, cfg: RunArgs, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.lr_scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+class Plan:
+    """Which rows form each optimizer step (`batching.epoch_plan`), and this process's share of them."""
+
+    def __init__(self, source: batching.Source, cfg: RunArgs, num_processes: int):
+        self.source, self.cfg, self.world = source, cfg, num_processes
+        self.step_size = cfg.batch_size * cfg.grad_accum * num_processes  # examples per optimizer step
+        self.plans: dict[int, list] = {}
+        self.steps_per_epoch = len(self.epoch(0))
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+
+    def epoch(self, epoch: int) -> list:
+        if epoch not in self.plans:
+            c = self.cfg
+            self.plans = {epoch: batching.epoch_plan(self.source.lengths, self.source.shard_bounds, self.step_size,
+                                                     seed=c.seed, epoch=epoch, shuffle=c.shuffle,
+                                                     group_by_length=c.group_by_length)}
+        return self.plans[epoch]
+
+    def micro_batches(self, step: int, rank: int, needs_token_logps: bool):
+        """[(Batch, weight)] of process `rank` at `step` (0-based). A process without rows gets the first
+        micro-batch with weight 0, so that every process takes part in the collectives."""
+        step_rows = self.epoch(step // self.steps_per_epoch)[step % self.steps_per_epoch]
+        micro = batching.micro_batches(step_rows, self.cfg.batch_size)
+        mine, weight = micro[rank::self.world], 1.0
+        if not mine:
+            mine, weight = micro[:1], 0.0
+        chosen_tokens = int(self.source.chosen_lengths[step_rows].sum())
+        return [(batching.Batch(self.source.fetch(mb, with_token_logps=needs_token_logps), self.source.has_ref,
+                                len(step_rows), chosen_tokens), weight) for mb in mine]
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    """A run: accelerate, the run directory, and (after `load_policy`) the policy and its optimizer."""
+
+    def __init__(self, cfg: RunArgs, command: str):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import set_seed
+
+        self.cfg, self.command, self.out = cfg, command, Path(cfg.output)
+        self.resume_dir = checkpoint.resolve_resume(cfg.resume, cfg.output)
+        device = modeling.process_state().device
+        if cfg.attn_implementation == "flex_attention" and device.type == "cpu":
+            raise UserError("--attn-implementation flex_attention cannot train on CPU: PyTorch's FlexAttention has no "
+                            "CPU backward (precompute and eval can use it); use sdpa, the CPU default, or a GPU")
+        AcceleratorState._reset_state()  # a second run in one process may want other mixed precision
+        self.tracker = None if cfg.report_to == "none" else cfg.report_to
+        self.accelerator = Accelerator(cpu=modeling.use_cpu(), mixed_precision="bf16" if cfg.dtype == "bf16-mixed"
+                                       else "no", log_with=self.tracker, project_dir=str(self.out))
+        self.is_main, self.device = self.accelerator.is_main_process, self.accelerator.device
+        if self.is_main:
+            print(f"fastdpo {__version__} {command}\n{format_config(cfg)}", file=sys.stderr)
+        set_seed(cfg.seed)
+        self.setup = modeling.prepare(cfg, self.device, modeling.resolve_dtype(cfg.dtype, self.device))
+        self.tokenizer = self.setup.tokenizer
+
+    def log(self, line: str) -> None:
+        if self.is_main:
+            (self.bar.write if getattr(self, "bar", None) is not None else print)(line, file=sys.stderr)
+
+    def load_policy(self) -> None:
+        """The policy (from the checkpoint when resuming, except LoRA's base), wrapped to score, and its optimizer."""
+        weights_from = str(self.resume_dir) if self.resume_dir is not None and self.cfg.lora_r is None else None
+        policy = prepare_policy(self.setup.load(weights_from), self.cfg, self.resume_dir)
+        self.model = self.setup.scorer(policy)
+        self.model.train()
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.setup.print_notes(self.is_main)
+
+    def fit(self, source: batching.Source, objective: Objective) -> dict:
+        """Train until --max-steps (or --epochs); save the model; return the last step's metrics."""
+        cfg, acc = self.cfg, self.accelerator
+        plan = Plan(source, cfg, acc.num_processes)
+        step, state = self._start(plan, source, objective)
+        m: dict = {}
+        while step < plan.total_steps:
+            t0 = time.perf_counter()
+            micro = plan.micro_batches(step, acc.process_index, objective.needs_token_logps)  # fetch
+            sums: dict = {}
+            for j, (batch, weight) in enumerate(micro):
+                # in DDP, gradients need syncing only at the last micro-batch of the step
+                sync = contextlib.nullcontext() if j == len(micro) - 1 else acc.no_sync(self.model)
+                with sync, acc.autocast():
+                    loss, stats = objective.step(self.model, batch)  # forward + loss
+                    # x processes: DDP averages gradients over processes, and each holds a share of the step
+                    acc.backward(loss * (weight * acc.num_processes))  # backward
+                stats["examples"] = len(batch.rows["prompt_ids"])
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * weight
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)  # clip
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            sums = self._reduce(sums)
+            finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in sums.values())
+            lr = self._optimizer_step(finite, state)  # step
+            step += 1
+            m = self._metrics(step, plan, objective, sums, grad_norm, lr, time.perf_counter() - t0, state)
+            if self._log_step(m, plan, objective, finite):  # log; True: stop early
+                break
+            if state["consecutive_bad_steps"] >= cfg.max_bad_steps:
+                self._stop_on_bad_steps(step, state)
+            if cfg.save_steps and step % cfg.save_steps == 0 and step < plan.total_steps:
+                self._save(step, plan, state, m)
+        return self._finish(step, source, objective, m, state)
+
+    # -- the pieces of a step ------------------------------------------------------------------
+
+    def _reduce(self, sums: dict) -> dict:
+        """Sum the step's statistics over processes (same keys everywhere, in sorted order)."""
+        import torch
+
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
+        return dict(zip(keys, self.accelerator.reduce(t, reduction="sum").tolist()))
+
+    def _optimizer_step(self, finite: bool, state: dict) -> float:
+        """Step the optimizer on a finite step (skip it otherwise); the schedule advances either way."""
+        if finite:
+            self.optimizer.step()
+            state["consecutive_bad_steps"] = 0
+        else:
+            state["bad_steps"] += 1
+            state["consecutive_bad_steps"] += 1
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+    def _metrics(self, step, plan, objective, sums, grad_norm, lr, dt, state) -> dict:
+        m = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), **objective.finish(dict(sums)),
+             "grad_norm": grad_norm, "lr": lr, "step_s": dt, "samples_per_s": sums["examples"] / dt,
+             "tokens_per_s": sums["tokens"] / dt,
+             "elapsed_s": round(state["elapsed_before"] + time.perf_counter() - state["t_start"], 3),
+             "peak_memory_gb": metrics.peak_memory_gb(self.device), "bad_steps": state["bad_steps"]}
+        mfu = metrics.mfu(self.n_params, m["tokens_per_s"] / self.accelerator.num_processes,
+                          metrics.peak_flops(self.device))
+        if mfu is not None:
+            m["mfu"] = mfu
+        return m
+
+    def _log_step(self, m: dict, plan: Plan, objective: Objective, finite: bool) -> bool:
+        """metrics.jsonl, the console line, the tracker and the objective's guard; True to stop the run."""
+        step = m["step"]
+        if self.is_main:
+            with writing(self.out / "metrics.jsonl"), open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(m) + "\n")
+            if not finite:
+                self.log(f"warning: step {step}: non-finite loss or gradient; step skipped "
+                         f"({self.state['consecutive_bad_steps']} in a row, {m['bad_steps']} in all)")
+            if step % self.cfg.log_every == 0 or step == plan.total_steps or not finite:
+                self.log(metrics.format_line(m, plan.total_steps, objective.unit))
+            if self.bar is not None:
+                self.bar.update(1)
+        if self.tracker:
+            self.accelerator.log({k: v for k, v in m.items() if k != "step"}, step=step)
+        warnings, stop = objective.check(m, plan.total_steps)
+        for line in warnings + ([stop] if stop else []):
+            self.log(line)
+        return stop is not None
+
+    def _stop_on_bad_steps(self, step: int, state: dict):
+        if self.bar is not None:
+            self.bar.close()
+        last = state["last_checkpoint"]
+        where = f"the last good checkpoint {last} is intact" if last else "no checkpoint was written"
+        raise TrainingStopped(f"stopped at step {step}: {state['consecutive_bad_steps']} consecutive steps with a "
+                              f"non-finite loss or gradient (--max-bad-steps {self.cfg.max_bad_steps}); {where}")
+
+    def _save(self, step: int, plan: Plan, state: dict, m: dict) -> None:
+        progress = {"step": step, "epoch": (step - 1) // plan.steps_per_epoch,
+                    "steps_into_epoch": (step - 1) % plan.steps_per_epoch + 1, "bad_steps": state["bad_steps"],
+                    "consecutive_bad_steps": state["consecutive_bad_steps"], "elapsed_s": m["elapsed_s"]}
+        state["last_checkpoint"] = checkpoint.save_checkpoint(self.accelerator, self.model, self.optimizer,
+                                                              self.scheduler, self.tokenizer, self.out, progress,
+                                                              self.cfg, keep=self.cfg.save_total_limit)
+        self.log(f"saved {state['last_checkpoint']}")
+
+    # -- start and finish ----------------------------------------------------------------------
+
+    def _start(self, plan: Plan, source, objective: Objective) -> tuple[int, dict]:
+        """Optimizer, schedule, run directory, resume state and progress bar; returns (step, loop state)."""
+        cfg, acc = self.cfg, self.accelerator
+        self.optimizer = build_optimizer(self.model.parameters(), cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, plan.total_steps)
+        self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        if self.is_main:
+            ensure_dir(self.out)
+            checkpoint.sweep_temporaries(self.out)
+            atomic_write_json(self.out / "fastdpo_config.json", {"command": self.command, "fastdpo_version":
+                                                                 __version__, **to_dict(cfg)})
+        state = {"bad_steps": 0, "consecutive_bad_steps": 0, "elapsed_before": 0.0,
+                 "last_checkpoint": (checkpoint.list_checkpoints(self.out) or [None])[-1]}
+        step = 0
+        if self.resume_dir is not None:
+            saved = checkpoint.load_checkpoint(self.resume_dir, cfg, acc, self.optimizer, self.scheduler)
+            step = saved["step"]
+            state.update(bad_steps=saved.get("bad_steps", 0), consecutive_bad_steps=saved.get(
+                "consecutive_bad_steps", 0), elapsed_before=saved.get("elapsed_s", 0.0))
+            self.log(f"resumed from {self.resume_dir} at step {step}")
+        if self.is_main:
+            _truncate_metrics(self.out / "metrics.jsonl", step)  # a fresh run into an old directory starts over
+        if self.tracker:
+            acc.init_trackers("fastdpo", config={k: str(v) if isinstance(v, list | type(None)) else v
+                                                 for k, v in to_dict(cfg).items()})
+        self.log(f"{self.command}: {len(source)} {objective.unit}, {plan.step_size} per step ({cfg.batch_size} x "
+                 f"{cfg.grad_accum} accumulation x {acc.num_processes} process(es)), {plan.steps_per_epoch} "
+                 f"steps/epoch, {plan.total_steps} steps")
+        self.bar = None
+        if cfg.progress and self.is_main:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=plan.total_steps, initial=step, unit="step", desc=self.command, dynamic_ncols=True)
+        metrics.reset_peak_memory(self.device)
+        state["t_start"] = time.perf_counter()
+        self.state = state
+        return step, state
+
+    def _finish(self, step: int, source, objective: Objective, m: dict, state: dict) -> dict:
+        if self.bar is not None:
+            self.bar.close()
+        checkpoint.save_pretrained_atomic(self.accelerator, self.model, self.tokenizer, self.out,
+                                          merge_lora=self.cfg.merge_lora)
+        if self.is_main:
+            atomic_write_json(self.out / f"{self.command}_summary.json", {
+                "steps": step, "final": m, "bad_steps": state["bad_steps"], objective.unit: len(source),
+                "num_processes": self.accelerator.num_processes})
+            self.log(f"{self.command}: {step} steps in {time.perf_counter() - state['t_start']:.1f}s -> {self.out}")
+        if self.tracker:
+            self.accelerator.end_training()
+        self.accelerator.wait_for_everyone()
+        return m
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep metrics.jsonl's records of steps <= `step` (a resumed run rewrites what follows)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())

@@ -1,0 +1,189 @@
+"""The one scoring path: per-token log-probs of completions under a causal LM.
+
+Precompute, train, eval and SFT all score through `score_pairs`, so a fresh policy scores exactly
+what the reference cache holds (a margin of 0 up to float rounding). A micro-batch is laid out in
+rows by `fastdpo.packing` (padded, packed or prefix-shared); every layout names, per completion
+token s, the row and position of the hidden state that predicts it and its label:
+
+    input_ids, position_ids   (N, L)   the rows
+    src_row, src_pos, labels  (S,)     where completion token s is predicted from, and what it is
+
+`LogpsModel(causal_lm)(input_ids, attention_mask, position_ids, src_row, src_pos, labels)` returns
+the (S,) float32 log-probs. For Llama/Qwen/Mistral/Gemma-style `*ForCausalLM` the backbone's hidden
+states at those positions go through `fastdpo.kernels.linear_token_logps`, chunk by chunk, so the
+[tokens x vocab] logits never exist in full. Other models take their logits
+(`fastdpo.kernels.token_logps` on the selected rows). Backend `eager` is the classic computation,
+the model's full logits and `log_softmax(logits.float()).gather(...)`, kept as the benchmarks'
+baseline. `LogpsModel` is an `nn.Module` so that accelerate's DDP wrapper sees the whole computation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import kernels, packing
+
+# Models whose `*ForCausalLM.forward` is `lm_head(backbone(...))`, optionally scaled or soft-capped.
+FUSED_HEAD_MODEL_TYPES = {
+    "llama", "mistral", "mixtral", "ministral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+    "gemma3_text", "phi3", "olmo", "olmo2", "olmo3", "cohere", "cohere2", "granite", "granitemoe", "starcoder2",
+    "smollm3", "glm", "glm4", "helium", "stablelm",
+}
+
+
+@dataclass
+class HeadSpec:
+    backbone: nn.Module
+    lm_head: nn.Linear
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+
+def head_spec(causal_lm: nn.Module) -> HeadSpec | None:
+    """How to split a causal LM into backbone and LM head, or None to use its logits."""
+    inner = causal_lm.get_base_model() if hasattr(causal_lm, "peft_config") else causal_lm
+    config = getattr(inner, "config", None)
+    if config is None or getattr(config, "model_type", None) not in FUSED_HEAD_MODEL_TYPES:
+        return None
+    backbone = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
+    lm_head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if backbone is None or type(lm_head) is not nn.Linear:  # e.g. a LoRA-wrapped head
+        return None
+    scale = 1.0
+    if getattr(config, "logit_scale", None):  # Cohere: logits * logit_scale
+        scale = float(config.logit_scale)
+    if getattr(config, "logits_scaling", None):  # Granite: logits / logits_scaling
+        scale = 1.0 / float(config.logits_scaling)
+    return HeadSpec(backbone, lm_head, scale, getattr(config, "final_logit_softcapping", None))
+
+
+def fused_head_note(causal_lm: nn.Module) -> str | None:
+    """A one-line note when a model falls back to the logits path, else None."""
+    if head_spec(causal_lm) is not None:
+        return None
+    mt = getattr(getattr(causal_lm, "config", None), "model_type", type(causal_lm).__name__)
+    return (f"note: model type {mt!r} is not known to have a plain LM head; scoring through its full logits "
+            "(more memory than the fused head)")
+
+
+def completion_logps(causal_lm: nn.Module, input_ids, attention_mask, position_ids, src_row, src_pos, labels, *,
+                     backend: str = "auto", chunk_size: int | None = None) -> torch.Tensor:
+    """(S,) float32 log-probs of `labels[s]` given the hidden state at (`src_row[s]`, `src_pos[s]`)."""
+    spec = None if backend == "eager" else head_spec(causal_lm)
+    model_kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False)
+    ones = torch.ones((1, labels.numel()), dtype=torch.bool, device=labels.device)
+    if spec is not None:
+        hidden = spec.backbone(**model_kwargs).last_hidden_state  # (N, L, H)
+        out = kernels.linear_token_logps(hidden[src_row, src_pos][None], spec.lm_head.weight, labels[None], ones,
+                                         chunk_size=chunk_size, backend=backend, bias=spec.lm_head.bias,
+                                         logit_scale=spec.logit_scale, softcap=spec.softcap)  # (1, S)
+    else:
+        logits = causal_lm(**model_kwargs).logits  # (N, L, V), in full
+        picked = logits[src_row, src_pos][None]  # (1, S, V)
+        if backend == "eager":  # the classic way, an fp32 copy of the logits: the benchmarks' baseline
+            out = kernels.token_logps_ref(picked, labels[None], ones, upcast=True)
+        else:
+            out = kernels.token_logps(picked, labels[None], ones, backend=backend)
+    return out[0]
+
+
+class LogpsModel(nn.Module):
+    """Wraps a causal LM so that its forward returns completion log-probs (see the module docstring)."""
+
+    def __init__(self, causal_lm: nn.Module, backend: str = "auto"):
+        super().__init__()
+        self.model = causal_lm
+        self.backend = backend
+        self._no_split_modules = getattr(causal_lm, "_no_split_modules", None)  # for FSDP auto-wrap
+
+    def forward(self, input_ids, attention_mask, position_ids, src_row, src_pos, labels):
+        return completion_logps(self.model, input_ids, attention_mask, position_ids, src_row, src_pos, labels,
+                                backend=self.backend)
+
+
+@dataclass
+class PairScores:
+    """Per-token log-probs of a micro-batch's completions, whatever the layout."""
+
+    chosen: torch.Tensor  # (B, Tc) float32, 0 past each completion's end
+    chosen_mask: torch.Tensor  # (B, Tc) bool
+    rejected: torch.Tensor  # (B, Tr); (B, 0) when only one completion per prompt was scored (SFT)
+    rejected_mask: torch.Tensor  # (B, Tr)
+    num_tokens: int  # tokens through the model (padding excluded)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.chosen.shape[0]
+
+    @property
+    def chosen_lens(self) -> torch.Tensor:  # (B,) float32
+        return self.chosen_mask.sum(-1).float()
+
+    @property
+    def rejected_lens(self) -> torch.Tensor:
+        return self.rejected_mask.sum(-1).float()
+
+    def sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.chosen.sum(-1), self.rejected.sum(-1)
+
+    def numpy_rows(self) -> tuple[list, list]:
+        """Lists of per-token float32 arrays, one per completion (for the cache)."""
+        out = []
+        for values, mask in ((self.chosen, self.chosen_mask), (self.rejected, self.rejected_mask)):
+            v, n = values.detach().float().cpu(), mask.sum(-1).tolist()
+            out.append([v[i, :k].numpy() for i, k in enumerate(n)])
+        return out[0], out[1]
+
+
+def score_pairs(model, prompts, chosens, rejecteds, layout, pad_id: int, device, dtype=torch.float32) -> PairScores:
+    """Run a `LogpsModel` (or its DDP wrapper) on a micro-batch of pairs laid out as `layout` says.
+
+    `rejecteds=None` scores one completion per prompt (SFT); `dtype` is the model's, for additive masks.
+    """
+    rows = packing.lay_out(prompts, chosens, rejecteds, layout, pad_id).to(device)
+    mask = packing.attention_mask(rows, layout, dtype)
+    values = model(rows.input_ids, mask, rows.position_ids, rows.src_row, rows.src_pos, rows.labels)  # (S,)
+    rejected_lens = [len(r) for r in rejecteds] if rejecteds is not None else [0] * len(chosens)
+    tok_c, mask_c, tok_r, mask_r = packing.unpack_scores(values, rows, [len(c) for c in chosens], rejected_lens)
+    return PairScores(tok_c, mask_c, tok_r, mask_r, rows.num_tokens)
+
+
+def score_rows(model, prompts, chosens, rejecteds, batch_size: int, layout, pad_id: int, device,
+               on_batch=None) -> tuple[list, list]:
+    """Per-token log-probs (lists of float32 arrays) of every pair's completions, without gradients.
+
+    Pairs are scored in length-bucketed batches (`batching.length_buckets`); results come back in
+    input order. `on_batch(pairs, tokens)` is called after each batch (progress bars).
+    """
+    from .batching import length_buckets
+
+    n = len(prompts)
+    lengths = np.array([len(prompts[i]) + max(len(chosens[i]), len(rejecteds[i])) for i in range(n)])
+    tok_c, tok_r = [None] * n, [None] * n
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        for idx in length_buckets(lengths, batch_size):
+            scores = score_pairs(model, [prompts[i] for i in idx], [chosens[i] for i in idx],
+                                 [rejecteds[i] for i in idx], layout, pad_id, device, dtype)
+            c, r = scores.numpy_rows()
+            for j, i in enumerate(idx):
+                tok_c[i], tok_r[i] = c[j], r[j]
+            if on_batch:
+                on_batch(len(idx), scores.num_tokens)
+    return tok_c, tok_r
+
+
+def padded(lists, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lists of per-token floats -> (N, T) float32 tensor, right-padded with 0, and its (N, T) bool mask."""
+    width = max((len(x) for x in lists), default=0)
+    values = torch.zeros((len(lists), width), dtype=torch.float32)
+    mask = torch.zeros((len(lists), width), dtype=torch.bool)
+    for i, x in enumerate(lists):
+        values[i, :len(x)] = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        mask[i, :len(x)] = True
+    return values.to(device), mask.to(device)

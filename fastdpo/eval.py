@@ -139,7 +139,7 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
     """Run `fastdpo eval`; `fastdpo.evaluate(model=..., ref_cache=...)` works like the CLI. Returns the results."""
     import numpy as np
 
-    from .scoring import score_rows
+    from .scoring import prepare, score_rows
 
     cfg = make(EvalConfig, config, **kwargs)
     t0 = time.perf_counter()
@@ -148,7 +148,7 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
     judge = load_judge(cfg.judge) if cfg.judge else None
     device = modeling.resolve_device(cfg.device)
     cached = cache.load_manifest(cfg.ref_cache).settings.get("resolved_dtype", "auto")
-    setup = modeling.prepare(cfg, device, modeling.resolve_dtype(cfg.dtype if cfg.dtype != "auto" else cached, device))
+    setup = prepare(cfg, device, modeling.resolve_dtype(cfg.dtype if cfg.dtype != "auto" else cached, device))
     source = cache.open_cache(cfg.ref_cache, setup)
     n = min(len(source), cfg.limit or len(source))
     rows = source.fetch(np.arange(n), with_token_logps=True)

@@ -233,7 +233,9 @@ class Trainer:
         if self.is_main:
             print(f"fastdpo {__version__} {command}\n{format_config(cfg)}", file=sys.stderr)
         set_seed(cfg.seed)
-        self.setup = modeling.prepare(cfg, self.device, modeling.resolve_dtype(cfg.dtype, self.device))
+        from .scoring import prepare  # torch: not needed to build the CLI or its --help
+
+        self.setup = prepare(cfg, self.device, modeling.resolve_dtype(cfg.dtype, self.device))
         self.tokenizer = self.setup.tokenizer
 
     def log(self, line: str) -> None:

@@ -1,16 +1,15 @@
-"""Models and tokenizers: the arguments that name them, loading with transformers, fingerprints,
-and the one setup path every command takes.
+"""Models and tokenizers: the arguments that name them, loading with transformers, and fingerprints.
 
     ModelArgs     --model, --revision, --dtype, --trust-remote-code, --attn-implementation, --logps-backend
     LayoutArgs    --packing, --prefix-sharing, --max-tokens-per-batch (how pairs are laid out for a forward)
     ScoringArgs   both, plus --device and --batch-size: commands that score without training
 
-`prepare(args, device, dtype)` turns them into a `Setup` (tokenizer, model config, attention, layout
-and notes for the user), the same way for precompute, train, eval and sft; `Setup.load()` then loads
-the weights. The weights hash is a sha256 over the model's weight files (a Hub cache already names
-each file by its sha256, so cached Hub models hash for free). The tokenizer hash covers what the
-tokenizer files define (vocabulary, merges, normalisation, special tokens, chat template), so a
-tokenizer saved again by fastdpo hashes the same as the one it came from.
+`scoring.prepare(args, device, dtype)` turns them into a `Setup` (tokenizer, model config, attention,
+layout and notes for the user), the same way for precompute, train, eval and sft. The weights hash is
+a sha256 over the model's weight files (a Hub cache already names each file by its sha256, so cached
+Hub models hash for free). The tokenizer hash covers what the tokenizer files define (vocabulary,
+merges, normalisation, special tokens, chat template), so a tokenizer saved again by fastdpo hashes
+the same as the one it came from.
 """
 
 from __future__ import annotations
@@ -19,8 +18,7 @@ import hashlib
 import json
 import os
 import re
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .config import Args, opt
 from .errors import UserError, first_line
@@ -30,6 +28,15 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 _WEIGHT_FILE = re.compile(r"^(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)$")
 LOGPS_BACKENDS = ["auto", "triton", "torch", "eager"]
+
+# Model types built on transformers' Llama template: `*ForCausalLM.forward` is `lm_head(backbone(...))`
+# (optionally scaled or soft-capped), and the attention mask and position_ids reach every attention layer
+# unchanged. Scoring (the fused head) and packing (custom masks) each rely on one of the two properties.
+LLAMA_LIKE_MODEL_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "ministral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+    "gemma3_text", "phi3", "olmo", "olmo2", "olmo3", "cohere", "cohere2", "granite", "granitemoe", "starcoder2",
+    "smollm3", "glm", "glm4", "helium", "stablelm",
+})
 
 
 @dataclass
@@ -76,61 +83,6 @@ class ScoringArgs(ModelArgs, LayoutArgs):
         if self.dtype == "bf16-mixed":
             raise UserError("--dtype bf16-mixed is a training mode (fp32 weights, bf16 autocast); to score, use "
                             "bfloat16 or float32")
-
-
-@dataclass
-class Setup:
-    """What a command needs before the weights: tokenizer, model config, attention, layout, dtype, notes."""
-
-    args: ModelArgs
-    tokenizer: object
-    config: object
-    attention: str | None
-    layout: object  # fastdpo.packing.Layout
-    dtype: object  # torch.dtype of the weights
-    notes: list[str] = field(default_factory=list)
-
-    def load(self, weights_from: str | None = None, device=None):
-        """The causal LM (from `weights_from`, e.g. a checkpoint, else `--model`), on `device` if given."""
-        a = self.args
-        return load_model(weights_from or a.model, revision=None if weights_from else a.revision, dtype=self.dtype,
-                          device=device, trust_remote_code=a.trust_remote_code, attn_implementation=self.attention)
-
-    def scorer(self, causal_lm):
-        """`causal_lm` wrapped so that its forward returns completion log-probs (the one scoring path)."""
-        from .scoring import LogpsModel, fused_head_note
-
-        note = fused_head_note(causal_lm)
-        if note and note not in self.notes:
-            self.notes.append(note)
-        return LogpsModel(causal_lm, self.args.logps_backend)
-
-    def print_notes(self, is_main: bool = True) -> None:
-        if is_main:
-            for note in self.notes:
-                print(note, file=sys.stderr)
-        self.notes.clear()
-
-
-def prepare(args: ModelArgs, device, dtype) -> Setup:
-    """Tokenizer, config, attention implementation and layout for `args` (layout: padded without LayoutArgs)."""
-    from .packing import Layout, attention_for, resolve_layout
-
-    tokenizer = load_tokenizer(args.model, args.revision, args.trust_remote_code)
-    config = load_config(args.model, args.revision, args.trust_remote_code)
-    vocab = getattr(config, "vocab_size", None)
-    if vocab is not None and len(tokenizer) > vocab:
-        raise UserError(f"model {args.model} has a vocabulary of {vocab} but its tokenizer has {len(tokenizer)} "
-                        "tokens; ids beyond the vocabulary cannot be scored (resize the model's embeddings or use "
-                        "the matching tokenizer)")
-    if isinstance(args, LayoutArgs):
-        attention = attention_for(device, args.attn_implementation, args.packing, args.prefix_sharing)
-        layout, notes = resolve_layout(config, attention, args.packing, args.prefix_sharing,
-                                       args.max_tokens_per_batch)
-    else:
-        attention, notes = args.attn_implementation, []
-        layout = Layout(attention=attention or "sdpa")
-    return Setup(args, tokenizer, config, attention, layout, dtype, notes)
 
 
 def use_cpu() -> bool:

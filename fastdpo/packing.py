@@ -35,17 +35,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .modeling import LLAMA_LIKE_MODEL_TYPES
+
 # transformers attention implementations that take a custom mask, and those that only do varlen packing
 MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
-# Model types whose transformers implementation passes a custom 4D / BlockMask attention mask and explicit
-# position_ids through to every attention layer unchanged (checked against transformers' modeling code).
-MASKABLE_MODEL_TYPES = {
-    "llama", "mistral", "mixtral", "ministral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-    "gemma3_text", "phi3", "olmo", "olmo2", "olmo3", "cohere", "cohere2", "granite", "granitemoe", "starcoder2",
-    "smollm3", "glm", "glm4", "helium", "stablelm",
-}
+# Model types whose attention layers take a custom 4D / BlockMask attention mask and explicit position_ids
+MASKABLE_MODEL_TYPES = LLAMA_LIKE_MODEL_TYPES
 
 
 @dataclass

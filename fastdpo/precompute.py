@@ -107,11 +107,33 @@ def _sum_over_processes(value: int) -> int:
     return int(reduce(torch.tensor(int(value), device=state.device), reduction="sum").item())
 
 
+def _manifest(cfg: PrecomputeConfig, setup, fingerprint: str, hashes: dict, stats: dict, skips, n_rows: int,
+              shards: list, num_processes: int, times: list[float]) -> cache.Manifest:
+    tok = setup.tokenizer
+    return cache.Manifest(
+        format_version=cache.FORMAT_VERSION, fastdpo_version=__version__, fingerprint=fingerprint,
+        model={"name_or_path": cfg.model, "revision": cfg.revision, "weights_sha256": hashes["weights"]},
+        tokenizer={"sha256": hashes["tokenizer"], "name_or_path": cfg.model, "pad_token_id": tok.pad_token_id,
+                   "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id},
+        dataset={"name": cfg.dataset, "config": cfg.dataset_config, "split": cfg.split, "fingerprint": hashes["data"],
+                 "rows_read": stats["rows_read"], "rows_written": n_rows, "rows_skipped": dict(sorted(skips.items())),
+                 "boundary_merges": stats["boundary_merges"], "columns": {
+                     "prompt": cfg.prompt_column, "chosen": cfg.chosen_column, "rejected": cfg.rejected_column}},
+        settings={**cfg.settings(), "resolved_dtype": str(setup.dtype).replace("torch.", ""),
+                  "resolved_device": str(modeling.resolve_device(cfg.device)),
+                  "resolved_layout": dataclasses.asdict(setup.layout)},
+        config=to_dict(cfg), num_processes=num_processes, shards=shards,
+        timings={"tokenize_s": round(times[1] - times[0], 3), "forward_s": round(times[2] - times[1], 3),
+                 "total_s": round(time.perf_counter() - times[0], 3)})
+
+
 def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
     """Run stage 1; `fastdpo.precompute(model=..., dataset=..., output=...)` works like the CLI.
 
     Returns the manifest (as a dict).
     """
+    from .scoring import prepare
+
     cfg = make(PrecomputeConfig, config, **kwargs)
     state = modeling.process_state()
     is_main = state.is_main_process
@@ -121,7 +143,7 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
         print(f"fastdpo {__version__} precompute\n{format_config(cfg)}", file=sys.stderr)
     device = modeling.resolve_device(cfg.device)
     dtype = modeling.resolve_dtype(cfg.dtype, device)
-    setup = modeling.prepare(cfg, device, dtype)
+    setup = prepare(cfg, device, dtype)
     tokenizer = setup.tokenizer
 
     source = data.load_source(cfg)
@@ -136,10 +158,10 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
         raise UserError(f"no usable rows in {cfg.dataset}: " + (data.summarise_skips(skips, stats["rows_read"])
                                                                   or "the split is empty"))
 
-    w_hash = modeling.weights_hash(cfg.model, cfg.revision)
+    hashes = {"weights": modeling.weights_hash(cfg.model, cfg.revision), "tokenizer": tok_hash, "data": data_fp}
     settings = cfg.settings()
-    fingerprint = sha256_json({"settings": settings, "weights": w_hash, "tokenizer": tok_hash, "data": data_fp,
-                               "resolved_dtype": str(dtype), "format": cache.FORMAT_VERSION})
+    fingerprint = sha256_json({"settings": settings, **hashes, "resolved_dtype": str(dtype),
+                               "format": cache.FORMAT_VERSION})
     if is_main:
         cache.prepare_output(out, fingerprint, settings, cfg.overwrite, True)
     state.wait_for_everyone()
@@ -173,22 +195,8 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
             bad = [cache.shard_name(i) for i, s in enumerate(shards) if s is None]
             raise UserError(f"shard(s) {', '.join(bad)} in {out} failed their checksum after writing; re-run to "
                             "recompute them")
-        manifest = cache.Manifest(
-            format_version=cache.FORMAT_VERSION, fastdpo_version=__version__, fingerprint=fingerprint,
-            model={"name_or_path": cfg.model, "revision": cfg.revision, "weights_sha256": w_hash},
-            tokenizer={"sha256": tok_hash, "name_or_path": cfg.model, "pad_token_id": tokenizer.pad_token_id,
-                       "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
-            dataset={"name": cfg.dataset, "config": cfg.dataset_config, "split": cfg.split, "fingerprint": data_fp,
-                     "rows_read": stats["rows_read"], "rows_written": len(rows),
-                     "rows_skipped": dict(sorted(skips.items())), "boundary_merges": stats["boundary_merges"],
-                     "columns": {"prompt": cfg.prompt_column, "chosen": cfg.chosen_column,
-                                 "rejected": cfg.rejected_column}},
-            settings={**settings, "resolved_dtype": str(dtype).replace("torch.", ""), "resolved_device": str(device),
-                      "resolved_layout": dataclasses.asdict(setup.layout)},
-            config=to_dict(cfg), num_processes=state.num_processes, shards=shards,
-            timings={"tokenize_s": round(t_tok - t0, 3), "forward_s": round(t_fwd - t_tok, 3),
-                     "total_s": round(time.perf_counter() - t0, 3)})
-        cache.write_manifest(out, manifest)
+        cache.write_manifest(out, _manifest(cfg, setup, fingerprint, hashes, stats, skips, len(rows), shards,
+                                            state.num_processes, [t0, t_tok, t_fwd]))
         skipped = data.summarise_skips(skips, stats["rows_read"])
         if skipped:
             print(skipped, file=sys.stderr)

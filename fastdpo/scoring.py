@@ -1,4 +1,8 @@
-"""The one scoring path: per-token log-probs of completions under a causal LM.
+"""The one scoring path: from ModelArgs to a scorer (`prepare`), and per-token log-probs of completions.
+
+`prepare(args, device, dtype)` turns `modeling.ModelArgs` (and `LayoutArgs`) into a `Setup`:
+tokenizer, model config, attention implementation, layout and notes for the user, the same way for
+precompute, train, eval and sft; `Setup.load()` loads the weights and `Setup.scorer()` wraps them.
 
 Precompute, train, eval and SFT all score through `score_pairs`, so a fresh policy scores exactly
 what the reference cache holds (a margin of 0 up to float rounding). A micro-batch is laid out in
@@ -19,20 +23,19 @@ baseline. `LogpsModel` is an `nn.Module` so that accelerate's DDP wrapper sees t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import kernels, packing
+from . import kernels, modeling, packing
+from .errors import UserError
+from .modeling import LLAMA_LIKE_MODEL_TYPES
 
-# Models whose `*ForCausalLM.forward` is `lm_head(backbone(...))`, optionally scaled or soft-capped.
-FUSED_HEAD_MODEL_TYPES = {
-    "llama", "mistral", "mixtral", "ministral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-    "gemma3_text", "phi3", "olmo", "olmo2", "olmo3", "cohere", "cohere2", "granite", "granitemoe", "starcoder2",
-    "smollm3", "glm", "glm4", "helium", "stablelm",
-}
+# Models whose `*ForCausalLM.forward` is `lm_head(backbone(...))`, optionally scaled or soft-capped
+FUSED_HEAD_MODEL_TYPES = LLAMA_LIKE_MODEL_TYPES
 
 
 @dataclass
@@ -104,6 +107,66 @@ class LogpsModel(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, src_row, src_pos, labels):
         return completion_logps(self.model, input_ids, attention_mask, position_ids, src_row, src_pos, labels,
                                 backend=self.backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup: the one path from ModelArgs (and LayoutArgs) to a scorer, for every command
+
+
+@dataclass
+class Setup:
+    """What a command needs before the weights: tokenizer, model config, attention, layout, dtype, notes."""
+
+    args: modeling.ModelArgs
+    tokenizer: object
+    config: object
+    attention: str | None
+    layout: packing.Layout
+    dtype: object  # torch.dtype of the weights
+    notes: list[str] = field(default_factory=list)
+
+    def load(self, weights_from: str | None = None, device=None):
+        """The causal LM (from `weights_from`, e.g. a checkpoint, else `--model`), on `device` if given."""
+        a = self.args
+        return modeling.load_model(weights_from or a.model, revision=None if weights_from else a.revision,
+                                   dtype=self.dtype, device=device, trust_remote_code=a.trust_remote_code,
+                                   attn_implementation=self.attention)
+
+    def scorer(self, causal_lm):
+        """`causal_lm` wrapped so that its forward returns completion log-probs (the one scoring path)."""
+        note = fused_head_note(causal_lm)
+        if note and note not in self.notes:
+            self.notes.append(note)
+        return LogpsModel(causal_lm, self.args.logps_backend)
+
+    def print_notes(self, is_main: bool = True) -> None:
+        if is_main:
+            for note in self.notes:
+                print(note, file=sys.stderr)
+        self.notes.clear()
+
+
+def prepare(args: modeling.ModelArgs, device, dtype) -> Setup:
+    """Tokenizer, config, attention implementation and layout for `args` (layout: padded without LayoutArgs)."""
+    tokenizer = modeling.load_tokenizer(args.model, args.revision, args.trust_remote_code)
+    config = modeling.load_config(args.model, args.revision, args.trust_remote_code)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise UserError(f"model {args.model} has a vocabulary of {vocab} but its tokenizer has {len(tokenizer)} "
+                        "tokens; ids beyond the vocabulary cannot be scored (resize the model's embeddings or use "
+                        "the matching tokenizer)")
+    if isinstance(args, modeling.LayoutArgs):
+        attention = packing.attention_for(device, args.attn_implementation, args.packing, args.prefix_sharing)
+        layout, notes = packing.resolve_layout(config, attention, args.packing, args.prefix_sharing,
+                                               args.max_tokens_per_batch)
+    else:
+        attention, notes = args.attn_implementation, []
+        layout = packing.Layout(attention=attention or "sdpa")
+    return Setup(args, tokenizer, config, attention, layout, dtype, notes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring micro-batches
 
 
 @dataclass

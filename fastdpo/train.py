@@ -126,8 +126,9 @@ class PreferenceObjective(loop.Objective):
 
     unit = "pairs"
 
-    def __init__(self, cfg: TrainConfig, setup: modeling.Setup, device, reference=None):
-        """reference(rows) -> PairScores: a live reference (None: the rows carry cached values, or no reference)."""
+    def __init__(self, cfg: TrainConfig, setup, device, reference=None):
+        """setup: the policy's `scoring.Setup`; reference(rows) -> PairScores: a live reference (None: the rows
+        carry cached values, or the losses need no reference)."""
         self.cfg, self.setup, self.device, self.reference = cfg, setup, device, reference
         self.needs_token_logps = cfg.needs_reference  # per-token reference values: LD-DPO and the KL estimate
         self.recent_acc: list[float] = []  # the guard's window

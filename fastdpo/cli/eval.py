@@ -1,5 +1,8 @@
 """`fastdpo eval`."""
 
+from ..eval import EvalConfig
+
+CONFIG = EvalConfig  # the flags and --config keys
 
 DESCRIPTION = """Score a policy on a held-out reference cache: implicit-reward accuracy, margins, chosen and
 rejected rewards, and a per-token estimate of its KL to the reference on the completions. With

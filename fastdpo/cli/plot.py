@@ -1,5 +1,8 @@
 """`fastdpo plot`."""
 
+from ..plot import PlotConfig
+
+CONFIG = PlotConfig  # the flags and --config keys
 
 DESCRIPTION = """Plot the training curves of one or more runs (their metrics.jsonl), overlaid: loss, chosen and
 rejected rewards, reward margin, reward accuracy, and chosen/rejected log-probs. Runs are labelled from

@@ -1,5 +1,8 @@
 """`fastdpo precompute`."""
 
+from ..precompute import PrecomputeConfig
+
+CONFIG = PrecomputeConfig  # the flags and --config keys
 
 DESCRIPTION = """Run the frozen reference model once over a preference dataset and write, for every pair,
 the token ids and the reference log-probs (summed and per token) to Arrow shards plus a manifest.

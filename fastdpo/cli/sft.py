@@ -1,5 +1,8 @@
 """`fastdpo sft`."""
 
+from ..sft import SFTConfig
+
+CONFIG = SFTConfig  # the flags and --config keys
 
 DESCRIPTION = """Supervised fine-tuning on the chosen answers of a preference set, on prompt/completion
 pairs, on conversations (the last assistant message is the target) or on plain text. The loss is the

@@ -1,5 +1,8 @@
 """`fastdpo train`."""
 
+from ..train import TrainConfig
+
+CONFIG = TrainConfig  # the flags and --config keys
 
 DESCRIPTION = """Train a policy with DPO (or another preference loss) from a reference cache written by
 `fastdpo precompute`: only the policy is loaded. With --dataset instead of --ref-cache, the reference

@@ -64,6 +64,7 @@ from pathlib import Path
 
 import torch
 
+from fastdpo import metrics
 from fastdpo.modeling import machine_name
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -103,7 +104,6 @@ METHODS = ("fastdpo-packed", "fastdpo-padded", "two-model", "trl-live", "trl-pre
 BASELINE = "two-model"
 SEED = 42  # data order and initialisation, every method
 # Dense bf16 peak FLOP/s, first substring of torch.cuda.get_device_name() that matches
-PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12)]
 DTYPES = ("fp32", "bf16", "bf16-mixed")
 COLUMNS = [
     "method", "status", "model", "data", "device", "dtype", "batch_size", "grad_accum", "steps", "measured_steps",
@@ -458,10 +458,7 @@ def _quantile(xs, q):
 
 
 def peak_flops(device: str) -> float | None:
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    return next((f for key, f in PEAK_FLOPS if key in name), None)
+    return metrics.peak_flops(torch.device(device))  # the trainer's table, so both report the same MFU
 
 
 def _fmt(x, spec=".4g"):

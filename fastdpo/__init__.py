@@ -7,23 +7,17 @@ the policy alone. From Python:
     import fastdpo
     fastdpo.precompute(model="Qwen/Qwen2.5-0.5B-Instruct", dataset="pairs.jsonl", output="cache")
     fastdpo.train(model="Qwen/Qwen2.5-0.5B-Instruct", ref_cache="cache", output="runs/dpo", beta=0.1)
+
+Importing fastdpo does not import torch: the modules below load it when a command runs.
 """
 
 __version__ = "0.1.0"
 
-_API = {
-    "precompute": ("precompute", "precompute"), "PrecomputeConfig": ("precompute", "PrecomputeConfig"),
-    "train": ("train", "train"), "TrainConfig": ("train", "TrainConfig"),
-    "sft": ("sft", "sft"), "SFTConfig": ("sft", "SFTConfig"),
-    "evaluate": ("eval", "evaluate"), "EvalConfig": ("eval", "EvalConfig"),
-}
-__all__ = sorted(_API) + ["__version__"]
+# Bound here, after the submodules they live in: `fastdpo.train` is the function, not the module.
+from .eval import EvalConfig, evaluate  # noqa: E402
+from .precompute import PrecomputeConfig, precompute  # noqa: E402
+from .sft import SFTConfig, sft  # noqa: E402
+from .train import TrainConfig, train  # noqa: E402
 
-
-def __getattr__(name):  # lazy, so `import fastdpo` does not import torch
-    if name in _API:
-        import importlib
-
-        module, attr = _API[name]
-        return getattr(importlib.import_module(f".{module}", __name__), attr)
-    raise AttributeError(f"module 'fastdpo' has no attribute {name!r}")
+__all__ = ["EvalConfig", "PrecomputeConfig", "SFTConfig", "TrainConfig", "__version__", "evaluate", "precompute",
+           "sft", "train"]

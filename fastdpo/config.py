@@ -234,21 +234,19 @@ def load_config_file(path: str) -> dict:
 
 
 def _from_file(kind: Kind, value):
-    """A config file's string for a list field may be comma-separated, as on the command line."""
-    if kind.is_list and isinstance(value, str):
-        parts = [x.strip() for x in value.split(",") if x.strip()]
-        if kind.base in (int, float):
-            try:
-                return [kind.base(x) for x in parts]
-            except ValueError:
-                return value  # check_value names it
-        return parts
-    if kind.base in (int, float) and isinstance(value, str) and not kind.is_list:
+    """A config file may write a list as a comma-separated string, as on the command line, and a number as a
+    string (YAML reads `1e-5` as one); what does not convert is left for `check_value` to name."""
+    def number(x):
         try:
-            return kind.base(value)  # YAML reads 1e-5 as a string
+            return kind.base(x) if kind.base in (int, float) and isinstance(x, str) else x
         except ValueError:
-            return value
-    return value
+            return x
+
+    if kind.is_list and isinstance(value, str):
+        return [number(x.strip()) for x in value.split(",") if x.strip()]
+    if kind.is_list and isinstance(value, list | tuple):
+        return [number(x) for x in value]
+    return number(value)
 
 
 def build_config(cls, values: dict, labels: dict[str, str] | None = None):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 import torch
 from conftest import REPO, load_script
 
 
+@pytest.mark.slow
 def test_bench_logps_tiny_cpu_run(tmp_path):
     bench = load_script(REPO / "benchmarks" / "bench_logps.py")
     providers = ["eager", "chunked-torch", "fastdpo-linear", "eager-head"]

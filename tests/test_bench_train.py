@@ -11,10 +11,12 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 import torch
 from conftest import REPO, load_script
 
 
+@pytest.mark.slow
 def test_bench_train_tiny_cpu_run(tmp_path):
     bench = load_script(REPO / "benchmarks" / "bench_train.py")
     methods = ["fastdpo-packed", "two-model", "trl-precompute"]

@@ -15,6 +15,8 @@ from conftest import REPO, make_pairs, write_jsonl
 from fastdpo.precompute import PrecomputeConfig, precompute
 from fastdpo.train import train
 
+pytestmark = pytest.mark.slow  # real multi-process runs under torchrun
+
 FIELDS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
           "logps/rejected", "grad_norm", "lr")
 

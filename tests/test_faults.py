@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import random
@@ -40,6 +41,7 @@ def _looks_complete(out) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.name.startswith("shard-") or p.name == "manifest.json")
 
 
+@pytest.mark.slow
 def test_precompute_sigkill_at_random_points(tiny_model, data_file, clean_cache, tmp_path):
     rng = random.Random(1234)
     args = ["precompute", "--model", tiny_model, "--dataset", str(data_file), "--shard-rows", "4",
@@ -137,7 +139,7 @@ def _nan_from(step_from, step_to=10**9):
     """Make pair_losses return NaN on optimizer steps [step_from, step_to]."""
     import torch
 
-    import fastdpo.train as T
+    T = importlib.import_module("fastdpo.train")  # the module (fastdpo.train is the function)
 
     real = T.pair_losses
     calls = {"n": 0}
@@ -153,7 +155,7 @@ def _nan_from(step_from, step_to=10**9):
 
 
 def test_transient_non_finite_step_is_skipped(tiny_model, clean_cache, tmp_path, monkeypatch):
-    import fastdpo.train as T
+    T = importlib.import_module("fastdpo.train")  # the module (fastdpo.train is the function)
 
     monkeypatch.setattr(T, "pair_losses", _nan_from(3, 3))
     train(model=tiny_model, ref_cache=str(clean_cache), output=str(tmp_path / "r"), max_steps=6, batch_size=4,
@@ -166,7 +168,7 @@ def test_transient_non_finite_step_is_skipped(tiny_model, clean_cache, tmp_path,
 def test_persistent_non_finite_steps_stop_the_run(tiny_model, clean_cache, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import fastdpo.train as T
+    T = importlib.import_module("fastdpo.train")  # the module (fastdpo.train is the function)
 
     monkeypatch.setattr(T, "pair_losses", _nan_from(5))
     with pytest.raises(TrainingStopped, match=r"stopped at step 7: 3 consecutive .*checkpoint-4 is intact"):
@@ -182,7 +184,7 @@ def test_persistent_non_finite_steps_stop_the_run(tiny_model, clean_cache, tmp_p
 
 
 def test_stop_via_cli_is_one_line_exit_1(tiny_model, clean_cache, tmp_path, monkeypatch):
-    import fastdpo.train as T
+    T = importlib.import_module("fastdpo.train")  # the module (fastdpo.train is the function)
 
     monkeypatch.setattr(T, "pair_losses", _nan_from(1))
     code, msg = run_cli("train", "--model", tiny_model, "--ref-cache", clean_cache, "--output", tmp_path / "r",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -43,7 +42,14 @@ def test_first_step_loss_is_token_mean_nll(tiny_model, tiny_tokenizer, tmp_path)
 
 
 @pytest.mark.parametrize("fmt", ["preference", "completion", "messages", "text"])
-def test_formats_train(tiny_model, tmp_path, fmt):
+def test_formats_train(tiny_model, tiny_tokenizer, tmp_path, fmt):
+    """Every format trains, and the first step's loss is the token-mean NLL of its targets under the initial
+    model (computed here from full logits in fp64, on the tokens fastdpo's data pipeline produced)."""
+    from transformers import AutoModelForCausalLM
+
+    from fastdpo import data
+    from fastdpo.sft import SFTConfig
+
     pairs = make_pairs(8)
     rows = {
         "preference": pairs,
@@ -52,11 +58,22 @@ def test_formats_train(tiny_model, tmp_path, fmt):
                                    {"role": "assistant", "content": p["chosen"]}]} for p in pairs],
         "text": [{"text": p["prompt"] + p["chosen"]} for p in pairs],
     }[fmt]
-    code, err = run_cli("sft", "--model", tiny_model, "--dataset", write_jsonl(tmp_path / "d.jsonl", rows),
-                        "--output", tmp_path / "r", "--max-steps", "2", "--no-progress")
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    code, err = run_cli("sft", "--model", tiny_model, "--dataset", f, "--output", tmp_path / "r", "--max-steps", "2",
+                        "--batch-size", "8", "--no-progress")
     assert code == 0, err
     m = metrics(tmp_path / "r")
-    assert len(m) == 2 and all(math.isfinite(x["loss"]) and x["loss"] > 0 for x in m)
+    cfg = SFTConfig(model=tiny_model, dataset=str(f), output=str(tmp_path / "x"))
+    kept, _, _ = data.tokenize_sft_dataset(data.load_source(cfg), tiny_tokenizer, cfg)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    nll, n = 0.0, 0
+    for p, c in zip(kept["prompt_ids"], kept["chosen_ids"]):
+        with torch.no_grad():
+            logp = model(torch.tensor([p + c])).logits.double().log_softmax(-1)[0]
+        nll -= sum(logp[len(p) + j - 1, tok].item() for j, tok in enumerate(c))
+        n += len(c)
+    assert len(m) == 2 and len(kept) == 8 and m[0]["num_completion_tokens"] == n
+    assert abs(m[0]["loss"] - nll / n) < 1e-4, (m[0]["loss"], nll / n)
 
 
 def test_grad_accum_equals_larger_batch(tiny_model, tmp_path):

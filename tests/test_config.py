@@ -1,0 +1,159 @@
+"""Configs validate themselves: flags, config files and the Python API are checked alike, before anything loads."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import run_cli
+
+import fastdpo
+from fastdpo.config import build_config
+from fastdpo.errors import UserError
+from fastdpo.train import TrainConfig
+
+MISSING_MODEL = "/nonexistent/model"  # never loaded: every case below must fail before any model loads
+
+
+def _one_line(code, err, *needles):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def _yaml(tmp_path, text: str):
+    path = tmp_path / "run.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("key,value,allowed", [
+    ("optimizer", "adam", "adamw, sgd"),
+    ("optimizer", "SGD", "adamw, sgd"),
+    ("lr_scheduler", "cosine_restarts", "constant, linear, cosine"),
+    ("truncation", "middle", "keep_end, keep_start"),
+    ("report_to", "mlflow", "none, tensorboard, wandb"),
+    ("logps_backend", "cuda", "auto, triton, torch, eager"),
+    ("dtype", "fp8", "auto, float32, bfloat16, float16, bf16-mixed"),
+])
+def test_invalid_choice_in_yaml_names_key_and_choices(tmp_path, key, value, allowed):
+    config = _yaml(tmp_path, f"model: {MISSING_MODEL}\nref_cache: {tmp_path}/c\noutput: {tmp_path}/r\n{key}: {value}\n")
+    line = _one_line(*run_cli("train", "--config", config), key, repr(value), allowed, str(config))
+    assert "not one of" in line
+    assert not (tmp_path / "r").exists()  # nothing written
+
+
+@pytest.mark.parametrize("key,value,allowed", [("optimizer", "adam", "adamw, sgd"),
+                                               ("truncation", "middle", "keep_end, keep_start")])
+def test_invalid_choice_through_the_python_api(tmp_path, key, value, allowed):
+    with pytest.raises(UserError) as e:
+        fastdpo.train(model=MISSING_MODEL, ref_cache=str(tmp_path / "c"), output=str(tmp_path / "r"), **{key: value})
+    assert e.value.exit_code == 2 and key in str(e.value) and allowed in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--max-grad-norm", "nan", "finite"),
+    ("--max-grad-norm", "-1", "at least 0"),
+    ("--weight-decay", "-0.1", "at least 0"),
+    ("--weight-decay", "nan", "finite"),
+    ("--momentum", "-1", "at least 0"),
+    ("--seed", "-1", "at least 0"),
+    ("--seed", str(2**32), "at most"),
+    ("--lr", "0", "greater than 0"),
+    ("--lr", "inf", "finite"),
+    ("--early-stop-kl", "-1", "greater than 0"),
+    ("--lora-alpha", "nan", "finite"),
+    ("--lora-dropout", "2", "--lora-dropout"),
+    ("--warmup-ratio", "1", "less than 1"),
+    ("--batch-size", "0", "at least 1"),
+    ("--beta", "0.1,-2", "greater than 0"),
+    ("--loss-weights", "1,-1", "at least 0"),
+    ("--ld-alpha", "1.5", "at most 1"),
+    ("--dtype", "float16", "loss scaling"),
+])
+def test_numeric_ranges_are_checked_up_front(tmp_path, flag, value, needle):
+    code, err = run_cli("train", "--model", MISSING_MODEL, "--ref-cache", tmp_path / "c", "--output",
+                        tmp_path / "r", flag, value)
+    _one_line(code, err, flag.lstrip("-").split("-")[0], needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_same_check_for_flags_files_and_api(tmp_path):
+    """One rule, three ways in: the message names the flag, the file's key, or the keyword."""
+    base = dict(model=MISSING_MODEL, ref_cache=str(tmp_path / "c"), output=str(tmp_path / "r"))
+    flag = _one_line(*run_cli("train", *sum(([f"--{k.replace('_', '-')}", v] for k, v in base.items()), []),
+                              "--momentum", "-1"))
+    config = _yaml(tmp_path, "".join(f"{k}: {v}\n" for k, v in base.items()) + "momentum: -1\n")
+    file = _one_line(*run_cli("train", "--config", config))
+    with pytest.raises(UserError, match="momentum must be at least 0") as api:
+        TrainConfig(**base, momentum=-1.0)
+    assert "--momentum must be at least 0 and less than 1, got -1.0" in flag
+    assert f"{config}: momentum must be at least 0 and less than 1, got -1" in file
+    assert str(api.value).startswith("momentum must be at least 0 and less than 1")
+
+
+def test_lists_come_from_config_files(tmp_path):
+    """Loss mixtures and beta sweeps are typed in the dataclass: a YAML list or a comma string both work."""
+    base = dict(model=MISSING_MODEL, ref_cache="c", output="r")
+    cfg = build_config(TrainConfig, {**base, "loss": ["sigmoid", "sft"], "loss_weights": "1, 0.2",
+                                     "beta": [0.05, 0.1]})
+    assert cfg.loss == ["sigmoid", "sft"] and cfg.loss_weights == [1.0, 0.2] and cfg.beta == [0.05, 0.1]
+    assert build_config(TrainConfig, {**base, "beta": "0.3"}).beta == 0.3  # one value: one run
+    assert build_config(TrainConfig, {**base, "beta": [0.3]}).beta == 0.3
+    with pytest.raises(UserError, match="loss_weights must be a number, got 'x'"):
+        build_config(TrainConfig, {**base, "loss": "sigmoid,sft", "loss_weights": "1,x"})
+    with pytest.raises(UserError, match="unknown loss type 'sigmod' .did you mean sigmoid"):
+        build_config(TrainConfig, {**base, "loss": "sigmod"})
+
+
+def test_yaml_numbers_written_as_strings_are_numbers(tmp_path):
+    """YAML reads `1e-5` as a string; such a value is a number where the field is one."""
+    cfg = build_config(TrainConfig, {"model": MISSING_MODEL, "ref_cache": "c", "output": "r", "lr": "1e-5"})
+    assert cfg.lr == 1e-5 and isinstance(cfg.lr, float)
+    with pytest.raises(UserError, match="lr must be a number, got 'fast'"):
+        build_config(TrainConfig, {"model": MISSING_MODEL, "ref_cache": "c", "output": "r", "lr": "fast"})
+
+
+def test_config_file_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"model: \xff\xfe\n")
+    _one_line(*run_cli("train", "--config", bad), "not UTF-8", str(bad))
+    not_a_map = _yaml(tmp_path, "- a\n- b\n")
+    _one_line(*run_cli("train", "--config", not_a_map), "mapping")
+    unknown = _yaml(tmp_path, "model: m\nbogus_key: 1\n")
+    _one_line(*run_cli("train", "--config", unknown), "unknown option(s) bogus_key")
+    _one_line(*run_cli("train", "--config", tmp_path / "absent.yaml"), "config file not found")
+    typed = tmp_path / "typed.json"
+    typed.write_text(json.dumps({"model": MISSING_MODEL, "ref_cache": "c", "output": "r", "shuffle": "yes"}))
+    _one_line(*run_cli("train", "--config", typed), "shuffle must be true or false")
+
+
+def test_required_and_cross_field_rules(tmp_path):
+    _one_line(*run_cli("train", "--ref-cache", "c", "--output", tmp_path / "r"), "missing required option --model")
+    _one_line(*run_cli("train", "--model", MISSING_MODEL, "--output", tmp_path / "r"), "--ref-cache")
+    _one_line(*run_cli("train", "--model", MISSING_MODEL, "--ref-cache", "c", "--output", tmp_path / "r",
+                       "--limit", "5"), "--limit has no effect with --ref-cache")
+    _one_line(*run_cli("precompute", "--model", MISSING_MODEL, "--dataset", "d.jsonl", "--output", tmp_path / "c",
+                       "--dtype", "bf16-mixed"), "training mode")
+    _one_line(*run_cli("eval", "--model", MISSING_MODEL, "--ref-cache", "c", "--judge", "m:f"), "add --generate")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
+
+
+def test_help_lists_every_field_in_groups():
+    import dataclasses
+
+    from fastdpo.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["train"]
+    flags = {s for a in sub._actions for s in a.option_strings}
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in flags
+    titles = [g.title for g in sub._action_groups]
+    assert titles.index("policy model") < titles.index("loss") < titles.index("LoRA (pip install 'fastdpo[peft]')")
+    assert math.isfinite(TrainConfig(model="m", ref_cache="c", output="o").lr)

@@ -230,6 +230,7 @@ class Trainer:
         self.accelerator = Accelerator(cpu=modeling.use_cpu(), mixed_precision="bf16" if cfg.dtype == "bf16-mixed"
                                        else "no", log_with=self.tracker, project_dir=str(self.out))
         self.is_main, self.device = self.accelerator.is_main_process, self.accelerator.device
+        self.bar = None  # the progress bar, while `fit` runs
         if self.is_main:
             print(f"fastdpo {__version__} {command}\n{format_config(cfg)}", file=sys.stderr)
         set_seed(cfg.seed)
@@ -240,7 +241,7 @@ class Trainer:
 
     def log(self, line: str) -> None:
         if self.is_main:
-            (self.bar.write if getattr(self, "bar", None) is not None else print)(line, file=sys.stderr)
+            (self.bar.write if self.bar is not None else print)(line, file=sys.stderr)
 
     def load_policy(self) -> None:
         """The policy (from the checkpoint when resuming, except LoRA's base), wrapped to score, and its optimizer."""
@@ -255,7 +256,8 @@ class Trainer:
         """Train until --max-steps (or --epochs); save the model; return the last step's metrics."""
         cfg, acc = self.cfg, self.accelerator
         plan = Plan(source, cfg, acc.num_processes)
-        step, state = self._start(plan, source, objective)
+        step = self._start(plan, source, objective)
+        state = self.state  # bad-step counts, last checkpoint, timing
         m: dict = {}
         while step < plan.total_steps:
             t0 = time.perf_counter()
@@ -361,8 +363,8 @@ class Trainer:
 
     # -- start and finish ----------------------------------------------------------------------
 
-    def _start(self, plan: Plan, source, objective: Objective) -> tuple[int, dict]:
-        """Optimizer, schedule, run directory, resume state and progress bar; returns (step, loop state)."""
+    def _start(self, plan: Plan, source, objective: Objective) -> int:
+        """Optimizer, schedule, run directory, resume state (`self.state`) and progress bar; returns the step."""
         cfg, acc = self.cfg, self.accelerator
         self.optimizer = build_optimizer(self.model.parameters(), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, plan.total_steps)
@@ -389,7 +391,6 @@ class Trainer:
         self.log(f"{self.command}: {len(source)} {objective.unit}, {plan.step_size} per step ({cfg.batch_size} x "
                  f"{cfg.grad_accum} accumulation x {acc.num_processes} process(es)), {plan.steps_per_epoch} "
                  f"steps/epoch, {plan.total_steps} steps")
-        self.bar = None
         if cfg.progress and self.is_main:
             from tqdm.auto import tqdm
 
@@ -397,7 +398,7 @@ class Trainer:
         metrics.reset_peak_memory(self.device)
         state["t_start"] = time.perf_counter()
         self.state = state
-        return step, state
+        return step
 
     def _finish(self, step: int, source, objective: Objective, m: dict, state: dict) -> dict:
         if self.bar is not None:

@@ -1,8 +1,15 @@
-"""Run directories' model saves and checkpoints: atomic writes, RNG state, list / resolve / load.
+"""Run directories: who may write one, model saves and checkpoints (atomic), RNG state, resume.
 
-    OUT/checkpoint-STEP/   model (safetensors) + tokenizer, optimizer.pt, scheduler.pt, rng_state.pt,
-                           trainer_state.json (written last: its presence marks a complete checkpoint)
-    OUT/                   the final model, saved the same way (config.json last)
+    OUT/fastdpo_config.json    the run's config, written once the inputs are validated and loaded
+    OUT/metrics.jsonl          one JSON object per optimizer step
+    OUT/checkpoint-STEP/       model (safetensors) + tokenizer, optimizer.pt, scheduler.pt, rng_state.pt,
+                               trainer_state.json (written last: its presence marks a complete checkpoint)
+    OUT/                       the final model, saved the same way (config.json last), <command>_summary.json
+
+A run directory is guarded like a cache (`check_run_dir`): a run goes only into an empty directory,
+continues its own (`--resume`), or replaces one with `--overwrite`, which removes the old run's files
+so that nothing stale (an old checkpoint a later `--resume latest` would pick) survives; it never
+lies inside its model, reference or cache directories.
 
 Every save goes to a hidden temporary directory first (`.checkpoint-STEP.tmp`, `.NAME.tmp-PID`) and
 is renamed into place, so a crash never leaves a directory that looks complete; temporaries a crash
@@ -28,6 +35,66 @@ from .io import atomic_write_json, fsync_dir, writing
 
 # Settings that decide which pairs form each step: a resume must keep them.
 PLAN_KEYS = ("batch_size", "grad_accum", "seed", "shuffle", "group_by_length", "ref_cache", "dataset")
+
+
+# What a run writes into OUT (besides checkpoint-*/ and hidden temporaries): removed by --overwrite
+RUN_FILES = ("fastdpo_config.json", "metrics.jsonl", "train_summary.json", "sft_summary.json", "config.json",
+             "generation_config.json", "model.safetensors", "model.safetensors.index.json", "adapter_config.json",
+             "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "tokenizer.model", "README.md")
+RUN_DIRS = ("fastdpo",)  # accelerate's tracker logs (project_dir/OUT/fastdpo)
+
+
+def _is_run_file(p: Path) -> bool:
+    name = p.name
+    if p.is_dir():
+        return name in RUN_DIRS or name.startswith("checkpoint-") or (name.startswith(".") and ".tmp" in name)
+    return name in RUN_FILES or (name.startswith("model-") and name.endswith(".safetensors"))
+
+
+def _inside(path: Path, other: str | None) -> bool:
+    """`path` is `other` or lies inside it (both resolved; `other` only if it exists locally)."""
+    if not other or not Path(other).exists():
+        return False
+    other_path = Path(other).resolve()
+    return path == other_path or other_path in path.parents
+
+
+def check_run_dir(out: str, inputs: dict[str, str | None], resume: str | None, overwrite: bool) -> None:
+    """Refuse, before anything is written, an output directory that would lose or mix data.
+
+    inputs: flag -> local path the run reads (--model, --ref-cache, ...); OUT may not be or lie inside one,
+    and with --overwrite none of them may lie inside OUT.
+    """
+    path = Path(out).resolve()
+    for flag, other in inputs.items():
+        if _inside(path, other):
+            where = "the same directory as" if path == Path(other).resolve() else "inside"
+            raise UserError(f"--output {out} is {where} {flag} {other}; choose a directory of its own")
+        if overwrite and other and Path(other).exists() and path in Path(other).resolve().parents:
+            raise UserError(f"--overwrite would delete {flag} {other}, which lies inside --output {out}")
+    if not path.is_dir() or resume:
+        return
+    entries = list(path.iterdir())
+    ours = [p for p in entries if _is_run_file(p)]
+    if not entries or overwrite:
+        return
+    if not ours:
+        raise UserError(f"--output {out} is not empty and holds no fastdpo run; choose an empty directory or pass "
+                        "--overwrite")
+    what = "a finished run" if (path / "config.json").exists() or (path / "adapter_config.json").exists() else (
+        "a run with checkpoints" if list_checkpoints(path) else "a run")
+    raise UserError(f"--output {out} holds {what}; pass --resume latest to continue it, --overwrite to start over, "
+                    "or choose another directory")
+
+
+def clear_run_dir(out: Path) -> None:
+    """--overwrite: remove the old run's files (checkpoints, logs, model, config); anything else stays."""
+    if not out.is_dir():
+        return
+    for p in out.iterdir():
+        if _is_run_file(p):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def unwrapped_policy(accelerator, model):
@@ -190,16 +257,25 @@ def read_trainer_state(path: Path) -> dict:
     return state
 
 
-def load_checkpoint(path: Path, cfg, accelerator, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and RNG from `path`; returns its trainer state. The data settings must match."""
+def check_resume(path: Path, cfg, num_processes: int) -> dict:
+    """The checkpoint's trainer state, if `cfg` may continue it: same model, data settings and processes."""
     state = read_trainer_state(path)
     saved = state.get("config", {})
+    if "model" in saved and saved["model"] != cfg.model:
+        raise UserError(f"--resume {path}: the checkpoint continues a run of --model {saved['model']}, not "
+                        f"{cfg.model}; resume with the same --model")
     changed = [k for k in PLAN_KEYS if saved.get(k) != getattr(cfg, k, None)]
-    if state.get("num_processes") != accelerator.num_processes:
-        changed.append(f"number of processes ({state.get('num_processes')} -> {accelerator.num_processes})")
+    if state.get("num_processes") != num_processes:
+        changed.append(f"number of processes ({state.get('num_processes')} -> {num_processes})")
     if changed:
         raise UserError(f"--resume {path}: the checkpoint was made with other data settings ({', '.join(changed)}); "
                         "resume with the same settings")
+    return state
+
+
+def load_checkpoint(path: Path, cfg, accelerator, optimizer, scheduler) -> dict:
+    """Restore optimizer, scheduler and RNG from `path`; returns its trainer state (see `check_resume`)."""
+    state = check_resume(path, cfg, accelerator.num_processes)
     optimizer.load_state_dict(_load_state(path / "optimizer.pt"))
     scheduler.load_state_dict(_load_state(path / "scheduler.pt"))
     _set_rng_state(_load_state(path / "rng_state.pt"))

@@ -103,7 +103,7 @@ def _run(output, recipe: dict, reduced: bool, progress: bool) -> dict:
 
     t = _stage("sft on the noisy demonstrations")
     sft(model=base, dataset=str(demo_task.data_file("sft")), output=str(out / "sft"), progress=progress,
-        log_every=50, **recipe["sft"])
+        log_every=50, overwrite=True, **recipe["sft"])
     timings["sft_s"] = time.perf_counter() - t
 
     t = _stage("precompute reference log-probs (train and held-out)")
@@ -122,7 +122,7 @@ def _run(output, recipe: dict, reduced: bool, progress: bool) -> dict:
 
     t = _stage("DPO from the cache")
     train(model=str(out / "sft"), ref_cache=str(out / "cache-train"), output=str(out / "dpo"), progress=progress,
-          log_every=10, **recipe["dpo"])
+          log_every=10, overwrite=True, **recipe["dpo"])
     timings["dpo_s"] = time.perf_counter() - t
 
     t = _stage("evaluate the DPO model (after)")

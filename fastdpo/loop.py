@@ -72,6 +72,8 @@ class RunArgs(modeling.ModelArgs):
     resume: str | None = opt(None, "continue from OUT/checkpoint-STEP, or 'latest' for the newest complete one",
                              group="logging and checkpoints")
     progress: bool = opt(True, "show a progress bar with ETA", group="logging and checkpoints")
+    overwrite: bool = opt(False, "start over in an --output that holds a run (its checkpoints, logs and model are "
+                                 "removed)", group="logging and checkpoints")
     lora_r: int | None = opt(None, "LoRA rank; enables LoRA through peft", ge=1, group="lora")
     lora_alpha: float = opt(16.0, "LoRA alpha", gt=0, group="lora")
     lora_dropout: float = opt(0.0, "LoRA dropout", ge=0, lt=1, group="lora")
@@ -81,6 +83,8 @@ class RunArgs(modeling.ModelArgs):
     GROUP_TITLES = {"lora": "LoRA (pip install 'fastdpo[peft]')"}
 
     def check(self):
+        if self.overwrite and self.resume:
+            raise UserError("--resume continues the run in --output and --overwrite would delete it; give one")
         if self.merge_lora and self.lora_r is None:
             raise UserError("--merge-lora needs --lora-r")
         if self.dtype == "float16":
@@ -231,6 +235,11 @@ class Trainer:
                                        else "no", log_with=self.tracker, project_dir=str(self.out))
         self.is_main, self.device = self.accelerator.is_main_process, self.accelerator.device
         self.bar = None  # the progress bar, while `fit` runs
+        inputs = {flag: getattr(cfg, flag[2:].replace("-", "_"), None)
+                  for flag in ("--model", "--ref-model", "--ref-cache", "--dataset")}
+        checkpoint.check_run_dir(cfg.output, inputs, cfg.resume, cfg.overwrite)
+        if self.resume_dir is not None:
+            checkpoint.check_resume(self.resume_dir, cfg, self.accelerator.num_processes)
         if self.is_main:
             print(f"fastdpo {__version__} {command}\n{format_config(cfg)}", file=sys.stderr)
         set_seed(cfg.seed)
@@ -371,6 +380,8 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
         if self.is_main:
             ensure_dir(self.out)
+            if cfg.overwrite:
+                checkpoint.clear_run_dir(self.out)
             checkpoint.sweep_temporaries(self.out)
             atomic_write_json(self.out / "fastdpo_config.json", {"command": self.command, "fastdpo_version":
                                                                  __version__, **to_dict(cfg)})

@@ -165,8 +165,10 @@ def _our_files(out: Path) -> list[Path]:
             or p.name.startswith(("shard-", ".shard-", ".manifest.json.", f"{STATE}."))]
 
 
-def prepare_output(out: Path, fingerprint: str, settings: dict, overwrite: bool, is_main: bool) -> None:
-    """Claim `out` for a precompute with these settings: fresh, resumable (same fingerprint) or refused."""
+def prepare_output(out: Path, fingerprint: str, settings: dict, overwrite: bool, is_main: bool) -> bool:
+    """Claim `out` for a precompute with these settings: fresh, resumable (same fingerprint) or refused.
+    Returns whether the directory was created here."""
+    created = not out.exists()
     if is_main:
         ensure_dir(out)
     state_path = out / STATE
@@ -194,6 +196,17 @@ def prepare_output(out: Path, fingerprint: str, settings: dict, overwrite: bool,
                 p.unlink()
     if is_main:
         atomic_write_json(state_path, {"fingerprint": fingerprint, "settings": settings})
+    return created
+
+
+def release_output(out: Path, created: bool) -> None:
+    """Undo a claim that produced nothing (the run failed before its first shard), so that it cannot block
+    the retry with other settings, e.g. a fixed model; a claim with finished shards stays to be resumed."""
+    if not out.is_dir() or any(out.glob(".shard-*.done.json")):
+        return
+    (out / STATE).unlink(missing_ok=True)
+    if created and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _list_array(values: list, np_dtype, pa_type) -> pa.Array:

@@ -21,6 +21,7 @@ import collections
 import dataclasses
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -149,21 +150,62 @@ def _json_kind(value):
     return type(value)
 
 
+def _check_local(args: DataArgs) -> None:
+    """Options that only Hub datasets take are refused for local data; a directory must hold one format."""
+    name = args.dataset
+    if args.dataset_config is not None:
+        raise UserError(f"--dataset-config {args.dataset_config!r} selects a Hub dataset's configuration, but "
+                        f"{name} is local; drop --dataset-config")
+    if os.path.isfile(name) and args.split != "train":
+        raise UserError(f"--split {args.split!r}: the local file {name} is a single split; drop --split (or give a "
+                        "directory holding one file per split)")
+    if os.path.isdir(name) and not _saved_by_datasets(name):
+        found: dict[str, str] = {}
+        for root, _, files in sorted(os.walk(name)):
+            for f in sorted(files):
+                builder = FILE_BUILDERS.get(os.path.splitext(f)[1].lower())
+                if builder and not f.startswith("."):
+                    found.setdefault(builder, os.path.join(root, f))
+        if len(found) > 1:
+            raise UserError(f"dataset directory {name} mixes file formats ({', '.join(sorted(found.values()))}); "
+                            "put one format in a directory, or give a file")
+
+
+def _saved_by_datasets(path: str) -> bool:
+    """A directory written by `Dataset.save_to_disk` (read with `load_from_disk`)."""
+    return any(os.path.exists(os.path.join(path, f)) for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _cause(exc: BaseException) -> str:
+    """The most specific line of a `datasets` error: the innermost cause (datasets wraps the reader's error in
+    "An error occurred while generating the dataset")."""
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    text = str(exc).strip()
+    if "column names don't match" in text and "\nto\n" in text:  # pyarrow's CastError: "cast\nSCHEMA\nto\nDICT"
+        got, expected = text.split("\nto\n", 1)
+        got = [line.split(":")[0] for line in got.splitlines()[1:] if ":" in line]
+        expected = re.findall(r"'([^']+)': ", expected.splitlines()[0])
+        return (f"its files have different columns (one has {', '.join(got)}; another {', '.join(expected)}); give "
+                "files with the same columns")
+    return first_line(exc)
+
+
 def load_source(args: DataArgs):
     """The raw split as a `datasets.Dataset`, or a UserError naming the path / file / line."""
     import datasets
 
     name = args.dataset
     if os.path.exists(name):
+        _check_local(args)
         try:
             if os.path.isdir(name):
-                if os.path.exists(os.path.join(name, "dataset_info.json")) or os.path.exists(
-                        os.path.join(name, "state.json")):
+                if _saved_by_datasets(name):
                     ds = datasets.load_from_disk(name)
                     if isinstance(ds, datasets.DatasetDict):
                         ds = _pick_split(ds, args.split, name)
                     return ds
-                return datasets.load_dataset(name, args.dataset_config, split=args.split)
+                return datasets.load_dataset(name, split=args.split)
             ext = os.path.splitext(name)[1].lower()
             if ext not in FILE_BUILDERS:
                 raise UserError(f"dataset file {name} has an unsupported extension; use one of "
@@ -180,7 +222,7 @@ def load_source(args: DataArgs):
                     return _load_json_rows_leniently(name)
             if isinstance(e, ValueError) and "split" in str(e).lower():
                 raise UserError(f"dataset {name} has no split {args.split!r}: {first_line(e)}") from None
-            raise UserError(f"cannot read dataset {name}: {first_line(e)}") from None
+            raise UserError(f"cannot read dataset {name}: {_cause(e)}") from None
     if is_local_path(name):
         raise UserError(f"dataset not found: {name} (no such file or directory)")
     try:
@@ -188,7 +230,7 @@ def load_source(args: DataArgs):
     except Exception as e:
         where = name + (f" (config {args.dataset_config})" if args.dataset_config else "")
         raise UserError(f"cannot load dataset {where} split {args.split!r} from the Hugging Face Hub: "
-                        f"{first_line(e)}") from None
+                        f"{_cause(e)}") from None
 
 
 def _pick_split(dsd, split, name):

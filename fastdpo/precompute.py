@@ -127,6 +127,29 @@ def _manifest(cfg: PrecomputeConfig, setup, fingerprint: str, hashes: dict, stat
                  "total_s": round(time.perf_counter() - times[0], 3)})
 
 
+def _compute_shards(cfg: PrecomputeConfig, setup, rows, out: Path, fingerprint: str, n_shards: int,
+                    device) -> tuple[int, int]:
+    """This process's unfinished shards (r, r + N, ...), each written with its done-marker; returns the pairs
+    computed and the tokens run through the model, summed over processes."""
+    state = modeling.process_state()
+    mine = list(range(state.process_index, n_shards, state.num_processes))
+    todo = [(i, i * cfg.shard_rows, min((i + 1) * cfg.shard_rows, len(rows))) for i in mine
+            if cache.finished_shard(out, i, fingerprint) is None]
+    kept = _sum_over_processes(len(mine) - len(todo))
+    if kept and state.is_main_process:
+        print(f"resuming: {kept} of {n_shards} shards already complete", file=sys.stderr)
+    scorer = setup.scorer(setup.load(device=device).eval()) if todo else None
+    setup.print_notes(state.is_main_process)
+    progress = _Progress(sum(hi - lo for _, lo, hi in todo), cfg.progress and state.is_main_process)
+    for i, lo, hi in todo:
+        columns = compute_shard(scorer, rows[lo:hi], cfg, setup.layout, device, setup.tokenizer.pad_token_id,
+                                on_batch=progress.update)
+        cache.write_finished_shard(out, i, cache.build_table(columns, {"fingerprint": fingerprint, "shard": i}),
+                                   fingerprint)
+    progress.close()
+    return _sum_over_processes(sum(hi - lo for _, lo, hi in todo)), _sum_over_processes(progress.tokens)
+
+
 def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
     """Run stage 1; `fastdpo.precompute(model=..., dataset=..., output=...)` works like the CLI.
 
@@ -144,7 +167,7 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
     device = modeling.resolve_device(cfg.device)
     dtype = modeling.resolve_dtype(cfg.dtype, device)
     setup = prepare(cfg, device, dtype)
-    tokenizer = setup.tokenizer
+    tokenizer = setup.tokenizer  # checked before anything is written: a bad --model claims no --output
 
     source = data.load_source(cfg)
     tok_hash = modeling.tokenizer_hash(tokenizer)
@@ -154,40 +177,24 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
     with state.main_process_first():  # the main process tokenizes; the others read datasets' cache
         rows, skips, stats = data.tokenize_dataset(source, tokenizer, cfg, fingerprint=map_fp)
     t_tok = time.perf_counter()
-    if len(rows) == 0:
-        raise UserError(f"no usable rows in {cfg.dataset}: " + (data.summarise_skips(skips, stats["rows_read"])
-                                                                  or "the split is empty"))
+    data.keep_rows((rows, skips, stats), cfg, is_main=False)  # refuses a dataset without a usable row
 
     hashes = {"weights": modeling.weights_hash(cfg.model, cfg.revision), "tokenizer": tok_hash, "data": data_fp}
     settings = cfg.settings()
     fingerprint = sha256_json({"settings": settings, **hashes, "resolved_dtype": str(dtype),
                                "format": cache.FORMAT_VERSION})
-    if is_main:
-        cache.prepare_output(out, fingerprint, settings, cfg.overwrite, True)
+    created = cache.prepare_output(out, fingerprint, settings, cfg.overwrite, True) if is_main else False
     state.wait_for_everyone()
     if not is_main:
         cache.prepare_output(out, fingerprint, settings, False, False)
-
     n_shards = (len(rows) + cfg.shard_rows - 1) // cfg.shard_rows
-    mine = list(range(state.process_index, n_shards, state.num_processes))
-    todo = [(i, i * cfg.shard_rows, min((i + 1) * cfg.shard_rows, len(rows))) for i in mine
-            if cache.finished_shard(out, i, fingerprint) is None]
-    kept = _sum_over_processes(len(mine) - len(todo))
-    if kept and is_main:
-        print(f"resuming: {kept} of {n_shards} shards already complete", file=sys.stderr)
-
-    scorer = setup.scorer(setup.load(device=device).eval()) if todo else None
-    setup.print_notes(is_main)
-    progress = _Progress(sum(hi - lo for _, lo, hi in todo), cfg.progress and is_main)
-    for i, lo, hi in todo:
-        columns = compute_shard(scorer, rows[lo:hi], cfg, setup.layout, device, tokenizer.pad_token_id,
-                                on_batch=progress.update)
-        cache.write_finished_shard(out, i, cache.build_table(columns, {"fingerprint": fingerprint, "shard": i}),
-                                   fingerprint)
-    progress.close()
+    try:
+        computed, tokens = _compute_shards(cfg, setup, rows, out, fingerprint, n_shards, device)
+    except BaseException:
+        if is_main:  # nothing finished: leave no claim that would refuse the retry
+            cache.release_output(out, created)
+        raise
     t_fwd = time.perf_counter()
-    computed = _sum_over_processes(sum(hi - lo for _, lo, hi in todo))
-    tokens = _sum_over_processes(progress.tokens)
 
     if is_main:
         shards = [cache.finished_shard(out, i, fingerprint) for i in range(n_shards)]

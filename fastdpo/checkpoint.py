@@ -31,7 +31,7 @@ import numpy as np
 from . import __version__
 from .config import to_dict
 from .errors import UserError, first_line
-from .io import atomic_write_json, fsync_dir, writing
+from .io import atomic_write_json, check_output_apart, fsync_dir, writing
 
 # Settings that decide which pairs form each step: a resume must keep them.
 PLAN_KEYS = ("batch_size", "grad_accum", "seed", "shuffle", "group_by_length", "ref_cache", "dataset")
@@ -52,14 +52,6 @@ def _is_run_file(p: Path) -> bool:
     return name in RUN_FILES or (name.startswith("model-") and name.endswith(".safetensors"))
 
 
-def _inside(path: Path, other: str | None) -> bool:
-    """`path` is `other` or lies inside it (both resolved; `other` only if it exists locally)."""
-    if not other or not Path(other).exists():
-        return False
-    other_path = Path(other).resolve()
-    return path == other_path or other_path in path.parents
-
-
 def check_run_dir(out: str, inputs: dict[str, str | None], resume: str | None, overwrite: bool) -> None:
     """Refuse, before anything is written, an output directory that would lose or mix data.
 
@@ -67,10 +59,8 @@ def check_run_dir(out: str, inputs: dict[str, str | None], resume: str | None, o
     and with --overwrite none of them may lie inside OUT.
     """
     path = Path(out).resolve()
+    check_output_apart(out, inputs)
     for flag, other in inputs.items():
-        if _inside(path, other):
-            where = "the same directory as" if path == Path(other).resolve() else "inside"
-            raise UserError(f"--output {out} is {where} {flag} {other}; choose a directory of its own")
         if overwrite and other and Path(other).exists() and path in Path(other).resolve().parents:
             raise UserError(f"--overwrite would delete {flag} {other}, which lies inside --output {out}")
     if not path.is_dir() or resume:

@@ -118,3 +118,15 @@ def is_local_path(name: str) -> bool:
     `~`, has more than one `/`, or ends in a data file's suffix."""
     return (name.startswith((".", "/", "~")) or name.count("/") > 1 or name.lower().endswith(DATA_SUFFIXES)
             or (os.sep != "/" and os.sep in name) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name))
+
+
+def check_output_apart(out: str, inputs: dict[str, str | None]) -> None:
+    """Refuse an --output that is, or lies inside, one of the local `inputs` (flag -> path) a command reads."""
+    path = Path(out).resolve()
+    for flag, other in inputs.items():
+        if not other or not Path(other).exists():
+            continue
+        other_path = Path(other).resolve()
+        if path == other_path or other_path in path.parents:
+            where = "the same directory as" if path == other_path else "inside"
+            raise UserError(f"--output {out} is {where} {flag} {other}; choose a directory of its own")

@@ -24,7 +24,7 @@ from pathlib import Path
 from . import __version__, cache, data, modeling
 from .config import format_config, make, opt, to_dict
 from .errors import UserError
-from .io import sha256_file, sha256_json
+from .io import check_output_apart, sha256_file, sha256_json
 
 
 @dataclass
@@ -164,6 +164,7 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
     out = Path(cfg.output)
     if is_main:
         print(f"fastdpo {__version__} precompute\n{format_config(cfg)}", file=sys.stderr)
+    check_output_apart(cfg.output, {"--model": cfg.model, "--dataset": cfg.dataset})
     device = modeling.resolve_device(cfg.device)
     dtype = modeling.resolve_dtype(cfg.dtype, device)
     setup = prepare(cfg, device, dtype)

@@ -91,6 +91,8 @@ def test_output_may_not_be_or_lie_in_an_input(tiny_model, cache_dir, tmp_path):
     one_line(*train_cli(model, cache_dir, model, "--overwrite"), "same directory as --model")
     one_line(*train_cli(model, cache_dir, cache_dir / "run"), "inside --ref-cache")
     one_line(*train_cli(model / "sub" / ".." / "sub2", cache_dir, model / "x"), "not found")
+    one_line(*run_cli("precompute", "--model", model, "--dataset", tmp_path / "d.jsonl", "--output", model,
+                      "--overwrite"), "same directory as --model")
     assert snapshot(model) == before and snapshot(cache_dir) == cache_before
 
 

@@ -369,7 +369,8 @@ def open_cache(cache_dir: str, setup, *, policy_weights: str | None = None, is_m
             print(f"warning: {policy_weights}'s weights differ from the cache's reference "
                   f"{manifest.model['name_or_path']} (fine for a policy that starts elsewhere, but usually a "
                   "mistake)", file=sys.stderr)
-        ref_dtype, ours_dtype = manifest.settings.get("resolved_dtype"), str(setup.dtype).replace("torch.", "")
+        ref_dtype = manifest.settings.get("resolved_dtype")
+        ours_dtype = setup.precision or str(setup.dtype).replace("torch.", "")
         if ref_dtype and ref_dtype != ours_dtype:
             print(f"note: the cache was computed in {ref_dtype} and the policy runs in {ours_dtype}; a fresh "
                   "policy's margin will not start at exactly 0", file=sys.stderr)

@@ -231,8 +231,9 @@ class Trainer:
                             "CPU backward (precompute and eval can use it); use sdpa, the CPU default, or a GPU")
         AcceleratorState._reset_state()  # a second run in one process may want other mixed precision
         self.tracker = None if cfg.report_to == "none" else cfg.report_to
-        self.accelerator = Accelerator(cpu=modeling.use_cpu(), mixed_precision="bf16" if cfg.dtype == "bf16-mixed"
-                                       else "no", log_with=self.tracker, project_dir=str(self.out))
+        self.precision = modeling.train_precision(cfg.dtype, device)
+        self.accelerator = Accelerator(cpu=modeling.use_cpu(), mixed_precision="bf16" if self.precision ==
+                                       "bf16-mixed" else "no", log_with=self.tracker, project_dir=str(self.out))
         self.is_main, self.device = self.accelerator.is_main_process, self.accelerator.device
         self.bar = None  # the progress bar, while `fit` runs
         inputs = {flag: getattr(cfg, flag[2:].replace("-", "_"), None)
@@ -241,11 +242,17 @@ class Trainer:
         if self.resume_dir is not None:
             checkpoint.check_resume(self.resume_dir, cfg, self.accelerator.num_processes)
         if self.is_main:
-            print(f"fastdpo {__version__} {command}\n{format_config(cfg)}", file=sys.stderr)
+            print(f"fastdpo {__version__} {command}\n{format_config(cfg)}\n  precision: {self.precision}",
+                  file=sys.stderr)
+            if self.precision == "bfloat16" and cfg.optimizer == "adamw":
+                print("warning: --dtype bfloat16 updates bf16 weights with plain AdamW: an update smaller than half "
+                      "a weight's bf16 spacing (most of them at DPO learning rates) rounds away; --dtype bf16-mixed "
+                      "keeps fp32 weights (the default on GPU)", file=sys.stderr)
         set_seed(cfg.seed)
         from .scoring import prepare  # torch: not needed to build the CLI or its --help
 
-        self.setup = prepare(cfg, self.device, modeling.resolve_dtype(cfg.dtype, self.device))
+        self.setup = prepare(cfg, self.device, modeling.resolve_dtype(self.precision, self.device))
+        self.setup.precision = self.precision
         self.tokenizer = self.setup.tokenizer
 
     def log(self, line: str) -> None:

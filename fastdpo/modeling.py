@@ -46,7 +46,7 @@ class ModelArgs(Args):
     model: str | None = opt(None, "model: a local directory or a Hugging Face Hub id", required=True, group="model")
     revision: str | None = opt(None, "model revision (branch, tag or commit) on the Hub", group="model")
     dtype: str = opt("auto", "float32; bfloat16 weights; float16 (scoring only); bf16-mixed (fp32 weights, bf16 "
-                     "autocast; training only); auto: bfloat16 on GPU, float32 on CPU",
+                     "autocast; training only); auto: on GPU bf16-mixed to train, bfloat16 to score; float32 on CPU",
                      choices=["auto", "float32", "bfloat16", "float16", "bf16-mixed"], group="model")
     trust_remote_code: bool = opt(False, "allow custom model code from the Hub (off: never runs remote code)",
                                   group="model")
@@ -111,6 +111,14 @@ def resolve_device(device: str = "auto"):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device} asked for, but CUDA is not available on this machine")
     return dev
+
+
+def train_precision(dtype: str, device) -> str:
+    """How a policy trains: 'auto' is bf16-mixed on a GPU (fp32 weights and optimizer, bf16 autocast: updates
+    far below bf16's resolution still land) and float32 on CPU; any other value as given."""
+    if dtype in (None, "auto"):
+        return "bf16-mixed" if getattr(device, "type", str(device)) == "cuda" else "float32"
+    return dtype
 
 
 def resolve_dtype(dtype: str, device):

@@ -124,6 +124,7 @@ class Setup:
     layout: packing.Layout
     dtype: object  # torch.dtype of the weights
     notes: list[str] = field(default_factory=list)
+    precision: str | None = None  # training: float32, bfloat16 or bf16-mixed (fp32 weights under bf16 autocast)
 
     def load(self, weights_from: str | None = None, device=None):
         """The causal LM (from `weights_from`, e.g. a checkpoint, else `--model`), on `device` if given."""

@@ -6,6 +6,7 @@ function that is never launched, and only the torch backend is available.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -92,16 +93,28 @@ def next_power_of_2(n: int) -> int:
 
 
 def mm_fp32_supported(device: torch.device) -> bool:
-    """Whether `torch.mm(a, b, out_dtype=torch.float32)` works for 16-bit inputs here (CUDA, torch >= 2.8)."""
+    """Whether the fp32-output GEMMs of 16-bit inputs the fused head uses work here: `torch.mm(a, b,
+    out_dtype=fp32)` and, for the weight gradient, `torch.addmm(acc, a, b, out_dtype=fp32, out=acc)` with an
+    fp32 `acc` (CUDA; torch 2.8-2.9 accept the first and reject the second: "self and mat2 must have the same
+    dtype")."""
     if device.type != "cuda":
         return False
     if device not in _MM_OUT_DTYPE_OK:
         try:
             x = torch.zeros(16, 16, device=device, dtype=torch.bfloat16)
-            _MM_OUT_DTYPE_OK[device] = torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+            acc = torch.zeros(16, 16, device=device, dtype=torch.float32)
+            ok = torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+            _MM_OUT_DTYPE_OK[device] = ok and torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc).dtype == (
+                torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):
             _MM_OUT_DTYPE_OK[device] = False
     return _MM_OUT_DTYPE_OK[device]
+
+
+def device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device, not the tensors': run a launch under the tensor's device
+    (`fastdpo precompute --device cuda:1` while cuda:0 is current)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -29,7 +29,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._utils import cdiv, next_power_of_2, resolve_backend, tl, triton_jit
+from ._utils import cdiv, device_guard, next_power_of_2, resolve_backend, tl, triton_jit
 
 __all__ = [
     "token_logps",
@@ -212,21 +212,22 @@ def triton_rows_forward(
         return logps, lse
     block, num_warps = _fwd_config(n_cols, logits3d.element_size())
     mask_u8 = mask.view(torch.uint8) if mask is not None else labels
-    _logps_fwd_kernel[(n_rows,)](
-        logits3d,
-        labels,
-        mask_u8,
-        logps,
-        lse,
-        n_cols,
-        seq_len,
-        logits3d.stride(0),
-        logits3d.stride(1),
-        HAS_MASK=mask is not None,
-        BLOCK_V=block,
-        num_warps=num_warps,
-        **_scalars(logit_scale, softcap),
-    )
+    with device_guard(logits3d):
+        _logps_fwd_kernel[(n_rows,)](
+            logits3d,
+            labels,
+            mask_u8,
+            logps,
+            lse,
+            n_cols,
+            seq_len,
+            logits3d.stride(0),
+            logits3d.stride(1),
+            HAS_MASK=mask is not None,
+            BLOCK_V=block,
+            num_warps=num_warps,
+            **_scalars(logit_scale, softcap),
+        )
     return logps, lse
 
 
@@ -246,21 +247,22 @@ def triton_rows_backward_(
         return
     block, num_warps = _bwd_config(n_cols)
     mask_u8 = mask.view(torch.uint8) if mask is not None else labels
-    _logps_bwd_kernel[(n_rows, cdiv(n_cols, block))](
-        logits3d,
-        labels,
-        mask_u8,
-        lse,
-        grad,
-        n_cols,
-        seq_len,
-        logits3d.stride(0),
-        logits3d.stride(1),
-        HAS_MASK=mask is not None,
-        BLOCK_V=block,
-        num_warps=num_warps,
-        **_scalars(logit_scale, softcap),
-    )
+    with device_guard(logits3d):
+        _logps_bwd_kernel[(n_rows, cdiv(n_cols, block))](
+            logits3d,
+            labels,
+            mask_u8,
+            lse,
+            grad,
+            n_cols,
+            seq_len,
+            logits3d.stride(0),
+            logits3d.stride(1),
+            HAS_MASK=mask is not None,
+            BLOCK_V=block,
+            num_warps=num_warps,
+            **_scalars(logit_scale, softcap),
+        )
 
 
 def _transform(x: torch.Tensor, logit_scale: float, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -554,3 +554,34 @@ def test_kernels_compile_for_sm90():
     if res.stdout.startswith("SKIP"):
         pytest.skip(f"Triton AOT API unavailable: {res.stdout[5:200]}")
     assert res.returncode == 0 and "OK" in res.stdout, (res.stdout + res.stderr)[-3000:]
+
+
+def test_every_triton_launch_runs_under_its_tensors_device():
+    """Triton launches on the current CUDA device: each launch sits in `with device_guard(tensor)`, and the
+    guard selects the tensor's device (a CPU-side check; the two-GPU test is in test_kernels_cuda.py)."""
+    import ast
+    import contextlib
+
+    from fastdpo.kernels._utils import device_guard
+
+    class OnSecondGPU:
+        device = torch.device("cuda", 1)
+
+    guard = device_guard(OnSecondGPU())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(device_guard(torch.zeros(1)), contextlib.nullcontext)
+    launches = 0
+    for path in Path(K.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        guarded = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.With) and any(
+                    isinstance(item.context_expr, ast.Call) and getattr(item.context_expr.func, "id", "") ==
+                    "device_guard" for item in node.items):
+                guarded |= {id(n) for n in ast.walk(node)}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
+                    and getattr(node.func.value, "id", "").endswith("_kernel")):
+                launches += 1
+                assert id(node) in guarded, f"{path.name}:{node.lineno}: a Triton launch outside device_guard"
+    assert launches >= 2

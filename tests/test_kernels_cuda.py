@@ -165,3 +165,14 @@ def test_vocab_beyond_256k(backend):
     eager, eager_grad = run_token(token_logps_ref, logits, labels, mask, w)
     check_vs_eager("token_logps V=262147", out, eager, ref)
     check_vs_eager("grad V=262147", grad, eager_grad, ref_grad)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_run_on_the_tensors_device_not_the_current_one():
+    """precompute --device cuda:1 while cuda:0 is current: the launches follow the tensors."""
+    assert torch.cuda.current_device() == 0
+    logits, labels, mask = (x.to("cuda:1") for x in batch(2, 33, 1000, torch.float32))
+    out = token_logps(logits, labels, mask, backend="triton")
+    ref = token_logps_ref(logits, labels, mask)
+    assert out.device == torch.device("cuda:1")
+    assert_close_report(out, ref, atol=1e-5, rtol=0, name="token_logps on cuda:1")

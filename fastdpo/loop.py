@@ -270,6 +270,8 @@ class Trainer:
 
     def fit(self, source: batching.Source, objective: Objective) -> dict:
         """Train until --max-steps (or --epochs); save the model; return the last step's metrics."""
+        import torch
+
         cfg, acc = self.cfg, self.accelerator
         plan = Plan(source, cfg, acc.num_processes)
         step = self._start(plan, source, objective)
@@ -287,8 +289,8 @@ class Trainer:
                     # x processes: DDP averages gradients over processes, and each holds a share of the step
                     acc.backward(loss * (weight * acc.num_processes))  # backward
                 stats["examples"] = len(batch.rows["prompt_ids"])
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * weight
+                for k, v in stats.items():  # on the device: one sync per step, in _reduce
+                    sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=self.device) * weight
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)  # clip
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -312,8 +314,7 @@ class Trainer:
         import torch
 
         keys = sorted(sums)
-        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
-        return dict(zip(keys, self.accelerator.reduce(t, reduction="sum").tolist()))
+        return dict(zip(keys, self.accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="sum").tolist()))
 
     def _optimizer_step(self, finite: bool, state: dict) -> float:
         """Step the optimizer on a finite step (skip it otherwise); the schedule advances either way."""

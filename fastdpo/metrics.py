@@ -60,7 +60,7 @@ def kl_sums(token_sides) -> dict:
         kl = kl + (clamped.exp() * clamped).sum()
         k1 = k1 + r.sum()
         k3 = k3 + ((torch.expm1(-r) + r) * mask).sum()
-        count += int(mask.sum())
+        count = count + mask.sum()
     return {"kl": kl, "kl/k1": k1, "kl/k3": k3, "kl_tokens": count}
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -58,8 +59,13 @@ class Kind:
     scalar_or_list: bool = False  # e.g. beta: float | list[float] (one run, or a sweep)
 
 
+@functools.cache
+def _type_hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
 def field_kind(cls, f: dataclasses.Field) -> Kind:
-    tp = typing.get_type_hints(cls)[f.name]
+    tp = _type_hints(cls)[f.name]
     args = list(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else [tp]
     optional = type(None) in args
     args = [a for a in args if a is not type(None)]

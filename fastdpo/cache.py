@@ -375,3 +375,207 @@ def open_cache(cache_dir: str, setup, *, policy_weights: str | None = None, is_m
             print(f"note: the cache was computed in {ref_dtype} and the policy runs in {ours_dtype}; a fresh "
                   "policy's margin will not start at exactly 0", file=sys.stderr)
     return CacheSource(cache_dir, manifest)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inspecting and verifying a cache; caches built from reference log-probs computed elsewhere
+
+
+def _quantiles(x: np.ndarray) -> dict:
+    if len(x) == 0:
+        return {"min": 0, "median": 0, "p95": 0, "max": 0}
+    return {"min": int(x.min()), "median": float(np.median(x)), "p95": float(np.percentile(x, 95)),
+            "max": int(x.max())}
+
+
+def describe(cache_dir: str | os.PathLike) -> dict:
+    """What `fastdpo cache info` shows, as a dict. Never raises for a damaged cache: what is wrong is listed
+    under "problems" (sizes are checked; `verify` checks contents)."""
+    import pyarrow.compute as pc
+
+    cache_dir = Path(cache_dir)
+    info: dict = {"cache": str(cache_dir), "problems": []}
+    try:
+        m = load_manifest(cache_dir)
+    except UserError as e:
+        info["problems"].append(str(e))
+        return info
+    info.update(format_version=m.format_version, fastdpo_version=m.fastdpo_version, rows=m.num_rows,
+                shards=len(m.shards), bytes=sum(s.bytes for s in m.shards), model=m.model, tokenizer=m.tokenizer,
+                dataset={k: v for k, v in m.dataset.items() if k != "columns"}, timings=m.timings,
+                settings={k: m.settings.get(k) for k in ("resolved_dtype", "resolved_device", "resolved_layout",
+                                                         "max_prompt_length", "max_length", "truncation",
+                                                         "logps_backend") if k in m.settings})
+    listed = {s.file for s in m.shards}
+    unlisted = sorted(p.name for p in cache_dir.glob("shard-*.arrow") if p.name not in listed)
+    if unlisted:
+        info["problems"].append(f"shard(s) not in the manifest: {', '.join(unlisted)}")
+    lengths: dict[str, list] = {"prompt": [], "chosen": [], "rejected": []}
+    for s in m.shards:
+        path = cache_dir / s.file
+        if not path.is_file() or path.stat().st_size != s.bytes:
+            what = "missing" if not path.is_file() else "size differs from the manifest"
+            info["problems"].append(f"{s.file}: {what}")
+            continue
+        try:
+            table = read_shard(path)
+        except (OSError, pa.ArrowException) as e:
+            info["problems"].append(f"{s.file}: unreadable ({str(e).splitlines()[0]})")
+            continue
+        for k in lengths:
+            lengths[k].append(pc.list_value_length(table.column(f"{k}_ids")).to_numpy(zero_copy_only=False))
+    arrays = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in lengths.items()}
+    info["lengths"] = {k: _quantiles(v) for k, v in arrays.items()}
+    cap_p, cap_len = m.settings.get("max_prompt_length"), m.settings.get("max_length")
+    if cap_p:
+        info["lengths"]["prompt"]["at_cap"] = float((arrays["prompt"] >= cap_p).mean()) if len(arrays["prompt"]) else 0
+    if cap_len and len(arrays["prompt"]):
+        for k in ("chosen", "rejected"):
+            info["lengths"][k]["at_cap"] = float((arrays["prompt"] + arrays[k] >= cap_len).mean())
+    return info
+
+
+def verify(cache_dir: str | os.PathLike, model: str | None = None, *, sample: int = 64, seed: int = 0,
+           device: str = "auto", batch_size: int = 8) -> dict:
+    """Check a cache: the manifest, every shard's sha256 and, with `model`, that `sample` random rows
+    recomputed through the scorer, dtype and layout the cache records match the stored per-token values.
+
+    Tolerance on the largest per-token difference: 1e-4 in fp32; in 16 bits, twice the difference the
+    same computation shows against fp32 on the same rows (its own rounding), at least 1e-4.
+    Returns a report with `ok` and, when a row is off, the worst one. A damaged cache is a failed check.
+    """
+    report: dict = {"cache": str(cache_dir), "ok": False}
+    try:
+        manifest = load_manifest(cache_dir)
+        source = CacheSource(cache_dir, manifest)
+    except UserError as e:
+        report["problem"] = str(e)
+        return report
+    report.update(rows=len(source), shards=len(manifest.shards), sha256="ok", ok=True)
+    if model is not None:
+        report.update(_recompute(source, manifest, model, sample, seed, device, batch_size))
+    return report
+
+
+def _recompute(source: CacheSource, manifest: Manifest, model: str, sample: int, seed: int, device: str,
+               batch_size: int) -> dict:
+    from .modeling import ScoringArgs, resolve_device, resolve_dtype, tokenizer_hash
+    from .scoring import prepare, score_rows
+
+    layout = manifest.settings.get("resolved_layout") or {}
+    dtype_name = manifest.settings.get("resolved_dtype") or "float32"
+    args = ScoringArgs(model=model, dtype=dtype_name, device=device, batch_size=batch_size,
+                       logps_backend=manifest.settings.get("logps_backend", "auto"),
+                       attn_implementation=layout.get("attention"), packing=layout.get("packing", False),
+                       prefix_sharing=layout.get("prefix_sharing", False),
+                       max_tokens_per_batch=layout.get("max_tokens"), progress=False)
+    dev = resolve_device(device)
+    idx = np.sort(np.random.default_rng(seed).choice(len(source), min(sample, len(source)), replace=False))
+    rows = source.fetch(idx, with_token_logps=True)
+
+    def scores(dtype):
+        setup = prepare(args, dev, dtype)
+        if setup.layout.packing != bool(layout.get("packing")) or setup.layout.prefix_sharing != bool(
+                layout.get("prefix_sharing")):
+            raise UserError(f"--model {model} cannot reproduce the cache's layout ({layout}): {'; '.join(setup.notes)}")
+        if tokenizer_hash(setup.tokenizer) != manifest.tokenizer["sha256"]:
+            raise UserError(f"--model {model}'s tokenizer is not the one the cache was made with")
+        scorer = setup.scorer(setup.load(device=dev).eval())
+        c, r = score_rows(scorer, rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], batch_size,
+                          setup.layout, setup.tokenizer.pad_token_id, dev)
+        return [np.concatenate([a, b]) for a, b in zip(c, r)]
+
+    dtype = resolve_dtype(dtype_name, dev)
+    ours = scores(dtype)
+    stored = [np.concatenate([np.asarray(a, np.float32), np.asarray(b, np.float32)])
+              for a, b in zip(rows["ref_chosen_token_logps"], rows["ref_rejected_token_logps"])]
+    per_row = np.array([np.abs(a - b).max() for a, b in zip(ours, stored)])
+    tolerance = 1e-4
+    if str(dtype) != "torch.float32":  # the rounding of this computation, measured on the same rows
+        import torch
+
+        exact = scores(torch.float32)
+        tolerance = max(1e-4, 2 * max(float(np.abs(a - b).max()) for a, b in zip(ours, exact)))
+    worst = int(per_row.argmax())
+    return {"ok": bool(per_row.max() <= tolerance), "rows_checked": len(idx), "dtype": dtype_name,
+            "max_diff": float(per_row.max()), "mean_diff": float(np.mean(np.concatenate([np.abs(a - b) for a, b in
+                                                                                        zip(ours, stored)]))),
+            "worst_row": int(rows["id"][worst]), "tolerance": tolerance}
+
+
+def write(rows, output: str | os.PathLike, *, tokenizer, reference: str, shard_rows: int = 4096,
+          overwrite: bool = False) -> Manifest:
+    """Build a cache from token ids and reference log-probs computed elsewhere (another framework, an
+    inference server); `fastdpo train` takes it like any cache.
+
+    rows: an iterable of mappings with `prompt_ids`, `chosen_ids`, `rejected_ids` (lists of token ids, the
+    completions with their EOS) and `ref_chosen_token_logps`, `ref_rejected_token_logps` (one log-prob per
+    completion token: token t's log-probability given everything before it); optionally `id` and the sums
+    `ref_chosen_logps`, `ref_rejected_logps`. tokenizer: the tokenizer that made the ids (an object or a
+    name/path): the policy must use the same one. reference: what computed the log-probs (recorded; the
+    manifest marks the reference as external, so `fastdpo cache verify --model REF` is how to check it).
+
+    Every row is checked as it is written: lengths match, ids inside the vocabulary, log-probs finite and
+    <= 0, sums equal to the per-token values. A bad row is a UserError naming it.
+    """
+    from . import __version__
+    from .io import sha256_json
+    from .modeling import load_tokenizer, tokenizer_hash
+
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    vocab, tok_hash = len(tok), tokenizer_hash(tok)
+    checked = [_checked_row(i, r, vocab) for i, r in enumerate(rows)]
+    if not checked:
+        raise UserError("no rows to write")
+    out = Path(output)
+    settings = {"external_reference": reference, "shard_rows": shard_rows}
+    fingerprint = sha256_json({"rows": sha256_json(checked), "tokenizer": tok_hash, "settings": settings})
+    prepare_output(out, fingerprint, settings, overwrite, True)
+    shards = []
+    for s, lo in enumerate(range(0, len(checked), shard_rows)):
+        part = checked[lo:lo + shard_rows]
+        columns = {k: [r[k] for r in part] for k in part[0]}
+        shards.append(write_finished_shard(out, s, build_table(columns, {"fingerprint": fingerprint, "shard": s}),
+                                           fingerprint))
+    manifest = Manifest(
+        format_version=FORMAT_VERSION, fastdpo_version=__version__, fingerprint=fingerprint,
+        model={"name_or_path": reference, "revision": None, "weights_sha256": None, "external": True},
+        tokenizer={"sha256": tok_hash, "name_or_path": getattr(tok, "name_or_path", None),
+                   "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+                   "eos_token_id": tok.eos_token_id},
+        dataset={"name": "external", "rows_read": len(checked), "rows_written": len(checked), "rows_skipped": {}},
+        settings=settings, config={}, num_processes=1, shards=shards)
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _checked_row(i: int, row, vocab: int) -> dict:
+    def bad(what):
+        return UserError(f"row {i}: {what}")
+
+    try:
+        ids = {k: [int(t) for t in row[k]] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+        logps = {k: np.asarray(row[f"ref_{k}_token_logps"], dtype=np.float32) for k in ("chosen", "rejected")}
+    except KeyError as e:
+        raise bad(f"missing {e.args[0]}") from None
+    except (TypeError, ValueError) as e:
+        raise bad(f"not a list of numbers ({e})") from None
+    if not ids["prompt_ids"] or not ids["chosen_ids"] or not ids["rejected_ids"]:
+        raise bad("prompt, chosen and rejected each need at least one token")
+    for k, v in ids.items():
+        if min(v) < 0 or max(v) >= vocab:
+            raise bad(f"{k} holds a token id outside the tokenizer's {vocab} ids")
+    out = {"id": int(row.get("id", i)), **ids}
+    for k in ("chosen", "rejected"):
+        lp = logps[k]
+        if lp.ndim != 1 or len(lp) != len(ids[f"{k}_ids"]):
+            raise bad(f"ref_{k}_token_logps has {lp.size} values for {len(ids[f'{k}_ids'])} {k} tokens")
+        if not np.isfinite(lp).all() or (lp > 0).any():
+            raise bad(f"ref_{k}_token_logps must be finite log-probabilities (<= 0)")
+        total = lp.sum(dtype=np.float32)
+        given = row.get(f"ref_{k}_logps")
+        if given is not None and not abs(float(given) - float(total)) <= 1e-4 * max(1.0, abs(float(total))):
+            raise bad(f"ref_{k}_logps {float(given):.6g} is not the sum of its per-token values ({float(total):.6g})")
+        out[f"ref_{k}_logps"] = float(total)
+        out[f"ref_{k}_token_logps"] = lp.tolist()
+    return out

@@ -190,8 +190,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
             shown = ",".join(map(str, default)) if isinstance(default, list | tuple) else default
             help_text += f" (default: {shown})"
         kw: dict[str, Any] = dict(default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
-        if meta.get("positional"):
-            target.add_argument(f.name, nargs="*", metavar=meta.get("metavar") or f.name.upper(), **kw)
+        if meta.get("positional"):  # a list takes any number of values; a scalar exactly one
+            target.add_argument(f.name, nargs="*" if kind.is_list else None, metavar=meta.get("metavar") or
+                                f.name.upper(), **kw)
             continue
         if kind.base is bool and not kind.is_list:
             kw["action"] = argparse.BooleanOptionalAction
@@ -292,8 +293,13 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not _MISSING else f.default
+
+
 def format_config(cfg) -> str:
-    """The config as a short block of `name = value` lines, printed at start."""
-    d = to_dict(cfg)
-    width = max(map(len, d)) if d else 0
-    return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in d.items())
+    """The options that differ from their defaults, as `name = value` lines, printed at start (the whole
+    config is saved with the outputs)."""
+    changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != _default(f)}
+    width = max(map(len, changed)) if changed else 0
+    return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in changed.items())

@@ -13,6 +13,7 @@ count one half) and `generation_accuracy` (greedy answers judged correct by `dem
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -25,9 +26,28 @@ from .io import atomic_write_json, ensure_dir
 JUDGE = "fastdpo.demo_task:judge"
 
 
-def _stage(name: str):
-    print(f"\n=== demo: {name} ===", file=sys.stderr, flush=True)
-    return time.perf_counter()
+class _Stages:
+    """One console line per stage; what the stages print goes to OUT/demo.log."""
+
+    def __init__(self, out: Path, total: int, live: bool):
+        self.log = open(out / "demo.log", "w", encoding="utf-8")  # noqa: SIM115 (closed in finish)
+        self.total, self.n, self.live = total, 0, live
+
+    @contextlib.contextmanager
+    def stage(self, name: str, timings: dict, key: str):
+        """live: the line appears when the stage starts and gets its time when it ends; else once, at the end."""
+        self.n += 1
+        line = f"demo {self.n}/{self.total}: {name} ..."
+        if self.live:
+            print(line, end="", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        with contextlib.redirect_stderr(self.log):
+            yield
+        timings[key] = time.perf_counter() - t
+        print(("" if self.live else line) + f" {timings[key]:.1f} s", file=sys.stderr, flush=True)
+
+    def finish(self):
+        self.log.close()
 
 
 def _summary(res: dict) -> dict:
@@ -96,38 +116,36 @@ def _run(output, recipe: dict, reduced: bool, progress: bool) -> dict:
     out = ensure_dir(output)
     if any(out.iterdir()) and not (out / "demo_report.json").exists() and not (out / "base").exists():
         raise UserError(f"--output {out} is not empty and is not a demo directory; choose another")
+    from . import modeling
+
+    modeling.set_library_progress(False)
     timings = {}
-    t0 = t = _stage("build a tiny model and tokenizer")
-    base = demo_task.build_model(out / "base", seed=recipe["model_seed"])
-    timings["build_s"] = time.perf_counter() - t
-
-    t = _stage("sft on the noisy demonstrations")
-    sft(model=base, dataset=str(demo_task.data_file("sft")), output=str(out / "sft"), progress=progress,
-        log_every=50, overwrite=True, **recipe["sft"])
-    timings["sft_s"] = time.perf_counter() - t
-
-    t = _stage("precompute reference log-probs (train and held-out)")
-    ev = recipe["eval"]
-    for split, cache_dir in (("train", "cache-train"), ("eval", "cache-eval")):
-        precompute(model=str(out / "sft"), dataset=str(demo_task.data_file(split)), output=str(out / cache_dir),
-                   overwrite=True, progress=progress, limit=ev["limit"] if split == "eval" else None,
-                   **recipe["precompute"])
-    timings["precompute_s"] = time.perf_counter() - t
-
-    eval_kw = dict(ref_cache=str(out / "cache-eval"), beta=recipe["dpo"]["beta"], generate=True, judge=JUDGE,
-                   max_new_tokens=ev["max_new_tokens"], batch_size=64, progress=False)
-    t = _stage("evaluate the SFT model (before)")
-    before = evaluate(model=str(out / "sft"), output=str(out / "eval_before.json"), **eval_kw)
-    timings["eval_before_s"] = time.perf_counter() - t
-
-    t = _stage("DPO from the cache")
-    train(model=str(out / "sft"), ref_cache=str(out / "cache-train"), output=str(out / "dpo"), progress=progress,
-          log_every=10, overwrite=True, **recipe["dpo"])
-    timings["dpo_s"] = time.perf_counter() - t
-
-    t = _stage("evaluate the DPO model (after)")
-    after = evaluate(model=str(out / "dpo"), output=str(out / "eval_after.json"), **eval_kw)
-    timings["eval_after_s"] = time.perf_counter() - t
+    t0 = time.perf_counter()
+    stages = _Stages(out, 6, live=progress)
+    try:
+        with stages.stage("build a tiny model and tokenizer", timings, "build_s"):
+            base = demo_task.build_model(out / "base", seed=recipe["model_seed"])
+        with stages.stage("sft on the noisy demonstrations", timings, "sft_s"):
+            sft(model=base, dataset=str(demo_task.data_file("sft")), output=str(out / "sft"), progress=False,
+                log_every=50, overwrite=True, **recipe["sft"])
+        ev = recipe["eval"]
+        with stages.stage("precompute reference log-probs (train and held-out)", timings, "precompute_s"):
+            for split, cache_dir in (("train", "cache-train"), ("eval", "cache-eval")):
+                precompute(model=str(out / "sft"), dataset=str(demo_task.data_file(split)),
+                           output=str(out / cache_dir), overwrite=True, progress=False,
+                           limit=ev["limit"] if split == "eval" else None, **recipe["precompute"])
+        eval_kw = dict(ref_cache=str(out / "cache-eval"), beta=recipe["dpo"]["beta"], generate=True, judge=JUDGE,
+                       max_new_tokens=ev["max_new_tokens"], batch_size=64, progress=False)
+        with stages.stage("evaluate the SFT model (before)", timings, "eval_before_s"):
+            before = evaluate(model=str(out / "sft"), output=str(out / "eval_before.json"), **eval_kw)
+        with stages.stage("DPO from the cache", timings, "dpo_s"):
+            train(model=str(out / "sft"), ref_cache=str(out / "cache-train"), output=str(out / "dpo"),
+                  progress=False, log_every=10, overwrite=True, **recipe["dpo"])
+        with stages.stage("evaluate the DPO model (after)", timings, "eval_after_s"):
+            after = evaluate(model=str(out / "dpo"), output=str(out / "eval_after.json"), **eval_kw)
+    finally:
+        stages.finish()
+        modeling.set_library_progress(progress)
 
     b, a = _summary(before), _summary(after)
     plots = []
@@ -148,7 +166,7 @@ def _run(output, recipe: dict, reduced: bool, progress: bool) -> dict:
               "samples_before": before.get("samples", [])[:5]}
     atomic_write_json(out / "demo_report.json", report)
     print("\n" + _table(b, a), file=sys.stderr)
-    print(f"\ndemo: {timings['total_s']:.0f}s; report {out / 'demo_report.json'}; plots in {out / 'plots'}",
-          file=sys.stderr)
-    print(json.dumps({"before": b, "after": a}, indent=2))
+    print(f"\ndemo: {timings['total_s']:.0f}s; report {out / 'demo_report.json'}; plots in {out / 'plots'}; "
+          f"the stages' output in {out / 'demo.log'}", file=sys.stderr)
+    print(json.dumps({"before": b, "after": a}))
     return report

@@ -143,6 +143,7 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
 
     cfg = make(EvalConfig, config, **kwargs)
     t0 = time.perf_counter()
+    modeling.set_library_progress(cfg.progress)
     if cfg.progress:
         print(f"fastdpo {__version__} eval\n{format_config(cfg)}", file=sys.stderr)
     judge = load_judge(cfg.judge) if cfg.judge else None

@@ -235,6 +235,7 @@ class Trainer:
         self.accelerator = Accelerator(cpu=modeling.use_cpu(), mixed_precision="bf16" if self.precision ==
                                        "bf16-mixed" else "no", log_with=self.tracker, project_dir=str(self.out))
         self.is_main, self.device = self.accelerator.is_main_process, self.accelerator.device
+        modeling.set_library_progress(cfg.progress and self.is_main)
         self.bar = None  # the progress bar, while `fit` runs
         inputs = {flag: getattr(cfg, flag[2:].replace("-", "_"), None)
                   for flag in ("--model", "--ref-model", "--ref-cache", "--dataset")}

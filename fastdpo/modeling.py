@@ -85,6 +85,20 @@ class ScoringArgs(ModelArgs, LayoutArgs):
                             "bfloat16 or float32")
 
 
+def set_library_progress(enabled: bool) -> None:
+    """Show or hide the progress bars of datasets (tokenizing) and transformers (loading, saving weights), with
+    ours: `--no-progress` is quiet."""
+    import datasets
+    import transformers
+
+    if enabled:
+        datasets.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()
+    else:
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
 def use_cpu() -> bool:
     """Run on CPU: no CUDA, or `accelerate launch --cpu` / ACCELERATE_USE_CPU asked for it."""
     import torch

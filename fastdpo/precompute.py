@@ -162,6 +162,7 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
     is_main = state.is_main_process
     t0 = time.perf_counter()
     out = Path(cfg.output)
+    modeling.set_library_progress(cfg.progress and is_main)
     if is_main:
         print(f"fastdpo {__version__} precompute\n{format_config(cfg)}", file=sys.stderr)
     check_output_apart(cfg.output, {"--model": cfg.model, "--dataset": cfg.dataset})

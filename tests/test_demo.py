@@ -26,6 +26,10 @@ def test_demo_end_to_end_shows_improvement(tmp_path):
     assert after["preference_accuracy"] > 0.9
     assert after["generation_accuracy"] > before["generation_accuracy"] + 0.5
     assert "before (SFT)" in err and "after (DPO)" in err  # the printed table
+    lines = err.strip().splitlines()
+    assert len(lines) < 40 and sum(ln.startswith("demo ") for ln in lines) == 6, err  # a line per stage
+    assert "%|" not in err and "Traceback" not in err  # no progress bars, ours or the libraries'
+    assert "sft: 400 steps" in (out / "demo.log").read_text() or "steps in" in (out / "demo.log").read_text()
     pngs = [p for p in report["plots"]]
     assert any(p.endswith("before_after.png") for p in pngs) and any(p.endswith("curves.png") for p in pngs)
     for p in pngs:

@@ -15,6 +15,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from ..errors import TrainingStopped, UserError
 
@@ -24,6 +25,7 @@ SUBCOMMANDS = {
     "sft": "supervised fine-tuning (the stage before preference optimisation)",
     "eval": "reward accuracy, margins, KL estimate and judged generations on a held-out cache",
     "plot": "PNG curves of one or several runs (loss, rewards, margin, accuracy, log-probs)",
+    "cache": "inspect a reference cache (info) or check it against its files and its reference model (verify)",
     "demo": "the whole pipeline on a bundled task, nothing to download: DPO visibly improving a tiny model",
 }
 
@@ -37,7 +39,6 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
-    from ..config import add_arguments
 
     parser = Parser(prog="fastdpo", description="Offline-reference preference optimisation for LLMs.",
                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
@@ -47,17 +48,35 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f".{name}", __name__)
         p = sub.add_parser(name, help=help_text, description=module.DESCRIPTION, epilog=module.EXAMPLES,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_arguments(p, module.CONFIG)
-        if getattr(module, "CONFIG_FILE", True):
-            p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options; flags given override it")
-        p.set_defaults(func=module.run, config_class=module.CONFIG)
+        commands = getattr(module, "COMMANDS", None)  # `fastdpo cache info|verify`: one more level
+        if commands is None:
+            _add_command(p, module)
+            continue
+        nested = p.add_subparsers(dest="subcommand", metavar="COMMAND", parser_class=Parser, required=True)
+        for sub_name, sub_module in commands.items():
+            _add_command(nested.add_parser(sub_name, help=sub_module.HELP, description=sub_module.DESCRIPTION,
+                                           epilog=sub_module.EXAMPLES,
+                                           formatter_class=argparse.RawDescriptionHelpFormatter), sub_module)
     return parser
+
+
+def _add_command(p: argparse.ArgumentParser, module) -> None:
+    from ..config import add_arguments
+
+    add_arguments(p, module.CONFIG)
+    if getattr(module, "CONFIG_FILE", True):
+        p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options; flags given override it")
+    p.set_defaults(func=module.run, config_class=module.CONFIG)
 
 
 def main(argv: list[str] | None = None) -> int:
     from ..config import from_args
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for module in ("torch", "transformers", "accelerate", "datasets", "peft"):
+        # deprecation notices about the libraries' own internals: nothing a fastdpo user can act on
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -65,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run, config_class = args.func, args.config_class
     del args.func, args.config_class
+    if hasattr(args, "subcommand"):
+        args.command = f"{args.command} {args.subcommand}"
+        del args.subcommand
     try:
         return run(from_args(config_class, args)) or 0
     except UserError as e:

@@ -18,6 +18,12 @@ so a rejected token sees its prompt but never the chosen answer, and sequences n
 other. The mask goes to the model through transformers' attention interface: a FlexAttention
 `BlockMask` (GPU; masked blocks are skipped), or a dense additive 4D mask for SDPA/eager (CPU).
 
+The BlockMask is built from the rows' runs (stretches of one segment and branch), never from the
+dense (L, L) mask: per pair of 128-token blocks, the number of allowed (q, k) pairs is a sum of
+rectangles and causal triangles, O((L/128)^2) memory. With FlexAttention, rows are padded to a
+multiple of 128 tokens so that shapes recur and a compiled flex_attention does not recompile for
+every micro-batch (padding attends only itself and is never scored).
+
 Row length: FlexAttention and varlen FlashAttention cost what the sequences cost, so by default a
 whole micro-batch goes in one row. A dense mask scores every query against the whole row, (sum L)^2
 instead of sum L^2, so with SDPA/eager rows are by default no longer than the micro-batch's longest
@@ -41,6 +47,9 @@ from .modeling import LLAMA_LIKE_MODEL_TYPES
 # transformers attention implementations that take a custom mask, and those that only do varlen packing
 MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+# FlexAttention's sparse block size (torch's default): flex rows are padded to a multiple of it
+FLEX_BLOCK = 128
 
 # Model types whose attention layers take a custom 4D / BlockMask attention mask and explicit position_ids
 MASKABLE_MODEL_TYPES = LLAMA_LIKE_MODEL_TYPES
@@ -187,6 +196,8 @@ def lay_out(prompts, chosens, rejecteds, layout: Layout, pad_id: int) -> PackedR
     units = _units(prompts, chosens, rejecteds, layout.prefix_sharing)
     rows = _fill_rows(units, layout.row_budget(max(sum(len(t) for _, t in parts) for _, parts in units)))
     width = max(sum(len(t) for unit in row for _, t in unit[1]) for row in rows)
+    if layout.attention == "flex_attention" and not layout.padded:  # shapes recur: fewer flex recompiles
+        width = -(-width // FLEX_BLOCK) * FLEX_BLOCK
     n = len(rows)
     # built in numpy, converted once: a micro-batch has hundreds of small pieces, and a torch op costs 5-10x more
     input_ids = np.full((n, width), pad_id, dtype=np.int64)
@@ -251,9 +262,13 @@ def attention_mask(packed: PackedRows, layout: Layout, dtype: torch.dtype):
     return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, torch.finfo(dtype).min)
 
 
-def block_mask(packed: PackedRows):
-    """FlexAttention BlockMask for the rule above; blocks with no allowed pair are skipped by the kernel."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def block_mask(packed: PackedRows, block: int = FLEX_BLOCK):
+    """FlexAttention BlockMask of `allowed`, built from the rows' runs without the dense (L, L) mask.
+
+    A (q block, k block) pair is full when all its block^2 pairs are allowed (the kernel skips mask_mod
+    there), partial when some are (mask_mod, the exact rule, decides per element), skipped otherwise.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
 
     seg, pos, branch = packed.seg, packed.position_ids, packed.branch
 
@@ -262,8 +277,97 @@ def block_mask(packed: PackedRows):
                                                                                              branch[b, q]))
         return (rule & (seg[b, q] >= 0)) | (q == k)
 
+    count, unknown = _block_counts(seg, pos, branch, block)  # (N, nb, nb) each
+    full = count == block * block
+    partial = ((count > 0) | unknown) & ~full
+    length = seg.shape[1]
+    return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(length, length))
+
+
+def _ordered(blocks: torch.Tensor):
+    """(N, nq, nk) bool -> BlockMask's (N, 1, nq) counts and (N, 1, nq, nk) indices, listed blocks first."""
+    num = blocks.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return num[:, None].contiguous(), idx[:, None].contiguous()
+
+
+def _runs(seg, pos, branch):
+    """Runs: maximal stretches of one row, segment and branch with consecutive positions, padding left out.
+    Returns row, start, end (exclusive, in the row), seg, branch, first and last position, each (R,)."""
     n, length = seg.shape
-    return create_block_mask(mask_mod, n, None, length, length, device=seg.device)
+    s, p, b = seg.reshape(-1), pos.reshape(-1), branch.reshape(-1)
+    new = torch.ones_like(s, dtype=torch.bool)
+    new[1:] = (s[1:] != s[:-1]) | (b[1:] != b[:-1]) | (p[1:] != p[:-1] + 1)
+    new[::length] = True  # a row starts a run
+    starts = new.nonzero().squeeze(1)
+    ends = torch.cat([starts[1:], starts.new_tensor([n * length])])
+    real = s[starts] >= 0
+    starts, ends = starts[real], ends[real]
+    row = torch.div(starts, length, rounding_mode="floor")
+    return row, starts - row * length, ends - row * length, s[starts], b[starts], p[starts], p[ends - 1]
+
+
+def _run_pairs(row, seg, branch, first, last):
+    """Ordered pairs (q run, k run) of distinct runs of one segment, split by what `allowed` says of all
+    their (q, k): every pair allowed (full), none, or it depends (unknown). Positions within a run are
+    consecutive, so `pos[k] <= pos[q]` holds for all pairs iff last[k] <= first[q], for none iff first[k] > last[q]."""
+    key = row * (int(seg.max()) + 1 if len(seg) else 1) + seg
+    key, order = torch.sort(key, stable=True)
+    groups = torch.unique_consecutive(key, return_counts=True)[1]
+    qs, ks = [], []
+    for d in range(1, int(groups.max()) if len(groups) else 0):  # runs d apart in the same segment
+        i = torch.arange(len(key) - d, device=key.device)
+        i = i[key[i] == key[i + d]]
+        qs += [order[i], order[i + d]]
+        ks += [order[i + d], order[i]]
+    q = torch.cat(qs) if qs else row.new_zeros(0)
+    k = torch.cat(ks) if ks else row.new_zeros(0)
+    visible = (branch[k] == 0) | (branch[k] == branch[q])
+    full = visible & (last[k] <= first[q])
+    none = ~visible | (first[k] > last[q])
+    return q[full], k[full], q[~full & ~none], k[~full & ~none]
+
+
+def _touches(q0, q1, k0, k1, block: int):
+    """Block pairs touched by rectangles [q0, q1) x [k0, k1), (P,) each -> piece p, q block i, k block j,
+    and the rectangle's tokens in block i (a) and in block j (b), (E,) each. E is about the rectangles'
+    area in blocks plus their number: sparse, never (P, nb)."""
+    qa, ka = q0 // block, k0 // block
+    nq, nk = (q1 - 1) // block - qa + 1, (k1 - 1) // block - ka + 1
+    sizes = nq * nk
+    p = torch.repeat_interleave(torch.arange(len(q0), device=q0.device), sizes)
+    local = torch.arange(len(p), device=q0.device) - (torch.cumsum(sizes, 0) - sizes)[p]
+    i, j = qa[p] + local // nk[p], ka[p] + local % nk[p]
+    a = torch.minimum(q1[p], (i + 1) * block) - torch.maximum(q0[p], i * block)
+    b = torch.minimum(k1[p], (j + 1) * block) - torch.maximum(k0[p], j * block)
+    return p, i, j, a, b
+
+
+def _block_counts(seg, pos, branch, block: int):
+    """(N, nb, nb) int64: allowed (q, k) pairs per (q block, k block), and (N, nb, nb) bool: blocks touched
+    by run pairs whose rule depends on the element (`_run_pairs`' unknown; not counted).
+
+    The allowed pairs are disjoint pieces: a run with another run of its segment is all or nothing (its
+    prompt, for a completion), a run with itself a causal triangle (k <= q), padding its diagonal."""
+    n, length = seg.shape
+    nb = -(-length // block)
+    row, start, end, rseg, rbranch, first, last = _runs(seg, pos, branch)
+    fq, fk, uq, uk = _run_pairs(row, rseg, rbranch, first, last)
+    count = torch.zeros(n, nb, nb, dtype=torch.long, device=seg.device)
+    p, i, j, a, b = _touches(start[fq], end[fq], start[fk], end[fk], block)
+    count.index_put_((row[fq][p], i, j), a * b, accumulate=True)
+    # a run with itself: k blocks before the q block are all below the diagonal; the diagonal block holds
+    # a triangle of a(a+1)/2 pairs for the run's a tokens in it
+    p, i, j, a, b = _touches(start, end, start, end, block)
+    area = torch.where(i > j, a * b, torch.where(i == j, a * (a + 1) // 2, 0))
+    count.index_put_((row[p], i, j), area, accumulate=True)
+    pad = torch.nn.functional.pad((seg < 0).long(), (0, nb * block - length)).view(n, nb, block).sum(-1)
+    count += torch.diag_embed(pad)  # padding attends itself
+    unknown = torch.zeros(n, nb, nb, dtype=torch.bool, device=seg.device)
+    p, i, j, _, _ = _touches(start[uq], end[uq], start[uk], end[uk], block)
+    unknown[row[uq][p], i, j] = True
+    return count, unknown
 
 
 def unpack_scores(values: torch.Tensor, packed: PackedRows, chosen_lens, rejected_lens):

@@ -118,7 +118,7 @@ def test_mask_rule():
     assert rows.src_pos.tolist() == [1, 2, 1]  # C0 and R0 are both predicted by the last prompt token
     two = packing.lay_out([[1], [2, 3]], [[4], [5]], [[6], [7]], Layout(packing=True, attention="flex_attention"),
                              pad_id=0)
-    assert two.seg.shape == (1, 10)
+    assert two.seg.shape == (1, packing.FLEX_BLOCK) and two.num_tokens == 10  # flex rows: a multiple of 128
     ok2 = packing.allowed(two.seg, two.position_ids, two.branch)[0]
     seg = two.seg[0]
     assert not ok2[seg[:, None] != seg[None, :]].any()
@@ -126,13 +126,15 @@ def test_mask_rule():
 
 def test_default_row_length_follows_the_attention():
     """A dense mask costs a row its length squared: SDPA/eager rows stay within the padded width, filling
-    what padding would waste; FlexAttention skips masked blocks and takes the whole micro-batch in one row."""
+    what padding would waste; FlexAttention skips masked blocks and takes the whole micro-batch in one row,
+    padded to a multiple of its block size so that compiled shapes recur."""
     prompts, chosens, rejecteds = [[1] * 6, [2], [3], [4]], [[5] * 4, [6], [7], [8]], [[9] * 2, [10], [11], [12]]
     lengths = [10, 8, 2, 2, 2, 2, 2, 2]  # [P C] and [P R] per pair
     dense = packing.lay_out(prompts, chosens, rejecteds, Layout(packing=True), 0)
     assert dense.seg.shape == (3, 10) and dense.num_tokens == sum(lengths)  # rows: 10 | 8 2 | 2 2 2 2 2
     flex = packing.lay_out(prompts, chosens, rejecteds, Layout(packing=True, attention="flex_attention"), 0)
-    assert flex.seg.shape == (1, sum(lengths))
+    assert flex.seg.shape == (1, packing.FLEX_BLOCK) and flex.num_tokens == sum(lengths)
+    assert (flex.seg[0, sum(lengths):] == -1).all() and flex.src_pos.max() < sum(lengths)  # padding is never scored
     capped = packing.lay_out(prompts, chosens, rejecteds, Layout(packing=True, max_tokens=4), 0)
     assert capped.seg.shape == (5, 10)  # a sequence longer than the cap keeps a row of its own
     padded = packing.lay_out(prompts, chosens, rejecteds, Layout(), 0)

@@ -170,6 +170,9 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
     results = {"model": cfg.model, "ref_cache": cfg.ref_cache, "num_pairs": n, "beta": cfg.beta,
                **preference_results(tok_c, tok_r, rows, cfg.beta)}
     if cfg.generate:
+        if setup.attention == "flex_attention" and hasattr(model, "set_attn_implementation"):
+            # FlexAttention serves packed scoring; decoding one token at a time wants the usual kernel
+            model.set_attn_implementation("sdpa")
         results.update(judged_samples(model, setup.tokenizer, rows, cfg, device, judge))
     results["config"] = to_dict(cfg)
     results["elapsed_s"] = round(time.perf_counter() - t0, 3)

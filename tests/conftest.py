@@ -21,6 +21,12 @@ if "TRITON_INTERPRET" not in os.environ:  # triton.jit fixes the mode at import:
 
 REPO = Path(__file__).resolve().parents[1]
 
+# A fresh policy equals its reference, so its first step's margin is 0 and its loss ln 2, up to rounding. On CPU in
+# fp32 a row's numbers do not depend on the batch it sits in, so precompute and training agree to float rounding;
+# on a GPU cuBLAS picks kernels by row count and training runs bf16-mixed, so precompute (one batch shape) and
+# training (another) differ at bf16 rounding: the tolerance says which.
+FRESH_TOL = 1e-6 if __import__("fastdpo.modeling").modeling.use_cpu() else 5e-2
+
 WORDS = ["world", "hello", "Paris", "France", "capital", "answer", "question", "number", "seven", "eight"]
 CORPUS = [
     "Hello world! The capital of France is Paris.",

@@ -90,6 +90,17 @@ def run_cli(*argv: str) -> tuple[int, str]:
     return code, err.getvalue()
 
 
+def one_line_error(code, err, *needles, alone: bool = False) -> str:
+    """A user mistake: exit code 2, one `error:` line holding every needle, no traceback; `alone`: nothing else
+    was printed either (the mistake was caught before anything ran). Returns the line."""
+    assert code == 2, err
+    lines = err.strip().splitlines() if alone else [ln for ln in err.strip().splitlines() if ": error:" in ln]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
 def run_subprocess(*argv: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python -m fastdpo ARGV` as a real process (what a user types)."""
     full_env = {**os.environ, **(env or {})}

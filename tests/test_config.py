@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 
 import fastdpo
 from fastdpo.config import build_config
@@ -17,12 +17,7 @@ MISSING_MODEL = "/nonexistent/model"  # never loaded: every case below must fail
 
 
 def _one_line(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
+    return one_line_error(code, err, *needles, alone=True)  # refused before anything loads or prints
 
 
 def _yaml(tmp_path, text: str):

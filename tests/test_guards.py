@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_pairs, run_cli, write_jsonl
+from conftest import make_pairs, one_line_error, run_cli, write_jsonl
 
 from fastdpo.precompute import PrecomputeConfig, precompute
 
@@ -45,15 +45,6 @@ def snapshot(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def one_line(code, err, *needles):
-    assert code == 2, err
-    lines = [ln for ln in err.strip().splitlines() if ": error:" in ln]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
-
-
 def train_cli(model, cache, out, *extra):
     return run_cli("train", "--model", model, "--ref-cache", cache, "--output", out, "--max-steps", "1",
                    "--no-progress", *extra)
@@ -64,8 +55,8 @@ def train_cli(model, cache, out, *extra):
 
 def test_finished_run_is_not_overwritten(tiny_model, cache_dir, finished_run):
     before = snapshot(finished_run)
-    one_line(*train_cli(tiny_model, cache_dir, finished_run), "holds a finished run", "--resume", "--overwrite")
-    one_line(*run_cli("sft", "--model", tiny_model, "--dataset", cache_dir.parent / "nothing.jsonl", "--output",
+    one_line_error(*train_cli(tiny_model, cache_dir, finished_run), "holds a finished run", "--resume", "--overwrite")
+    one_line_error(*run_cli("sft", "--model", tiny_model, "--dataset", cache_dir.parent / "nothing.jsonl", "--output",
                       finished_run), "holds a finished run")
     assert snapshot(finished_run) == before
 
@@ -80,18 +71,18 @@ def test_overwrite_removes_the_old_run(tiny_model, cache_dir, finished_run, tmp_
     assert not list(out.glob("checkpoint-*")), "a stale checkpoint would be picked by --resume latest"
     assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == [1]
     assert (out / "notes.txt").read_text() == "mine"
-    one_line(*train_cli(tiny_model, cache_dir, out, "--resume", "latest"), "no complete checkpoint")
+    one_line_error(*train_cli(tiny_model, cache_dir, out, "--resume", "latest"), "no complete checkpoint")
 
 
 def test_output_may_not_be_or_lie_in_an_input(tiny_model, cache_dir, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
     before, cache_before = snapshot(model), snapshot(cache_dir)
-    one_line(*train_cli(model, cache_dir, model), "--output", "same directory as --model")
-    one_line(*train_cli(model, cache_dir, model, "--overwrite"), "same directory as --model")
-    one_line(*train_cli(model, cache_dir, cache_dir / "run"), "inside --ref-cache")
-    one_line(*train_cli(model / "sub" / ".." / "sub2", cache_dir, model / "x"), "not found")
-    one_line(*run_cli("precompute", "--model", model, "--dataset", tmp_path / "d.jsonl", "--output", model,
+    one_line_error(*train_cli(model, cache_dir, model), "--output", "same directory as --model")
+    one_line_error(*train_cli(model, cache_dir, model, "--overwrite"), "same directory as --model")
+    one_line_error(*train_cli(model, cache_dir, cache_dir / "run"), "inside --ref-cache")
+    one_line_error(*train_cli(model / "sub" / ".." / "sub2", cache_dir, model / "x"), "not found")
+    one_line_error(*run_cli("precompute", "--model", model, "--dataset", tmp_path / "d.jsonl", "--output", model,
                       "--overwrite"), "same directory as --model")
     assert snapshot(model) == before and snapshot(cache_dir) == cache_before
 
@@ -100,7 +91,7 @@ def test_overwrite_never_deletes_an_input(tiny_model, cache_dir, finished_run, t
     out = tmp_path / "r"
     shutil.copytree(finished_run, out)
     before = snapshot(out)
-    one_line(*train_cli(out / "checkpoint-1", cache_dir, out, "--overwrite"), "--overwrite would delete --model")
+    one_line_error(*train_cli(out / "checkpoint-1", cache_dir, out, "--overwrite"), "--overwrite would delete --model")
     assert snapshot(out) == before
 
 
@@ -108,16 +99,16 @@ def test_foreign_directory_is_refused(tiny_model, cache_dir, tmp_path):
     out = tmp_path / "photos"
     out.mkdir()
     (out / "config.json.bak").write_text("x")
-    one_line(*train_cli(tiny_model, cache_dir, out), "holds no fastdpo run")
+    one_line_error(*train_cli(tiny_model, cache_dir, out), "holds no fastdpo run")
     assert sorted(p.name for p in out.iterdir()) == ["config.json.bak"]
 
 
 def test_refused_command_writes_nothing(tiny_model, cache_dir, tmp_path):
     out = tmp_path / "r"
-    one_line(*train_cli(tiny_model, cache_dir, out, "--lora-dropout", "2"), "--lora-dropout")
-    one_line(*train_cli(tiny_model, cache_dir, out, "--loss", "sigmod"), "did you mean sigmoid")
-    one_line(*train_cli(tmp_path / "no-model", cache_dir, out), "model not found")
-    one_line(*train_cli(tiny_model, tmp_path / "no-cache", out), "reference cache not found")
+    one_line_error(*train_cli(tiny_model, cache_dir, out, "--lora-dropout", "2"), "--lora-dropout")
+    one_line_error(*train_cli(tiny_model, cache_dir, out, "--loss", "sigmod"), "did you mean sigmoid")
+    one_line_error(*train_cli(tmp_path / "no-model", cache_dir, out), "model not found")
+    one_line_error(*train_cli(tiny_model, tmp_path / "no-cache", out), "reference cache not found")
     assert not out.exists()
 
 
@@ -125,7 +116,7 @@ def test_resume_with_another_model_is_refused(tiny_model, cache_dir, finished_ru
     other = tmp_path / "other"
     shutil.copytree(tiny_model, other)
     before = snapshot(finished_run)
-    one_line(*train_cli(other, cache_dir, finished_run, "--resume", str(finished_run / "checkpoint-1")),
+    one_line_error(*train_cli(other, cache_dir, finished_run, "--resume", str(finished_run / "checkpoint-1")),
              "continues a run of --model", "resume with the same --model")
     assert snapshot(finished_run) == before
 
@@ -136,11 +127,11 @@ def test_resume_with_another_model_is_refused(tiny_model, cache_dir, finished_ru
     ('{"step": "3"}', "field 'step'"),
     ("{not json", "unreadable"),
 ])
-def test_damaged_trainer_state_is_one_line(tiny_model, cache_dir, finished_run, tmp_path, state, needle):
+def test_damaged_trainer_state_is_one_line_error(tiny_model, cache_dir, finished_run, tmp_path, state, needle):
     out = tmp_path / "r"
     shutil.copytree(finished_run, out)
     (out / "checkpoint-1" / "trainer_state.json").write_text(state)
-    one_line(*train_cli(tiny_model, cache_dir, out, "--resume", str(out / "checkpoint-1")), "trainer_state.json",
+    one_line_error(*train_cli(tiny_model, cache_dir, out, "--resume", str(out / "checkpoint-1")), "trainer_state.json",
              needle)
 
 
@@ -179,7 +170,7 @@ def test_dataset_directory_with_two_formats_is_refused(tiny_model, tmp_path):
     d.mkdir()
     write_jsonl(d / "a.jsonl", make_pairs(4))
     (d / "b.csv").write_text("prompt,chosen,rejected\nx,y,z\n")
-    one_line(*run_cli("precompute", "--model", tiny_model, "--dataset", d, "--output", tmp_path / "c"),
+    one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", d, "--output", tmp_path / "c"),
              "mixes file formats", "a.jsonl", "b.csv")
     assert not (tmp_path / "c").exists()
 
@@ -187,20 +178,20 @@ def test_dataset_directory_with_two_formats_is_refused(tiny_model, tmp_path):
 def test_dataset_errors_name_the_cause(tiny_model, tmp_path):
     ragged = tmp_path / "ragged.csv"
     ragged.write_text("prompt,chosen,rejected\nx,y,z\na,b,c,d\n")
-    one_line(*run_cli("precompute", "--model", tiny_model, "--dataset", ragged, "--output", tmp_path / "c"),
+    one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", ragged, "--output", tmp_path / "c"),
              "ragged.csv", "line 3")
     cols = tmp_path / "cols"
     cols.mkdir()
     write_jsonl(cols / "a.jsonl", make_pairs(2))
     write_jsonl(cols / "b.jsonl", [{**r, "extra": 1} for r in make_pairs(2)])
-    one_line(*run_cli("precompute", "--model", tiny_model, "--dataset", cols, "--output", tmp_path / "c"),
+    one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", cols, "--output", tmp_path / "c"),
              "different columns", "extra")
 
 
 def test_hub_only_options_on_local_data_are_refused(tiny_model, data_file, tmp_path):
-    one_line(*run_cli("precompute", "--model", tiny_model, "--dataset", data_file, "--output", tmp_path / "c",
+    one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", data_file, "--output", tmp_path / "c",
                       "--split", "test"), "--split 'test'", "single split")
-    one_line(*run_cli("precompute", "--model", tiny_model, "--dataset", data_file, "--output", tmp_path / "c",
+    one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", data_file, "--output", tmp_path / "c",
                       "--dataset-config", "en"), "--dataset-config")
 
 
@@ -210,7 +201,7 @@ def test_model_vocabulary_smaller_than_tokenizer(tiny_model, data_file, tmp_path
     config = json.loads((model / "config.json").read_text())
     config["vocab_size"] = 50
     (model / "config.json").write_text(json.dumps(config))
-    one_line(*run_cli("precompute", "--model", model, "--dataset", data_file, "--output", tmp_path / "c"),
+    one_line_error(*run_cli("precompute", "--model", model, "--dataset", data_file, "--output", tmp_path / "c"),
              "vocabulary of 50", "tokenizer has")
 
 
@@ -223,7 +214,7 @@ def test_failed_precompute_does_not_block_its_retry(tiny_model, data_file, tmp_p
     weights.write_bytes(good[:100])
     out = tmp_path / "c"
     args = ("precompute", "--model", model, "--dataset", data_file, "--output", out, "--no-progress")
-    one_line(*run_cli(*args), "cannot load model")
+    one_line_error(*run_cli(*args), "cannot load model")
     weights.write_bytes(good)
     code, err = run_cli(*args)
     assert code == 0, err
@@ -253,8 +244,8 @@ def _damaged(cache_dir, tmp_path, edit) -> Path:
 ])
 def test_manifest_must_match_the_directory(tiny_model, cache_dir, tmp_path, edit, needle):
     cache = _damaged(cache_dir, tmp_path, edit)
-    one_line(*train_cli(tiny_model, cache, tmp_path / "r"), needle)
-    one_line(*run_cli("eval", "--model", tiny_model, "--ref-cache", cache, "--no-progress"), needle)
+    one_line_error(*train_cli(tiny_model, cache, tmp_path / "r"), needle)
+    one_line_error(*run_cli("eval", "--model", tiny_model, "--ref-cache", cache, "--no-progress"), needle)
     assert not (tmp_path / "r").exists()
 
 
@@ -262,7 +253,7 @@ def test_manifest_not_json_object(tiny_model, cache_dir, tmp_path):
     copy = tmp_path / "c"
     shutil.copytree(cache_dir, copy)
     (copy / "manifest.json").write_text("[]")
-    one_line(*train_cli(tiny_model, copy, tmp_path / "r"), "manifest.json", "not a JSON object")
+    one_line_error(*train_cli(tiny_model, copy, tmp_path / "r"), "manifest.json", "not a JSON object")
 
 
 # ---------------------------------------------------------------- eval options
@@ -270,7 +261,7 @@ def test_manifest_not_json_object(tiny_model, cache_dir, tmp_path):
 
 def test_eval_options(tiny_model, cache_dir, tmp_path):
     for limit in ("0", "-3"):
-        one_line(*run_cli("eval", "--model", tiny_model, "--ref-cache", cache_dir, "--limit", limit), "--limit",
+        one_line_error(*run_cli("eval", "--model", tiny_model, "--ref-cache", cache_dir, "--limit", limit), "--limit",
                  "at least 1")
     judges = tmp_path / "myjudges.py"
     judges.write_text("def one(text):\n    return 1.0\n")
@@ -278,7 +269,7 @@ def test_eval_options(tiny_model, cache_dir, tmp_path):
 
     sys.path.insert(0, str(tmp_path))
     try:
-        one_line(*run_cli("eval", "--model", tiny_model, "--ref-cache", cache_dir, "--generate", "--judge",
+        one_line_error(*run_cli("eval", "--model", tiny_model, "--ref-cache", cache_dir, "--generate", "--judge",
                           "myjudges:one", "--no-progress"), "must take (prompt, completion)")
     finally:
         sys.path.remove(str(tmp_path))

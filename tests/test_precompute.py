@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, make_pairs, run_cli, write_jsonl
+from conftest import REPO, make_pairs, one_line_error, run_cli, write_jsonl
 
 from fastdpo import cache
 from fastdpo.precompute import PrecomputeConfig, precompute
@@ -143,35 +143,27 @@ def test_rerun_of_finished_cache_computes_nothing(tiny_model, tmp_path, pairs_fi
     assert m["dataset"]["rows_written"] == 24
 
 
-def _one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = [ln for ln in err.strip().splitlines() if ": error:" in ln]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
 def test_bad_inputs_one_line_exit_2(tiny_model, tmp_path, pairs_file):
     out = tmp_path / "o"
-    _one_line_error(*run_cli("precompute", "--model", tmp_path / "nomodel", "--dataset", pairs_file, "--output", out),
+    one_line_error(*run_cli("precompute", "--model", tmp_path / "nomodel", "--dataset", pairs_file, "--output", out),
                     "model not found", "nomodel")
-    _one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", tmp_path / "nodata.jsonl",
+    one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", tmp_path / "nodata.jsonl",
                              "--output", out), "dataset not found", "nodata.jsonl")
-    _one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", pairs_file, "--output", out,
+    one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", pairs_file, "--output", out,
                              "--chosen-column", "good"), "no column 'good'", "columns found: prompt, chosen, rejected")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n\n{oops}\n')
-    _one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", bad, "--output", out),
+    one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", bad, "--output", out),
                     f"{bad}:3: invalid JSON")
     dup = write_jsonl(tmp_path / "dup.jsonl", make_pairs(3) + [{"prompt": "p", "chosen": "x", "rejected": "x"}])
-    _one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", dup, "--output", out, "--strict"),
+    one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", dup, "--output", out, "--strict"),
                     "row 3", "--strict")
-    _one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", pairs_file), "--output")
-    _one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", pairs_file, "--output", out,
+    one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", pairs_file), "--output")
+    one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", pairs_file, "--output", out,
                              "--batch-size", "0"), "--batch-size must be at least 1")
-    _one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", pairs_file, "--output", out,
+    one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", pairs_file, "--output", out,
                              "--batch-size", "two"), "--batch-size expects int")
-    _one_line_error(*run_cli("precompute", "--config", tmp_path / "none.yaml"), "config file not found")
+    one_line_error(*run_cli("precompute", "--config", tmp_path / "none.yaml"), "config file not found")
 
 
 def test_config_file_with_flag_override(tiny_model, tmp_path, pairs_file):
@@ -182,14 +174,14 @@ def test_config_file_with_flag_override(tiny_model, tmp_path, pairs_file):
     assert code == 0, err
     assert json.loads((tmp_path / "c" / "manifest.json").read_text())["settings"]["max_length"] == 50
     cfg.write_text("model: x\nbogus_option: 1\n")
-    _one_line_error(*run_cli("precompute", "--config", cfg), "unknown option(s) bogus_option")
+    one_line_error(*run_cli("precompute", "--config", cfg), "unknown option(s) bogus_option")
 
 
 def test_hub_ids_that_cannot_be_loaded(tiny_model, tmp_path, pairs_file):
     """Offline (as in CI), a Hub id fails fast with one line naming it."""
-    _one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", "no-such-org/no-such-dataset",
+    one_line_error(*run_cli("precompute", "--model", tiny_model, "--dataset", "no-such-org/no-such-dataset",
                              "--output", tmp_path / "o"), "cannot load dataset no-such-org/no-such-dataset")
-    _one_line_error(*run_cli("precompute", "--model", "no-such-org/no-such-model", "--dataset", pairs_file,
+    one_line_error(*run_cli("precompute", "--model", "no-such-org/no-such-model", "--dataset", pairs_file,
                              "--output", tmp_path / "o"), "cannot load", "no-such-org/no-such-model")
 
 

@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "BATCH_COUPLED",
     "LENGTH_NORMALISED",
     "LOSS_TYPES",
     "REFERENCE_FREE",
@@ -84,6 +85,8 @@ __all__ = [
 REFERENCE_FREE = frozenset({"simpo", "sft"})
 # Losses that divide by completion length; sft needs a token count (lengths or sft_num_tokens).
 LENGTH_NORMALISED = frozenset({"ipo", "sigmoid_norm", "simpo"})
+# Losses whose per-pair values depend on the other pairs of the call (they sort across the batch).
+BATCH_COUPLED = frozenset({"aot", "aot_unpaired"})
 # Losses that read label_smoothing; the others ignore it.
 _USES_LABEL_SMOOTHING = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo"})
 

@@ -372,13 +372,37 @@ def _block_counts(seg, pos, branch, block: int):
 
 def unpack_scores(values: torch.Tensor, packed: PackedRows, chosen_lens, rejected_lens):
     """Scored values (S,) -> chosen (B, Tc), chosen mask, rejected (B, Tr), rejected mask (differentiable)."""
+    return grids(values, packed.pair, packed.side, packed.index, chosen_lens, rejected_lens)
+
+
+def grids(values, pair, side, index, chosen_lens, rejected_lens):
+    """Per-token values (S,) with their pair, side (0 chosen, 1 rejected) and index in the completion ->
+    chosen (B, Tc), chosen mask, rejected (B, Tr), rejected mask; differentiable w.r.t. `values`."""
     b = len(chosen_lens)
     out = []
-    for side, lens in ((0, chosen_lens), (1, rejected_lens)):
-        sel = packed.side == side
+    for s, lens in ((0, chosen_lens), (1, rejected_lens)):
+        sel = side == s
         width = max(lens) if lens else 0
-        grid = values.new_zeros((b, width))
-        grid = grid.index_put((packed.pair[sel], packed.index[sel]), values[sel])
+        grid = values.new_zeros((b, width)).index_put((pair[sel], index[sel]), values[sel])
         mask = torch.arange(width, device=values.device)[None] < torch.as_tensor(lens, device=values.device)[:, None]
         out += [grid, mask]
     return tuple(out)
+
+
+def pair_chunks(pair: torch.Tensor, side: torch.Tensor, index: torch.Tensor, n_pairs: int, budget: int):
+    """Scored tokens in pair order, cut into chunks of whole pairs of at most `budget` tokens each (a longer pair
+    gets a chunk of its own). Returns the order (S,) that sorts tokens by (pair, side, index), the chunks'
+    token edges [0, ..., S] and their pair edges [0, ..., B]."""
+    width = int(index.max()) + 1 if index.numel() else 1
+    order = torch.argsort((pair * 2 + side) * width + index)
+    tokens = torch.bincount(pair, minlength=n_pairs).tolist()
+    token_edges, pair_edges, used = [0], [0], 0
+    for p, t in enumerate(tokens):
+        if used and used + t > budget:
+            token_edges.append(token_edges[-1] + used)
+            pair_edges.append(p)
+            used = 0
+        used += t
+    token_edges.append(token_edges[-1] + used)
+    pair_edges.append(n_pairs)
+    return order, token_edges, pair_edges

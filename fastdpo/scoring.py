@@ -95,8 +95,28 @@ def completion_logps(causal_lm: nn.Module, input_ids, attention_mask, position_i
     return out[0]
 
 
+def fused_loss_applies(causal_lm: nn.Module, backend: str) -> bool:
+    """Whether a loss can be formed inside the fused head's chunk loop (`kernels.linear_token_loss`): a plain
+    LM head that trains (a frozen head already costs 2 GEMMs on the log-prob path)."""
+    spec = None if backend == "eager" else head_spec(causal_lm)
+    return spec is not None and spec.lm_head.weight.requires_grad
+
+
+def completion_loss(causal_lm: nn.Module, input_ids, attention_mask, position_ids, src_row, src_pos, labels,
+                    bounds, token_loss, *, backend: str = "auto"):
+    """(loss, (S,) log-probs detached) of the scored tokens, the loss formed chunk by chunk inside the LM head
+    (`kernels.linear_token_loss`): the head's gradient in 3 N x V x H GEMMs instead of 4."""
+    spec = head_spec(causal_lm)
+    hidden = spec.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False).last_hidden_state  # (N, L, H)
+    return kernels.linear_token_loss(hidden[src_row, src_pos], spec.lm_head.weight, labels, bounds, token_loss,
+                                     backend=backend, bias=spec.lm_head.bias, logit_scale=spec.logit_scale,
+                                     softcap=spec.softcap)
+
+
 class LogpsModel(nn.Module):
-    """Wraps a causal LM so that its forward returns completion log-probs (see the module docstring)."""
+    """Wraps a causal LM so that its forward returns completion log-probs (see the module docstring), or, given
+    `loss=(bounds, token_loss)`, a loss of them formed inside the fused head (`completion_loss`)."""
 
     def __init__(self, causal_lm: nn.Module, backend: str = "auto"):
         super().__init__()
@@ -104,7 +124,10 @@ class LogpsModel(nn.Module):
         self.backend = backend
         self._no_split_modules = getattr(causal_lm, "_no_split_modules", None)  # for FSDP auto-wrap
 
-    def forward(self, input_ids, attention_mask, position_ids, src_row, src_pos, labels):
+    def forward(self, input_ids, attention_mask, position_ids, src_row, src_pos, labels, loss=None):
+        if loss is not None:
+            return completion_loss(self.model, input_ids, attention_mask, position_ids, src_row, src_pos, labels,
+                                   *loss, backend=self.backend)
         return completion_logps(self.model, input_ids, attention_mask, position_ids, src_row, src_pos, labels,
                                 backend=self.backend)
 
@@ -215,6 +238,35 @@ def score_pairs(model, prompts, chosens, rejecteds, layout, pad_id: int, device,
     rejected_lens = [len(r) for r in rejecteds] if rejecteds is not None else [0] * len(chosens)
     tok_c, mask_c, tok_r, mask_r = packing.unpack_scores(values, rows, [len(c) for c in chosens], rejected_lens)
     return PairScores(tok_c, mask_c, tok_r, mask_r, rows.num_tokens)
+
+
+def score_pairs_with_loss(model, prompts, chosens, rejecteds, layout, pad_id: int, device, dtype, pair_loss,
+                          chunk_tokens: int):
+    """`score_pairs` with the loss formed inside the fused head, chunk by chunk of whole pairs.
+
+    pair_loss(p0, p1, scores) -> the summed loss of pairs p0..p1-1, from `scores` (a PairScores of those pairs
+    whose values carry gradients). Returns (the micro-batch's summed loss, differentiable; PairScores of every
+    pair, detached). `chunk_tokens` caps a chunk's tokens (`kernels.loss_chunk_tokens`: a memory budget).
+    """
+    rows = packing.lay_out(prompts, chosens, rejecteds, layout, pad_id).to(device)
+    mask = packing.attention_mask(rows, layout, dtype)
+    c_lens, r_lens = [len(c) for c in chosens], [len(r) for r in rejecteds]
+    order, token_edges, pair_edges = packing.pair_chunks(rows.pair, rows.side, rows.index, len(c_lens), chunk_tokens)
+    pair, side, index = rows.pair[order], rows.side[order], rows.index[order]
+    chunk_of = dict(zip(token_edges[:-1], zip(pair_edges[:-1], pair_edges[1:])))
+
+    def token_loss(start, end, lp):  # the chunk's loss and its gradient w.r.t. its tokens' log-probs
+        lp = lp.detach().requires_grad_()
+        p0, p1 = chunk_of[start]
+        sub = PairScores(*packing.grids(lp, pair[start:end] - p0, side[start:end], index[start:end],
+                                        c_lens[p0:p1], r_lens[p0:p1]), 0)
+        loss = pair_loss(p0, p1, sub)
+        return loss.detach(), torch.autograd.grad(loss, lp)[0]
+
+    loss, lp = model(rows.input_ids, mask, rows.position_ids, rows.src_row[order], rows.src_pos[order],
+                     rows.labels[order], loss=(token_edges, token_loss))
+    values = torch.empty_like(lp).index_copy_(0, order, lp)  # back to the layout's order
+    return loss, PairScores(*packing.unpack_scores(values, rows, c_lens, r_lens), rows.num_tokens)
 
 
 def score_rows(model, prompts, chosens, rejecteds, batch_size: int, layout, pad_id: int, device,

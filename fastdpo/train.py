@@ -126,34 +126,63 @@ class PreferenceObjective(loop.Objective):
 
     unit = "pairs"
 
-    def __init__(self, cfg: TrainConfig, setup, device, reference=None):
+    def __init__(self, cfg: TrainConfig, setup, device, reference=None, fused: bool = False):
         """setup: the policy's `scoring.Setup`; reference(rows) -> PairScores: a live reference (None: the rows
-        carry cached values, or the losses need no reference)."""
-        self.cfg, self.setup, self.device, self.reference = cfg, setup, device, reference
+        carry cached values, or the losses need no reference); fused: form the loss inside the fused LM head
+        (`scoring.score_pairs_with_loss`, 3 GEMMs for the head instead of 4)."""
+        self.cfg, self.setup, self.device, self.reference, self.fused = cfg, setup, device, reference, fused
         self.needs_token_logps = cfg.needs_reference  # per-token reference values: LD-DPO and the KL estimate
         self.recent_acc: list[float] = []  # the guard's window
         self.acc_warned = self.kl_warned = False
 
     def step(self, model, batch: batching.Batch):
-        from .scoring import score_pairs
-
-        rows, cfg = batch.rows, self.cfg
-        scores = score_pairs(model, rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], self.setup.layout,
-                             self.setup.tokenizer.pad_token_id, self.device, self.setup.dtype)
-        pc, pr = sequence_logps(scores, cfg.ld_alpha)  # (B,), (B,)
-        rc = rr = sides = None
+        cfg = self.cfg
+        rc = rr = ref_tokens = None
         if cfg.needs_reference:
-            rc, rr, ref_tokens = self.reference_logps(batch, scores)
-            sides = [(scores.chosen, ref_tokens[0], scores.chosen_mask),
-                     (scores.rejected, ref_tokens[1], scores.rejected_mask)]
-        per_pair, rew_c, rew_r = pair_losses(cfg, scores, pc, pr, rc, rr,
-                                             batch.step_chosen_tokens * scores.num_pairs / batch.step_examples)
+            rc, rr, ref_tokens = self.reference_logps(batch)
+        scores, per_pair, rew_c, rew_r, loss = self.scored(model, batch, rc, rr)
+        pc, pr = sequence_logps(scores, cfg.ld_alpha)  # (B,), (B,)
+        sides = None if ref_tokens is None else [(scores.chosen, ref_tokens[0], scores.chosen_mask),
+                                                 (scores.rejected, ref_tokens[1], scores.rejected_mask)]
         sums = metrics.preference_sums(per_pair, pc, pr, rc, rr, rew_c, rew_r, sides)
         sums["tokens"] = scores.num_tokens
-        return per_pair.sum() / batch.step_examples, sums
+        return loss / batch.step_examples, sums
 
-    def reference_logps(self, batch: batching.Batch, scores):
-        """Reference (B,) chosen and rejected log-probs, and per-token values aligned with `scores`."""
+    def scored(self, model, batch: batching.Batch, rc, rr):
+        """(PairScores, per-pair losses, chosen and rejected rewards, summed loss with its graph)."""
+        import torch
+
+        from .scoring import score_pairs, score_pairs_with_loss
+
+        rows, cfg, setup = batch.rows, self.cfg, self.setup
+        args = (rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], setup.layout,
+                setup.tokenizer.pad_token_id, self.device, setup.dtype)
+
+        def losses_of(scores, p0, p1):  # the sft term's normaliser is per pair: B / N_tok of the whole step
+            pc, pr = sequence_logps(scores, cfg.ld_alpha)
+            cut = (lambda x: x[p0:p1]) if rc is not None else (lambda x: x)
+            return pair_losses(cfg, scores, pc, pr, cut(rc) if rc is not None else None,
+                               cut(rr) if rr is not None else None,
+                               batch.step_chosen_tokens * (p1 - p0) / batch.step_examples)
+
+        if not self.fused:
+            scores = score_pairs(model, *args)
+            per_pair, rew_c, rew_r = losses_of(scores, 0, scores.num_pairs)
+            return scores, per_pair, rew_c, rew_r, per_pair.sum()
+        parts = []  # per-pair losses and rewards, detached, chunk by chunk
+
+        def pair_loss(p0, p1, sub):
+            per_pair, rew_c, rew_r = losses_of(sub, p0, p1)
+            parts.append((per_pair.detach(), rew_c, rew_r))
+            return per_pair.sum()
+
+        chunk = _loss_chunk_tokens(model, setup.dtype)
+        loss, scores = score_pairs_with_loss(model, *args, pair_loss, chunk)
+        per_pair, rew_c, rew_r = (torch.cat([p[i] for p in parts]) for i in range(3))
+        return scores, per_pair, rew_c, rew_r, loss
+
+    def reference_logps(self, batch: batching.Batch):
+        """Reference (B,) chosen and rejected log-probs, and their per-token values (B, Tc), (B, Tr)."""
         import torch
 
         from . import losses
@@ -197,6 +226,14 @@ class PreferenceObjective(loop.Objective):
         if kl is not None and self.cfg.early_stop_kl is not None and kl > self.cfg.early_stop_kl:
             stop = f"early stop at step {m['step']}: per-token KL {kl:.3f} > --early-stop-kl {self.cfg.early_stop_kl}"
         return warnings, stop
+
+
+def _loss_chunk_tokens(model, dtype) -> int:
+    from .kernels import loss_chunk_tokens
+    from .scoring import head_spec
+
+    policy = getattr(model, "module", model).model  # DDP wraps LogpsModel
+    return loss_chunk_tokens(head_spec(policy).lm_head.weight.shape[0], dtype.itemsize)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +285,13 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
     source = open_source(cfg, trainer)
     trainer.load_policy()
     reference = live_reference(cfg, trainer) if cfg.needs_reference and not source.has_ref else None
-    return trainer.fit(source, PreferenceObjective(cfg, trainer.setup, trainer.device, reference))
+    from . import losses
+    from .scoring import fused_loss_applies
+
+    # the loss inside the fused head needs per-pair losses; aot's sort couples the pairs of a micro-batch
+    fused = fused_loss_applies(trainer.model.model, cfg.logps_backend) and not (
+        set(losses.parse_loss_types(cfg.loss)) & losses.BATCH_COUPLED)
+    return trainer.fit(source, PreferenceObjective(cfg, trainer.setup, trainer.device, reference, fused))
 
 
 def sweep(config: TrainConfig, plot: bool = True) -> list[tuple[Path, dict]]:

@@ -27,6 +27,8 @@ outputs under `torch.no_grad` (reference precompute) and in training, whatever t
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -285,3 +287,110 @@ def linear_token_logps_ref(
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     return token_logps_ref(logits, labels, mask, upcast=upcast)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loss inside the chunk loop: 3 N x V x H GEMMs when the head trains
+# ----------------------------------------------------------------------------------------------------------------
+#
+# `linear_token_logps` costs 4 GEMMs when the head trains: the forward projection, and in backward the recomputed
+# projection, grad_hidden and grad_weight. The recomputation exists because a token's upstream gradient is known
+# only once the loss is. A preference loss needs only the per-token log-probs of whole pairs, so if each chunk
+# holds whole pairs, the chunk's loss and its gradient w.r.t. those log-probs can be formed while the chunk's
+# logits are still in memory, and grad_hidden and grad_weight accumulated right there (as Liger's chunked DPO loss
+# does, with a reference that is cached instead of run): 3 GEMMs, and backward only scales the stored gradients.
+
+# Logits per chunk for the fused loss: a memory budget (bytes of one (C, V) tile), not a token count, so that the
+# fp32 (V, H) grad_weight accumulator is read and written once per large chunk. FASTDPO_HEAD_CHUNK_MIB changes it.
+_LOSS_TILE_BYTES = int(float(os.environ.get("FASTDPO_HEAD_CHUNK_MIB", "1024")) * 2**20)
+
+
+def loss_chunk_tokens(vocab_size: int, element_size: int) -> int:
+    """Token budget of one fused-loss chunk: the (C, V) logit tile fits `FASTDPO_HEAD_CHUNK_MIB` (1 GiB)."""
+    return max(1, _LOSS_TILE_BYTES // max(1, vocab_size * element_size))
+
+
+class LinearTokenLossFunction(torch.autograd.Function):
+    """A loss of per-token log-probs through the LM head, its gradients formed inside the chunk loop."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, bounds, token_loss, backend, logit_scale, softcap):
+        # hidden (N, H), labels (N,); bounds: chunk edges [0, e1, ..., N]; token_loss(start, end, logps (n,) fp32)
+        # -> (the chunk's loss, d loss / d logps (n,) fp32)
+        device = hidden.device
+        dt = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+        n, n_hidden, vocab = hidden.shape[0], hidden.shape[1], weight.shape[0]
+        with torch.autocast(device.type, enabled=False):
+            w = weight.to(dt)
+            b = bias.to(dt) if bias is not None else None
+            logps = torch.empty(n, device=device, dtype=torch.float32)
+            # fp32 until backward scales it by the upstream gradient: one rounding to hidden's dtype, not two
+            grad_h = torch.empty((n, n_hidden), device=device, dtype=torch.float32) if need_h else None
+            grad_w = torch.zeros((vocab, n_hidden), device=device, dtype=torch.float32) if need_w else None
+            grad_b = torch.zeros(vocab, device=device, dtype=torch.float32) if need_b else None
+            widest = max((e - s for s, e in zip(bounds[:-1], bounds[1:])), default=0)
+            buf = torch.empty((widest, vocab), device=device, dtype=dt)
+            loss = torch.zeros((), device=device, dtype=torch.float32)
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                h = hidden[start:end].to(dt)  # (C, H)
+                tile = _project(h, w, b, buf[: end - start])  # (C, V): GEMM 1
+                lp, lse = _rows_forward(tile, labels[start:end], backend, logit_scale, softcap)
+                logps[start:end] = lp
+                with torch.enable_grad():  # forward runs without grad; the loss's own gradient needs it
+                    chunk_loss, g = token_loss(start, end, lp)
+                loss += chunk_loss
+                _rows_backward_(tile, labels[start:end], lse, g.float(), backend, logit_scale, softcap)  # dL/dlogits
+                if need_h:
+                    grad_h[start:end] = _mm_fp32(tile, w)  # GEMM 2
+                if need_w:
+                    addmm_fp32_(grad_w, tile.t(), h)  # GEMM 3, accumulated in fp32
+                if need_b:
+                    grad_b += tile.sum(0, dtype=torch.float32)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.mark_non_differentiable(logps)
+        return loss, logps
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_logps):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_loss.float()
+        return (
+            (grad_h * scale).to(ctx.dtypes[0]) if grad_h is not None else None,
+            (grad_w * scale).to(ctx.dtypes[1]) if grad_w is not None else None,
+            (grad_b * scale).to(ctx.dtypes[2]) if grad_b is not None else None,
+        ) + (None,) * 6
+
+
+def linear_token_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bounds: list[int],
+    token_loss,
+    backend: str = "auto",
+    bias: torch.Tensor | None = None,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loss of per-token log-probs under the LM head, with its gradients formed in the forward's chunk loop.
+
+    hidden (N, H) and labels (N,) are the scored tokens; `bounds` cut them into chunks [bounds[i], bounds[i+1])
+    that each hold whole loss terms (for a preference loss: whole pairs; see `loss_chunk_tokens` for sizing).
+    `token_loss(start, end, logps)` gets a chunk's fp32 log-probs and returns its loss (a scalar) and the loss's
+    gradient w.r.t. those log-probs. Returns (the summed loss, differentiable w.r.t. hidden, weight and bias;
+    the (N,) log-probs, detached). Values equal `linear_token_logps` followed by the loss; the head's gradient
+    costs 3 N x V x H GEMMs instead of 4, and grad_weight is accumulated in fp32.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden (N, H) and weight (V, H) do not match: {tuple(hidden.shape)}, {tuple(weight.shape)}")
+    if tuple(labels.shape) != (hidden.shape[0],) or bounds[0] != 0 or bounds[-1] != hidden.shape[0]:
+        raise ValueError("labels must be (N,) and bounds must run from 0 to N")
+    _check_softcap(softcap)
+    backend = resolve_backend(backend, hidden.device)
+    return LinearTokenLossFunction.apply(hidden, weight, bias, labels.to(torch.long), list(bounds), token_loss,
+                                         backend, float(logit_scale), softcap)

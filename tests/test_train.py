@@ -392,3 +392,35 @@ def test_flex_attention_training_on_cpu_is_refused(tiny_model, ref_cache, tmp_pa
                         "--attn-implementation", "flex_attention", "--no-progress")
     assert code == 2 and "FlexAttention has no CPU backward" in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("loss,extra", [("sigmoid", {}), ("ipo", {}), ("sigmoid,sft", {"ld_alpha": 0.5}),
+                                        ("simpo", {"beta": 2.0}), ("aot", {})])
+def test_loss_inside_the_fused_head_equals_the_log_prob_path(tiny_model, ref_cache, tmp_path, monkeypatch, loss,
+                                                             extra):
+    """The 3-GEMM path (loss and its gradient formed in the head's chunk loop, chunks of 1-2 pairs here) trains
+    the same trajectory as the 4-GEMM log-prob path; aot couples the pairs of a micro-batch, so it keeps the latter."""
+    import importlib
+
+    import fastdpo.kernels.linear_logps as head
+
+    import fastdpo.scoring as scoring
+
+    train_mod = importlib.import_module("fastdpo.train")
+    used = []
+    real = train_mod.PreferenceObjective.scored
+
+    def spy(self, *a):
+        used.append(self.fused)
+        return real(self, *a)
+
+    monkeypatch.setattr(train_mod.PreferenceObjective, "scored", spy)
+    monkeypatch.setattr(head, "_LOSS_TILE_BYTES", 400 * 4 * 40)  # 40 tokens of V = 400 fp32 logits per chunk
+    kw = dict(max_steps=3, batch_size=6, loss=loss.split(","), **extra)
+    _train(tiny_model, tmp_path / "fused", ref_cache=ref_cache, **kw)
+    fused_used = set(used)
+    monkeypatch.setattr(scoring, "fused_loss_applies", lambda *a: False)
+    used.clear()
+    _train(tiny_model, tmp_path / "plain", ref_cache=ref_cache, **kw)
+    assert fused_used == {loss != "aot"} and set(used) == {False}
+    assert_same_trajectory(metrics(tmp_path / "fused"), metrics(tmp_path / "plain"), atol=1e-5)

@@ -1,12 +1,15 @@
-"""Benchmark DPO log-prob computation: fastdpo kernels vs eager, torch.compile, chunked torch, TRL and Liger.
+"""Benchmark DPO log-prob computation: fastdpo kernels vs eager, torch.compile, chunked torch, TRL, Liger and CCE.
 
 Two workloads, named in the `workload` column:
   logits  logits (N, V) -> per-sequence sums of log p(label): fastdpo-triton, chunked-torch (fastdpo's torch
           backend), eager (`log_softmax(logits.float()).gather()`, masked sum), compile (torch.compile of eager),
           liger-ce (Liger's cross-entropy, reduction="sum": it writes its gradient during the forward).
   head    hidden (N, H) and the LM head (V, H) -> the same sums, the LM-head GEMMs included: fastdpo-linear
-          (fused head), eager-head (F.linear + eager), triton-head (F.linear + fastdpo-triton), trl-head (TRL's
-          chunked fused head, completion positions only); *-frozen: the head needs no gradient (LoRA).
+          (fused head), eager-head (F.linear + eager), compile-head (torch.compile of eager-head), triton-head
+          (F.linear + fastdpo-triton), trl-head (TRL's chunked fused head, completion positions only), and the
+          fused linear cross-entropies made for this: liger-linear (Liger-Kernel's, reduction="none", so per-row
+          weights reach its backward) and cce-linear (Apple's Cut Cross-Entropy, reduction="none", its default
+          gradient filter); *-frozen: the head needs no gradient (LoRA).
 Modes: forward (training forward, grad enabled), backward (backward only; the forward is untimed), full (both).
 Each row: median / p20 / p80 time, peak memory above the inputs with the forward included in every mode
 (torch.cuda.max_memory_allocated on GPU; on CPU the peak-RSS delta via /proc/self/clear_refs, approximate because
@@ -46,7 +49,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from fastdpo.kernels import HAS_TRITON, linear_token_logps, sequence_logps, sequence_logps_ref
+from fastdpo.kernels import (
+    HAS_TRITON,
+    linear_token_logps,
+    linear_token_loss,
+    loss_chunk_tokens,
+    sequence_logps,
+    sequence_logps_ref,
+)
 from fastdpo.kernels._utils import interpreter_enabled
 
 from fastdpo.modeling import machine_name
@@ -222,6 +232,69 @@ class EagerHead(Provider):
         return sequence_logps_ref(F.linear(h, w), data["labels"], data["mask"])
 
 
+class CompiledHead(Provider):
+    name = "compile-head"
+    workload = "head"
+
+    def __init__(self):
+        self.fn = None
+
+    def forward(self, data, leaves):
+        if self.fn is None:
+            self.fn = torch.compile(lambda h, w, labels, mask: sequence_logps_ref(F.linear(h, w), labels, mask),
+                                    dynamic=False)
+        h, w = self.head(data, leaves)
+        return self.fn(h, w, data["labels"], data["mask"])
+
+
+def _peer_reason(case: Case, module: str, package: str) -> str | None:
+    """A fused cross-entropy made for this (Triton kernels): skipped when not installed or without CUDA (the
+    interpreter, on tiny shapes, lets a CPU run check the call)."""
+    try:
+        __import__(module)
+    except Exception:  # noqa: BLE001 - any import failure means "not installed" here
+        return f"{package} not installed"
+    return _triton_reason(case, case.tokens * case.vocab)
+
+
+class LigerLinear(Provider):
+    name = "liger-linear"
+    workload = "head"
+
+    def available(self, case):
+        return _peer_reason(case, "liger_kernel.transformers.fused_linear_cross_entropy", "liger-kernel")
+
+    def forward(self, data, leaves):
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        h, w = self.head(data, leaves)
+        labels, mask = data["labels"], data["mask"]
+        targets = labels.masked_fill(~mask, -100).reshape(-1)
+        # per-token losses (Liger then computes its gradient in the backward, with the per-row weights)
+        loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="none")(
+            w, h.reshape(-1, h.shape[-1]), targets)
+        return -loss.reshape(labels.shape).sum(-1)
+
+
+class CceLinear(Provider):
+    name = "cce-linear"
+    workload = "head"
+
+    def available(self, case):
+        reason = _peer_reason(case, "cut_cross_entropy", "cut-cross-entropy")
+        if reason is None and case.device.type != "cuda":
+            return "CCE needs CUDA (its kernels fail on Triton's interpreter)"
+        return reason
+
+    def forward(self, data, leaves):
+        from cut_cross_entropy import linear_cross_entropy
+
+        h, w = self.head(data, leaves)
+        labels, mask = data["labels"], data["mask"]
+        loss = linear_cross_entropy(h, w, labels.masked_fill(~mask, -100), reduction="none")
+        return -loss.reshape(labels.shape).sum(-1)
+
+
 class TritonHead(Provider):
     name = "triton-head"
     workload = "head"
@@ -259,6 +332,31 @@ class TrlHead(Provider):
         return logps.new_zeros(mask.shape).masked_scatter(mask, logps).sum(-1)
 
 
+class FastdpoLinearLoss(Provider):
+    """The loss formed inside the head (`linear_token_loss`): a chunk's gradient is known while its logits are in
+    memory, so forward + backward cost 3 GEMMs (all in the forward) instead of 4. Times are meaningful in `full`
+    mode only. The loss is sum_b upstream_b * logp_b, returned divided by upstream_0 so that the harness's
+    weighting (out * upstream[:1]) gives it back: the same gradient as every other provider."""
+
+    name = "fastdpo-linear-loss"
+    workload = "head"
+
+    def forward(self, data, leaves):
+        h, w = self.head(data, leaves)
+        b, t = data["labels"].shape
+        up = data["upstream"]
+        seq = torch.arange(b, device=h.device).repeat_interleave(t)
+        chunk = max(1, loss_chunk_tokens(w.shape[0], w.element_size()) // t) * t  # whole sequences per chunk
+        bounds = list(range(0, b * t, chunk)) + [b * t]
+
+        def token_loss(start, end, lp):
+            g = up[seq[start:end]].float()
+            return (g * lp).sum(), g
+
+        loss, _ = linear_token_loss(h.reshape(b * t, -1), w, data["labels"].reshape(-1), bounds, token_loss)
+        return (loss / up[0]).reshape(1)
+
+
 class FastdpoLinearFrozen(FastdpoLinear):
     name = "fastdpo-linear-frozen"
     frozen = True  # the hidden gradient is computed in the forward: no recomputation in backward
@@ -274,15 +372,19 @@ PROVIDERS = {
     for p in (
         FastdpoTriton,
         FastdpoLinear,
+        FastdpoLinearLoss,
         Eager,
         Compiled,
         ChunkedTorch,
         TrlHead,
         LigerCE,
         EagerHead,
+        CompiledHead,
         TritonHead,
         FastdpoLinearFrozen,
         TrlHeadFrozen,
+        LigerLinear,
+        CceLinear,
     )
 }
 

@@ -532,10 +532,11 @@ def add_ratios(rows: list[dict]) -> None:
 
 def fit_test(setup: Setup, method: str) -> tuple[str, str]:
     """(largest batch that fits, its peak). GPU: the allocator is capped at the budget, a run that OOMs does not
-    fit. CPU: a run fits when its peak RSS (the whole process) is within the budget. Doubling from 1 stops at the
-    first batch that does not fit, at --fit-max-batch, or when --fit-time-s has been spent."""
+    fit. CPU: a run fits when its peak RSS (the whole process) is within the budget. Doubling from
+    --fit-start-batch (1) stops at the first batch that does not fit, at --fit-max-batch, or when --fit-time-s has
+    been spent."""
     a = setup.args
-    best, best_peak, batch, t0 = None, None, 1, time.perf_counter()
+    best, best_peak, batch, t0 = None, None, a.fit_start_batch, time.perf_counter()
     while batch <= a.fit_max_batch:
         if time.perf_counter() - t0 > a.fit_time_s:
             return f">={best} (time limit)" if best else "? (time limit)", _fmt(best_peak, ".3f")
@@ -545,7 +546,7 @@ def fit_test(setup: Setup, method: str) -> tuple[str, str]:
         if res["status"].startswith("skipped"):
             return "n/a", ""
         if res["status"] != "ok" or res["peak_gib"] > a.fit_budget_gb:
-            return (str(best) if best else "<1"), _fmt(best_peak, ".3f")
+            return (str(best) if best else f"<{a.fit_start_batch}"), _fmt(best_peak, ".3f")
         best, best_peak, batch = batch, res["peak_gib"], batch * 2
     return f">={best}", _fmt(best_peak, ".3f")
 
@@ -682,8 +683,9 @@ def markdown(rows: list[dict], setup: Setup, stats: dict, n_matmul: int, argv: l
         "(input embedding excluded, LM head included) and tokens as above; attention FLOPs and gradient-"
         "checkpointing recompute are not counted. 'with ref' adds the live reference forward, 2 · N per token, "
         "which the two live methods run but which is not useful work.",
-        "- fit: the largest batch (doubling from 1) whose run stays within the budget: on GPU the allocator is "
-        "capped at the budget and an OOM fails; on CPU the peak RSS of the whole process is compared to it.",
+        f"- fit: the largest batch (doubling from {a.fit_start_batch}) whose run stays within the budget: on GPU the "
+        "allocator is capped at the budget and an OOM fails; on CPU the peak RSS of the whole process is compared to "
+        "it.",
         "",
         "## Commands (per method)",
         "",
@@ -763,6 +765,8 @@ def parse_args(argv):
     p.add_argument("--fit-test", action="store_true", help="find each method's largest batch under --fit-budget-gb")
     p.add_argument("--fit-budget-gb", type=float, default=4.0, help="memory budget of the fit test, GiB")
     p.add_argument("--fit-max-batch", type=int, default=64, help="largest batch the fit test tries")
+    p.add_argument("--fit-start-batch", type=int, default=1,
+                   help="first batch the fit test tries (doubling from it: fewer runs when roughly known)")
     p.add_argument("--fit-steps", type=int, default=2, help="steps per fit-test run")
     p.add_argument("--fit-time-s", type=float, default=900, help="time limit of one method's fit test, seconds")
     p.add_argument("--out", required=False, default=None, help="output prefix: writes PREFIX.csv, .md, .png, _logs/")

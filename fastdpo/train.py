@@ -158,11 +158,10 @@ class PreferenceObjective(loop.Objective):
         args = (rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], setup.layout,
                 setup.tokenizer.pad_token_id, self.device, setup.dtype)
 
-        def losses_of(scores, p0, p1):  # the sft term's normaliser is per pair: B / N_tok of the whole step
+        def losses_of(scores, p0, p1):  # pairs p0..p1-1; the sft term's normaliser is the whole step's
             pc, pr = sequence_logps(scores, cfg.ld_alpha)
-            cut = (lambda x: x[p0:p1]) if rc is not None else (lambda x: x)
-            return pair_losses(cfg, scores, pc, pr, cut(rc) if rc is not None else None,
-                               cut(rr) if rr is not None else None,
+            ref_c, ref_r = (None, None) if rc is None else (rc[p0:p1], rr[p0:p1])
+            return pair_losses(cfg, scores, pc, pr, ref_c, ref_r,
                                batch.step_chosen_tokens * (p1 - p0) / batch.step_examples)
 
         if not self.fused:

@@ -518,18 +518,23 @@ def write(rows, output: str | os.PathLike, *, tokenizer, reference: str, shard_r
     Every row is checked as it is written: lengths match, ids inside the vocabulary, log-probs finite and
     <= 0, sums equal to the per-token values. A bad row is a UserError naming it.
     """
+    import hashlib
+
     from . import __version__
     from .io import sha256_json
     from .modeling import load_tokenizer, tokenizer_hash
 
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     vocab, tok_hash = len(tok), tokenizer_hash(tok)
-    checked = [_checked_row(i, r, vocab) for i, r in enumerate(rows)]
+    checked, content = [], hashlib.sha256()
+    for i, r in enumerate(rows):
+        checked.append(_checked_row(i, r, vocab))
+        content.update(json.dumps(checked[-1], sort_keys=True).encode())
     if not checked:
         raise UserError("no rows to write")
     out = Path(output)
     settings = {"external_reference": reference, "shard_rows": shard_rows}
-    fingerprint = sha256_json({"rows": sha256_json(checked), "tokenizer": tok_hash, "settings": settings})
+    fingerprint = sha256_json({"rows": content.hexdigest(), "tokenizer": tok_hash, "settings": settings})
     prepare_output(out, fingerprint, settings, overwrite, True)
     shards = []
     for s, lo in enumerate(range(0, len(checked), shard_rows)):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -47,6 +48,18 @@ class EvalConfig(modeling.ScoringArgs):
     def check(self):
         if self.judge and not self.generate:
             raise UserError("--judge scores generated answers; add --generate")
+        if self.output and os.path.exists(self.output) and not _is_eval_result(self.output):
+            raise UserError(f"--output {self.output} exists and is not a fastdpo eval result; choose another file "
+                            "(a previous result is replaced)")
+
+
+def _is_eval_result(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"ref_cache", "num_pairs", "config"} <= set(data)
 
 
 def load_judge(spec: str):

@@ -259,6 +259,19 @@ def test_manifest_not_json_object(tiny_model, cache_dir, tmp_path):
 # ---------------------------------------------------------------- eval options
 
 
+def test_eval_output_never_replaces_a_user_file(tiny_model, cache_dir, tmp_path):
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    one_line_error(*run_cli("eval", "--model", tiny_model, "--ref-cache", cache_dir, "--output", notes),
+                   "not a fastdpo eval result")
+    assert notes.read_text() == '{"mine": 1}'
+    result = tmp_path / "eval.json"
+    for _ in range(2):  # a previous result is replaced
+        code, err = run_cli("eval", "--model", tiny_model, "--ref-cache", cache_dir, "--output", result,
+                            "--no-progress")
+        assert code == 0, err
+
+
 def test_eval_options(tiny_model, cache_dir, tmp_path):
     for limit in ("0", "-3"):
         one_line_error(*run_cli("eval", "--model", tiny_model, "--ref-cache", cache_dir, "--limit", limit), "--limit",

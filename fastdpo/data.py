@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 from .config import Args, opt
 from .errors import UserError, first_line
-from .io import is_local_path
+from .io import DATA_SUFFIXES, is_local_path
 
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+FILE_BUILDERS = dict(zip(DATA_SUFFIXES, ("json", "json", "parquet", "csv", "arrow")))  # suffix -> datasets builder
 
 # Skip reasons, counted in the manifest. Each is a row the pipeline cannot keep.
 SKIP_REASONS = {

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, batching, checkpoint, metrics, modeling
+from . import __version__, batching, checkpoint, metrics, modeling, optim
 from .config import format_config, opt, to_dict
 from .errors import TrainingStopped, UserError
 from .io import atomic_write_bytes, atomic_write_json, ensure_dir, writing
@@ -37,7 +37,8 @@ class RunArgs(modeling.ModelArgs):
 
     output: str | None = opt(None, "run directory: metrics.jsonl, checkpoints, final model", required=True)
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory", group="optimisation")
-    optimizer: str = opt("adamw", "optimizer", choices=["adamw", "sgd"], group="optimisation")
+    optimizer: str = opt("adamw", "optimizer (bytes per trained parameter: README, Precision)",
+                         choices=list(optim.OPTIMIZERS), group="optimisation")
     lr: float = opt(1e-6, "peak learning rate", gt=0, group="optimisation")
     weight_decay: float = opt(0.0, "decoupled weight decay (AdamW) or L2 (SGD)", ge=0, group="optimisation")
     momentum: float = opt(0.0, "SGD momentum", ge=0, lt=1, group="optimisation")
@@ -163,15 +164,6 @@ def prepare_policy(policy, cfg: RunArgs, resume_dir: Path | None):
     return policy
 
 
-def build_optimizer(params, cfg: RunArgs):
-    import torch
-
-    params = [p for p in params if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-
-
 def build_scheduler(optimizer, cfg: RunArgs, total_steps: int):
     from transformers import get_scheduler
 
@@ -231,7 +223,7 @@ class Trainer:
                             "CPU backward (precompute and eval can use it); use sdpa, the CPU default, or a GPU")
         AcceleratorState._reset_state()  # a second run in one process may want other mixed precision
         self.tracker = None if cfg.report_to == "none" else cfg.report_to
-        self.precision = modeling.train_precision(cfg.dtype, device)
+        self.precision = optim.train_precision(cfg, device)
         self.accelerator = Accelerator(cpu=modeling.use_cpu(), mixed_precision="bf16" if self.precision ==
                                        "bf16-mixed" else "no", log_with=self.tracker, project_dir=str(self.out))
         self.is_main, self.device = self.accelerator.is_main_process, self.accelerator.device
@@ -384,7 +376,7 @@ class Trainer:
     def _start(self, plan: Plan, source, objective: Objective) -> int:
         """Optimizer, schedule, run directory, resume state (`self.state`) and progress bar; returns the step."""
         cfg, acc = self.cfg, self.accelerator
-        self.optimizer = build_optimizer(self.model.parameters(), cfg)
+        self.optimizer = optim.build_optimizer(self.model.parameters(), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, plan.total_steps)
         self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
         if self.is_main:

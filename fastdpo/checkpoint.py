@@ -4,6 +4,9 @@
     OUT/metrics.jsonl          one JSON object per optimizer step
     OUT/checkpoint-STEP/       model (safetensors) + tokenizer, optimizer.pt, scheduler.pt, rng_state.pt,
                                trainer_state.json (written last: its presence marks a complete checkpoint)
+                               under --fsdp: sharded/ (weights and optimizer state, each process its own
+                               shards, `torch.distributed.checkpoint`) + tokenizer instead of the model
+                               and optimizer.pt
     OUT/                       the final model, saved the same way (config.json last), <command>_summary.json
 
 A run directory is guarded like a cache (`check_run_dir`): a run goes only into an empty directory,
@@ -28,10 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, sharding
 from .config import to_dict
 from .errors import UserError, first_line
 from .io import atomic_write_json, check_output_apart, fsync_dir, writing
+
+SHARDED = "sharded"  # a checkpoint's DCP directory under --fsdp
 
 # Settings that decide which pairs form each step: a resume must keep them.
 PLAN_KEYS = ("batch_size", "grad_accum", "seed", "shuffle", "group_by_length", "ref_cache", "dataset")
@@ -95,7 +100,8 @@ def unwrapped_policy(accelerator, model):
 def save_pretrained_atomic(accelerator, model, tokenizer, target: Path, merge_lora: bool = False) -> None:
     """save_pretrained into a temporary directory, then move the files in; config.json goes last."""
     policy = unwrapped_policy(accelerator, model)
-    state_dict = accelerator.get_state_dict(model)  # gathers sharded weights; keys carry the wrapper's prefix
+    # gathers sharded weights onto the main process; keys carry the wrapper's prefix
+    state_dict = sharding.full_state_dict(model) if sharding.is_sharded(model) else accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
@@ -183,12 +189,18 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, out: Pa
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    save_pretrained_atomic(accelerator, model, tokenizer, tmp, merge_lora=False)
-    optim_state = optimizer.state_dict()
+    files = {"scheduler.pt": scheduler.state_dict(), "rng_state.pt": _rng_state()}
+    if sharding.is_sharded(model):  # every process writes its own shards; nothing is gathered
+        sharding.save(model, optimizer, tmp / SHARDED)
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(tmp)
+    else:
+        save_pretrained_atomic(accelerator, model, tokenizer, tmp, merge_lora=False)
+        files["optimizer.pt"] = optimizer.state_dict()
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with writing(final, cleanup=tmp), _removed_on_interrupt(tmp):
-            for name, obj in (("optimizer.pt", optim_state), ("scheduler.pt", scheduler.state_dict()),
-                              ("rng_state.pt", _rng_state())):
+            for name, obj in files.items():
                 torch.save(obj, tmp / name)
                 with open(tmp / name, "rb") as f:
                     os.fsync(f.fileno())
@@ -255,6 +267,10 @@ def check_resume(path: Path, cfg, num_processes: int) -> dict:
         raise UserError(f"--resume {path}: the checkpoint continues a run of --model {saved['model']}, not "
                         f"{cfg.model}; resume with the same --model")
     changed = [k for k in PLAN_KEYS if saved.get(k) != getattr(cfg, k, None)]
+    sharded = (path / SHARDED).is_dir()
+    if sharded != bool(getattr(cfg, "fsdp", False)):
+        raise UserError(f"--resume {path}: the checkpoint was written {'with' if sharded else 'without'} --fsdp; "
+                        f"resume {'with' if sharded else 'without'} it")
     if state.get("num_processes") != num_processes:
         changed.append(f"number of processes ({state.get('num_processes')} -> {num_processes})")
     if changed:
@@ -263,10 +279,14 @@ def check_resume(path: Path, cfg, num_processes: int) -> dict:
     return state
 
 
-def load_checkpoint(path: Path, cfg, accelerator, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and RNG from `path`; returns its trainer state (see `check_resume`)."""
+def load_checkpoint(path: Path, cfg, accelerator, model, optimizer, scheduler) -> dict:
+    """Restore optimizer, scheduler and RNG from `path` (and a sharded model's weights: the others were loaded from
+    the checkpoint with the model); returns its trainer state (see `check_resume`)."""
     state = check_resume(path, cfg, accelerator.num_processes)
-    optimizer.load_state_dict(_load_state(path / "optimizer.pt"))
+    if sharding.is_sharded(model):
+        sharding.load(model, optimizer, path / SHARDED)
+    else:
+        optimizer.load_state_dict(_load_state(path / "optimizer.pt"))
     scheduler.load_state_dict(_load_state(path / "scheduler.pt"))
     _set_rng_state(_load_state(path / "rng_state.pt"))
     return state

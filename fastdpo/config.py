@@ -163,7 +163,8 @@ def _parse_list(tp, name):
 
 
 # `--help` shows groups in this order (ungrouped options first, as argparse does); others follow
-GROUP_ORDER = ("model", "data", "loss", "optimisation", "layout", "logging and checkpoints", "lora", "generation")
+GROUP_ORDER = ("model", "data", "loss", "optimisation", "layout", "logging and checkpoints", "distributed", "lora",
+               "generation")
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, batching, checkpoint, metrics, modeling, optim
+from . import __version__, batching, checkpoint, metrics, modeling, optim, sharding
 from .config import format_config, opt, to_dict
 from .errors import TrainingStopped, UserError
 from .io import atomic_write_bytes, atomic_write_json, ensure_dir, writing
@@ -75,6 +75,15 @@ class RunArgs(modeling.ModelArgs):
     progress: bool = opt(True, "show a progress bar with ETA", group="logging and checkpoints")
     overwrite: bool = opt(False, "start over in an --output that holds a run (its checkpoints, logs and model are "
                                  "removed)", group="logging and checkpoints")
+    fsdp: bool = opt(False, "shard weights, gradients and optimizer state over processes with PyTorch FSDP2 "
+                            "(fully_shard per decoder layer)", group="distributed")
+    fsdp_lm_head: str = opt("own", "the LM head as its own FSDP unit (gathered only around the head) or in the root "
+                                   "unit", choices=["own", "root"], group="distributed")
+    fsdp_reshard_after_forward: bool = opt(True, "free each unit's gathered weights after its forward and gather "
+                                                 "again for backward (less memory, more communication)",
+                                           group="distributed")
+    fsdp_cpu_offload: bool = opt(False, "keep weights, gradients and optimizer state in CPU memory (GPU only; the "
+                                        "optimizer step runs on CPU)", group="distributed")
     lora_r: int | None = opt(None, "LoRA rank; enables LoRA through peft", ge=1, group="lora")
     lora_alpha: float = opt(16.0, "LoRA alpha", gt=0, group="lora")
     lora_dropout: float = opt(0.0, "LoRA dropout", ge=0, lt=1, group="lora")
@@ -88,6 +97,14 @@ class RunArgs(modeling.ModelArgs):
             raise UserError("--resume continues the run in --output and --overwrite would delete it; give one")
         if self.merge_lora and self.lora_r is None:
             raise UserError("--merge-lora needs --lora-r")
+        if not self.fsdp:
+            changed = [f for f in ("fsdp_lm_head", "fsdp_reshard_after_forward", "fsdp_cpu_offload")
+                       if getattr(self, f) != type(self).__dataclass_fields__[f].default]
+            if changed:
+                raise UserError(f"--{changed[0].replace('_', '-')} needs --fsdp")
+        if self.fsdp and self.lora_r is not None:
+            raise UserError("--fsdp with --lora-r is not supported: LoRA trains few parameters; use it without --fsdp "
+                            "(DDP over processes)")
         if self.dtype == "float16":
             raise UserError("--dtype float16 cannot train here (fp16 needs loss scaling); use bf16-mixed or bfloat16 "
                             "on a GPU, float32 on CPU")
@@ -221,6 +238,9 @@ class Trainer:
         if cfg.attn_implementation == "flex_attention" and device.type == "cpu":
             raise UserError("--attn-implementation flex_attention cannot train on CPU: PyTorch's FlexAttention has no "
                             "CPU backward (precompute and eval can use it); use sdpa, the CPU default, or a GPU")
+        if cfg.fsdp_cpu_offload and device.type == "cpu":
+            raise UserError("--fsdp-cpu-offload moves a GPU run's weights and optimizer state to CPU memory; this run "
+                            "is on CPU already")
         AcceleratorState._reset_state()  # a second run in one process may want other mixed precision
         self.tracker = None if cfg.report_to == "none" else cfg.report_to
         self.precision = optim.train_precision(cfg, device)
@@ -254,9 +274,13 @@ class Trainer:
 
     def load_policy(self) -> None:
         """The policy (from the checkpoint when resuming, except LoRA's base), wrapped to score, and its optimizer."""
-        weights_from = str(self.resume_dir) if self.resume_dir is not None and self.cfg.lora_r is None else None
-        policy = prepare_policy(self.setup.load(weights_from), self.cfg, self.resume_dir)
+        cfg = self.cfg
+        # a sharded checkpoint holds no loadable model: its weights are read into the sharded policy (`_start`)
+        weights_from = None if self.resume_dir is None or cfg.lora_r is not None or cfg.fsdp else str(self.resume_dir)
+        policy = prepare_policy(self.setup.load(weights_from), cfg, self.resume_dir)
         self.model = self.setup.scorer(policy)
+        if cfg.fsdp:
+            sharding.shard(self.model, cfg, self.device, self.precision)
         self.model.train()
         self.n_params = sum(p.numel() for p in self.model.parameters())
         self.setup.print_notes(self.is_main)
@@ -275,9 +299,8 @@ class Trainer:
             micro = plan.micro_batches(step, acc.process_index, objective.needs_token_logps)  # fetch
             sums: dict = {}
             for j, (batch, weight) in enumerate(micro):
-                # in DDP, gradients need syncing only at the last micro-batch of the step
-                sync = contextlib.nullcontext() if j == len(micro) - 1 else acc.no_sync(self.model)
-                with sync, acc.autocast():
+                # gradients are reduced over processes only at the last micro-batch of the step
+                with self._grad_sync(j == len(micro) - 1), acc.autocast():
                     loss, stats = objective.step(self.model, batch)  # forward + loss
                     # x processes: DDP averages gradients over processes, and each holds a share of the step
                     acc.backward(loss * (weight * acc.num_processes))  # backward
@@ -285,8 +308,7 @@ class Trainer:
                 for k, v in stats.items():  # on the device: one sync per step, in _reduce
                     sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=self.device) * weight
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)  # clip
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            grad_norm = self._clip(max_norm)  # clip
             sums = self._reduce(sums)
             finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in sums.values())
             lr = self._optimizer_step(finite, state)  # step
@@ -301,6 +323,20 @@ class Trainer:
         return self._finish(step, source, objective, m, state)
 
     # -- the pieces of a step ------------------------------------------------------------------
+
+    def _grad_sync(self, last: bool):
+        """DDP's no_sync outside a step's last micro-batch; FSDP2 is told whether to reduce-scatter."""
+        if self.cfg.fsdp:
+            sharding.set_gradient_sync(self.model, last)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+
+    def _clip(self, max_norm: float) -> float:
+        """Clip the gradient to `max_norm`; the total norm before clipping, over all processes."""
+        if self.cfg.fsdp:
+            return sharding.clip_grad_norm_(self.model, max_norm)
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        return float(norm) if norm is not None else float("nan")
 
     def _reduce(self, sums: dict) -> dict:
         """Sum the step's statistics over processes (same keys everywhere, in sorted order)."""
@@ -378,7 +414,10 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         self.optimizer = optim.build_optimizer(self.model.parameters(), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, plan.total_steps)
-        self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        if cfg.fsdp:  # sharded already (`load_policy`); accelerate would wrap it in DDP
+            self.optimizer = acc.prepare(self.optimizer)
+        else:
+            self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
         if self.is_main:
             ensure_dir(self.out)
             if cfg.overwrite:
@@ -390,7 +429,7 @@ class Trainer:
                  "last_checkpoint": (checkpoint.list_checkpoints(self.out) or [None])[-1]}
         step = 0
         if self.resume_dir is not None:
-            saved = checkpoint.load_checkpoint(self.resume_dir, cfg, acc, self.optimizer, self.scheduler)
+            saved = checkpoint.load_checkpoint(self.resume_dir, cfg, acc, self.model, self.optimizer, self.scheduler)
             step = saved["step"]
             state.update(bad_steps=saved.get("bad_steps", 0), consecutive_bad_steps=saved.get(
                 "consecutive_bad_steps", 0), elapsed_before=saved.get("elapsed_s", 0.0))

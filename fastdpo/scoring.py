@@ -54,7 +54,7 @@ def head_spec(causal_lm: nn.Module) -> HeadSpec | None:
         return None
     backbone = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
     lm_head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if backbone is None or type(lm_head) is not nn.Linear:  # e.g. a LoRA-wrapped head
+    if backbone is None or not _plain_linear(lm_head):  # e.g. a LoRA-wrapped or quantized head
         return None
     scale = 1.0
     if getattr(config, "logit_scale", None):  # Cohere: logits * logit_scale
@@ -62,6 +62,23 @@ def head_spec(causal_lm: nn.Module) -> HeadSpec | None:
     if getattr(config, "logits_scaling", None):  # Granite: logits / logits_scaling
         scale = 1.0 / float(config.logits_scaling)
     return HeadSpec(backbone, lm_head, scale, getattr(config, "final_logit_softcapping", None))
+
+
+def _plain_linear(module) -> bool:
+    """An `nn.Linear` itself, or as FSDP2 makes it (`FSDPLinear(FSDPModule, nn.Linear)`), not a subclass that
+    stores its weight otherwise (a quantized linear)."""
+    cls = type(module)
+    return cls is nn.Linear or (cls.__name__ == "FSDPLinear" and cls.__bases__[-1] is nn.Linear)
+
+
+def through_head(lm_head: nn.Linear, hidden, fn):
+    """fn(hidden, weight, bias), run as `lm_head`'s forward. The fused head reads the weight itself, outside
+    `lm_head.forward`; where the head is its own FSDP2 unit its weight is a shard until that unit's hooks gather
+    it, so the call goes through them (`sharding.shard` registers `fused_forward`)."""
+    run = getattr(lm_head, "fused_forward", None)
+    if run is None:
+        return fn(hidden, lm_head.weight, lm_head.bias)
+    return run(hidden, fn)
 
 
 def fused_head_note(causal_lm: nn.Module) -> str | None:
@@ -82,9 +99,10 @@ def completion_logps(causal_lm: nn.Module, input_ids, attention_mask, position_i
     ones = torch.ones((1, labels.numel()), dtype=torch.bool, device=labels.device)
     if spec is not None:
         hidden = spec.backbone(**model_kwargs).last_hidden_state  # (N, L, H)
-        out = kernels.linear_token_logps(hidden[src_row, src_pos][None], spec.lm_head.weight, labels[None], ones,
-                                         chunk_size=chunk_size, backend=backend, bias=spec.lm_head.bias,
-                                         logit_scale=spec.logit_scale, softcap=spec.softcap)  # (1, S)
+        out = through_head(spec.lm_head, hidden[src_row, src_pos][None], lambda h, weight, bias:
+                           kernels.linear_token_logps(h, weight, labels[None], ones, chunk_size=chunk_size,
+                                                      backend=backend, bias=bias, logit_scale=spec.logit_scale,
+                                                      softcap=spec.softcap))  # (1, S)
     else:
         logits = causal_lm(**model_kwargs).logits  # (N, L, V), in full
         picked = logits[src_row, src_pos][None]  # (1, S, V)
@@ -109,9 +127,9 @@ def completion_loss(causal_lm: nn.Module, input_ids, attention_mask, position_id
     spec = head_spec(causal_lm)
     hidden = spec.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            use_cache=False).last_hidden_state  # (N, L, H)
-    return kernels.linear_token_loss(hidden[src_row, src_pos], spec.lm_head.weight, labels, bounds, token_loss,
-                                     backend=backend, bias=spec.lm_head.bias, logit_scale=spec.logit_scale,
-                                     softcap=spec.softcap)
+    return through_head(spec.lm_head, hidden[src_row, src_pos], lambda h, weight, bias: kernels.linear_token_loss(
+        h, weight, labels, bounds, token_loss, backend=backend, bias=bias, logit_scale=spec.logit_scale,
+        softcap=spec.softcap))
 
 
 class LogpsModel(nn.Module):

@@ -172,6 +172,10 @@ def prepare_output(out: Path, fingerprint: str, settings: dict, overwrite: bool,
     if is_main:
         ensure_dir(out)
     state_path = out / STATE
+    if not is_main and not state_path.is_file():  # the main process claimed it before the others got here
+        raise UserError(f"--output {out}: the main process's claim is not visible from this process (rank "
+                        f"{os.environ.get('RANK', '?')}); over several nodes, --output must be on a filesystem all "
+                        "nodes share")
     entries = list(out.iterdir()) if out.is_dir() else []
     if entries:
         previous = None

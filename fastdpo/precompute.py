@@ -176,7 +176,7 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
     data_fp = dataset_fingerprint(source, cfg)
     # The tokenization code is part of the key, so a changed pipeline never reuses a stale datasets cache.
     map_fp = sha256_json([tok_hash, data_fp, cfg.data_settings(), sha256_file(data.__file__)])[:32]
-    with state.main_process_first():  # the main process tokenizes; the others read datasets' cache
+    with state.local_main_process_first():  # one process per node tokenizes; the others read datasets' cache
         rows, skips, stats = data.tokenize_dataset(source, tokenizer, cfg, fingerprint=map_fp)
     t_tok = time.perf_counter()
     data.keep_rows((rows, skips, stats), cfg, is_main=False)  # refuses a dataset without a usable row

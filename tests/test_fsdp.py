@@ -109,6 +109,20 @@ def test_one_process_fsdp_equals_unsharded(caches, tmp_path, fused_calls, lm_hea
     assert_same_run(tmp_path / "plain", tmp_path / "fsdp")
 
 
+@pytest.mark.slow  # bf16 on CPU: seconds per step
+def test_bf16_mixed_under_fsdp_tracks_unsharded(caches, tmp_path):
+    """MixedPrecisionPolicy (bf16 compute, fp32 weights and gradient reduction) against accelerate's bf16 autocast
+    on the unsharded model: equal up to bf16 rounding; the saved weights stay fp32."""
+    model, cache = caches["llama"]
+    kw = dict(batch_size=2, grad_accum=2, dtype="bf16-mixed", **{**common(model, cache), "max_steps": 3})
+    train(output=str(tmp_path / "plain"), **kw)
+    train(output=str(tmp_path / "fsdp"), fsdp=True, **kw)
+    for x, y in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "fsdp")):
+        assert abs(x["loss"] - y["loss"]) < 1e-3  # bf16: 8 bits of mantissa (measured: <= 2.3e-4)
+        assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-2 * x["grad_norm"]  # (measured: <= 0.2%)
+    assert {v.dtype for v in final_weights(tmp_path / "fsdp").values()} == {torch.float32}
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--fsdp-lm-head", "root"], "--fsdp-lm-head needs --fsdp"),
     (["--no-fsdp-reshard-after-forward"], "--fsdp-reshard-after-forward needs --fsdp"),

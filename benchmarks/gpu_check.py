@@ -13,6 +13,10 @@ Subcommands:
                every method, so a stage killed at its limit keeps what it measured
   precision    tests/test_precision.py's measurement (20 AdamW steps at lr 1e-6, the fraction of weights that
                changed) on whatever device fastdpo trains on, for float32, bf16-mixed, bfloat16 and auto
+  sharded      a few DPO steps unsharded, then under FSDP2 (`--fsdp`, one process through torchrun), FSDP2 with
+               CPU offload, and DeepSpeed ZeRO-3 through `accelerate launch` (examples/accelerate/zero3.yaml):
+               each run's losses against the unsharded run's, peak memory and tokens/s; a variant whose library
+               or device is missing is a skipped row
   summary      one markdown summary and the CSVs (at most 8 files, for the device tool's $OUT) from the stages'
                outputs; standard library only, so it runs whatever else is broken
 """
@@ -40,7 +44,8 @@ VERSIONS = ("torch", "triton", "transformers", "accelerate", "peft", "datasets",
             "multiprocess", "huggingface-hub", "trl", "liger-kernel", "cut-cross-entropy", "pytest")
 # the output files (the device tool brings back at most 8 files from $OUT)
 SUMMARY, LOGS = "gpu_check.md", "gpu_check_logs.txt"
-CSVS = {"logps": "logps.csv", "train": "train.csv", "fit": "fit.csv", "precision": "precision.csv"}
+CSVS = {"logps": "logps.csv", "train": "train.csv", "fit": "fit.csv", "precision": "precision.csv",
+        "sharded": "sharded.csv"}
 LOGPS_RUNS = ("logps_logits", "logps_head", "logps_compile")  # gpu_check.sh's three bench_logps.py runs
 OWN_PROVIDERS = ("fastdpo-", "eager", "compile", "chunked-torch", "triton-head")  # not peers: an error fails the stage
 
@@ -322,6 +327,92 @@ def cmd_precision(argv):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# sharded
+# ----------------------------------------------------------------------------------------------------------------
+
+SHARDED_COLUMNS = ["variant", "status", "device", "dtype", "steps", "max_abs_loss_diff", "tolerance",
+                   "peak_memory_gb", "tokens_per_s", "seconds", "command"]
+
+
+def sharded_variants(model: str, cache: str, out: Path, dtype: str, steps: int, gpu: bool) -> dict:
+    """variant -> (argv, or a reason it is skipped). The same training, launched four ways."""
+    train = ["-m", "fastdpo", "train", "--model", model, "--ref-cache", cache, "--dtype", dtype, "--max-steps",
+             str(steps), "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-5", "--no-progress", "--log-every", "1"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    zero3 = REPO / "examples" / "accelerate" / "zero3.yaml"
+    v = {"unsharded": [sys.executable, *train, "--output", str(out / "unsharded")],
+         "fsdp2": [*torchrun, *train, "--fsdp", "--output", str(out / "fsdp2")],
+         "fsdp2-offload": [*torchrun, *train, "--fsdp", "--fsdp-cpu-offload", "--output", str(out / "offload")]
+         if gpu else "skipped: CPU offload needs a GPU",
+         "zero3": [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(zero3),
+                   "--num_processes", "1", *train, "--output", str(out / "zero3")]}
+    if importlib.util.find_spec("deepspeed") is None:
+        v["zero3"] = "skipped: deepspeed not installed (carry its wheel; see gpu_check.sh's header)"
+    elif not gpu:
+        v["zero3"] = "skipped: DeepSpeed needs a GPU"
+    elif not zero3.is_file():
+        v["zero3"] = f"skipped: no {zero3.relative_to(REPO)}"
+    return v
+
+
+def cmd_sharded(argv):
+    p = argparse.ArgumentParser(prog="gpu_check.py sharded")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, help="output prefix: writes PREFIX.csv")
+    p.add_argument("--dtype", default="bf16-mixed")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--deadline-s", type=float, default=300, help="stop starting variants after this many seconds")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(REPO / "tests"))
+    import torch
+    from conftest import make_pairs, write_jsonl
+
+    from fastdpo.precompute import PrecomputeConfig, precompute
+
+    t_start, gpu = time.perf_counter(), torch.cuda.is_available()
+    root = Path(tempfile.mkdtemp(prefix="gpu_check_sharded-"))
+    # bf16 compute: the sharded run reduces in another order, in bf16 (measured on CPU, tiny model: <= 3e-4)
+    tolerance = 2e-2 if args.dtype != "float32" else 1e-4
+    rows = []
+    try:
+        data = write_jsonl(root / "d.jsonl", make_pairs(32, seed=11))
+        precompute(PrecomputeConfig(model=args.model, dataset=str(data), output=str(root / "c"), progress=False,
+                                    dtype="bfloat16" if gpu and args.dtype != "float32" else "float32"))
+        base = None
+        for name, cmd in sharded_variants(args.model, str(root / "c"), root, args.dtype, args.steps, gpu).items():
+            row = dict(variant=name, device="cuda" if gpu else "cpu", dtype=args.dtype, steps=args.steps,
+                       tolerance=tolerance)
+            if isinstance(cmd, str) or time.perf_counter() - t_start > args.deadline_s:
+                rows.append({**row, "status": cmd if isinstance(cmd, str) else "skipped: no time left"})
+                continue
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+            row.update(seconds=f"{time.perf_counter() - t0:.1f}", command=" ".join(cmd[1:]))
+            print(f"sharded {name}: exit {proc.returncode}\n{proc.stderr[-3000:]}", flush=True)
+            out = root / {"fsdp2-offload": "offload"}.get(name, name) / "metrics.jsonl"
+            if proc.returncode != 0 or not out.is_file():
+                rows.append({**row, "status": f"error: exit {proc.returncode}"})
+                continue
+            m = [json.loads(line) for line in out.read_text().splitlines()]
+            row.update(peak_memory_gb=m[-1].get("peak_memory_gb", ""),
+                       tokens_per_s=f"{sum(x['tokens_per_s'] for x in m[1:]) / max(len(m) - 1, 1):.0f}")
+            if base is None:
+                base, row["status"] = m, "ok"
+            else:
+                diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(base, m))
+                row.update(max_abs_loss_diff=f"{diff:.2e}",
+                           status="ok" if diff <= tolerance and len(m) == len(base) else "failed: losses differ")
+            rows.append(row)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        with open(Path(args.out).with_suffix(".csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=SHARDED_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0 if rows and all(r["status"] == "ok" or r["status"].startswith("skipped") for r in rows) else 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # summary (standard library only)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -409,6 +500,9 @@ def _verdict(stage: str, rc_status: str, work: Path) -> tuple[str, list[str]]:
     elif stage == "precision":
         rows = _read_csv(work / "precision.csv")
         notes += [f"{r['dtype']}: {r['status']}" for r in rows if r["status"] != "ok"]
+    elif stage == "sharded":
+        rows = _read_csv(work / "sharded.csv")
+        notes += [f"{r['variant']}: {r['status']}" for r in rows if r["status"] != "ok"]
     return status, notes
 
 
@@ -438,7 +532,7 @@ def cmd_summary(argv):
     # CSVs: the device tool brings back at most 8 files, so one per kind
     logps = _concat_csv([work / f"{name}.csv" for name in LOGPS_RUNS], out / CSVS["logps"])
     train = _concat_csv([work / "train_short.csv", work / "train_long.csv"], out / CSVS["train"], tag="stage")
-    for name in ("fit", "precision"):
+    for name in ("fit", "precision", "sharded"):
         _concat_csv([work / f"{name}.csv"], out / CSVS[name])
     for name in CSVS.values():  # the model column holds a path under the work directory
         if (out / name).is_file():
@@ -534,6 +628,13 @@ def cmd_summary(argv):
     if fit:
         lines += _table([{k: strip(str(v)) for k, v in r.items()} for r in fit], FIT_COLUMNS) + [""]
 
+    section("sharded", "sharded training: FSDP2, FSDP2 with CPU offload, DeepSpeed ZeRO-3 against unsharded")
+    sharded = _read_csv(work / "sharded.csv")
+    if sharded:
+        lines += _table(sharded, [c for c in SHARDED_COLUMNS if c != "command"]) + [
+            "", "One process each (a single GPU): the sharding code paths (hooks, the fused head through the LM "
+            "head's unit, mixed precision, offload), not multi-GPU scaling. Commands: in the log.", ""]
+
     lines += ["## Files", "", f"- {SUMMARY} (this), {', '.join(n for n in CSVS.values() if (out / n).is_file())}, "
               f"{LOGS}", ""]
     (out / SUMMARY).write_text(strip("\n".join(lines)))
@@ -564,7 +665,7 @@ def _git_head() -> str:
 
 
 COMMANDS = {"setup": cmd_setup, "env": cmd_env, "build-model": cmd_build_model, "fit": cmd_fit,
-            "precision": cmd_precision, "summary": cmd_summary}
+            "precision": cmd_precision, "sharded": cmd_sharded, "summary": cmd_summary}
 
 
 def main(argv=None) -> int:

@@ -6,6 +6,7 @@
 # Stages, in order, with their time budgets on a GPU (seconds). Each runs under `timeout`, so one hang cannot eat
 # the others' time; a stage may also use what the stages before it left unused, never what the ones after it are
 # budgeted; a stage that fails is recorded in the summary and the next one runs. Total: 520 s + the summary.
+# (train-short, train-long and logps gave 15 s each to the sharded stage.)
 #   setup        40  fastdpo importable (`pip install -e . --no-deps` if not), versions, peers present, and the
 #                    Qwen2.5-0.5B-shaped model (random weights, bench_train's preset) the training stages share
 #   cuda-tests   65  pytest tests/test_kernels_cuda.py tests/test_kernels.py -m "not slow" (compiled kernels,
@@ -22,6 +23,9 @@
 #   fit          60  bench_train's fit test (largest batch under a 20 GiB cap, long prompts, doubling from 4), one
 #                    method after the other in order of importance, each with the time left (the stage also gets
 #                    what the others left unused)
+#   sharded      50  3 DPO steps on the same model unsharded, then under FSDP2 (`--fsdp`, torchrun, 1 process),
+#                    FSDP2 with `--fsdp-cpu-offload`, and DeepSpeed ZeRO-3 (`accelerate launch --config_file
+#                    examples/accelerate/zero3.yaml`; needs the deepspeed wheel carried): losses against unsharded
 # A missing peer (trl, liger-kernel, cut-cross-entropy) is a skipped row with its reason, never a failure.
 # The budgets are estimates (this script has not run on a GPU yet): the summary's stage table has each stage's real
 # seconds and its limit; tune with GPU_CHECK_BUDGETS="stage=seconds ...", keeping the sum under 9 minutes.
@@ -38,8 +42,8 @@
 # The setup stage lists any requirement of those wheels the image does not meet (datasets 5.2 wants pyarrow >= 24
 # and fsspec <= 2026.9.0: if it says otherwise, download those wheels too and rerun).
 # Outputs go to $OUT (--out DIR elsewhere): gpu_check.md (the summary: a section per stage, its status and time),
-# logps.csv, train.csv (short and long), fit.csv, precision.csv and gpu_check_logs.txt (the end of every log) --
-# six files in one folder, within the tool's 8 files of at most 16 MiB, no deeper than 2 folders.
+# logps.csv, train.csv (short and long), fit.csv, precision.csv, sharded.csv and gpu_check_logs.txt (the end of
+# every log) -- seven files in one folder, within the tool's 8 files of at most 16 MiB, no deeper than 2 folders.
 # A second call can rerun some stages: `bash benchmarks/gpu_check.sh --stages logps,fit` (setup always runs).
 #
 # --dry-run: every stage on CPU with tiny shapes and presets (Triton's interpreter, TRITON_INTERPRET=1), the same
@@ -56,8 +60,8 @@ SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]
 REPO="$(cd "$(dirname "$SELF")/.." && pwd)"
 cd "$REPO" || exit 1
 PY="${PYTHON:-python3}"
-STAGES=(setup cuda-tests precision logps train-short train-long fit)
-NEEDS_DATASETS=" precision train-short train-long fit "  # fastdpo loads its data with `datasets`
+STAGES=(setup cuda-tests precision logps train-short train-long fit sharded)
+NEEDS_DATASETS=" precision train-short train-long fit sharded "  # fastdpo loads its data with `datasets`
 
 # ----------------------------------------------------------------------------------------------------------------
 # stage bodies (run as `bash gpu_check.sh __stage NAME` under timeout, with GPU_CHECK_* in the environment)
@@ -157,6 +161,16 @@ stage_fit() {
     fi
 }
 
+stage_sharded() {
+    if dry; then
+        "$PY" benchmarks/gpu_check.py sharded --model "$(W)/tiny" --dtype float32 --steps 2 \
+            --deadline-s "$((GPU_CHECK_ALLOWED - 5))" --out "$(W)/sharded"
+    else
+        "$PY" benchmarks/gpu_check.py sharded --model "$(W)/qwen2.5-0.5b" --dtype bf16-mixed --steps 3 \
+            --deadline-s "$((GPU_CHECK_ALLOWED - 15))" --out "$(W)/sharded"
+    fi
+}
+
 if [[ "${1:-}" == "__stage" ]]; then
     case "$2" in
         setup) stage_setup ;;
@@ -166,6 +180,7 @@ if [[ "${1:-}" == "__stage" ]]; then
         train-short) stage_train short ;;
         train-long) stage_train long ;;
         fit) stage_fit ;;
+        sharded) stage_sharded ;;
         *) echo "unknown stage $2" >&2; exit 2 ;;
     esac
     exit $?
@@ -194,9 +209,11 @@ declare -A BUDGET
 MODEL=qwen2.5-0.5b
 ((DRY)) && MODEL=tiny
 if ((DRY)); then  # generous: a loaded CI machine must not time a stage out; the whole takes ~1.5 min
-    BUDGET=([setup]=40 [cuda-tests]=60 [precision]=60 [logps]=60 [train-short]=120 [train-long]=90 [fit]=90)
+    BUDGET=([setup]=40 [cuda-tests]=60 [precision]=60 [logps]=60 [train-short]=120 [train-long]=90 [fit]=90
+            [sharded]=90)
 else
-    BUDGET=([setup]=40 [cuda-tests]=65 [precision]=30 [logps]=115 [train-short]=105 [train-long]=105 [fit]=60)
+    BUDGET=([setup]=40 [cuda-tests]=65 [precision]=30 [logps]=100 [train-short]=90 [train-long]=90 [fit]=60
+            [sharded]=45)
 fi
 for kv in ${GPU_CHECK_BUDGETS:-}; do BUDGET[${kv%%=*}]=${kv#*=}; done
 TOTAL=0
@@ -204,13 +221,14 @@ for s in "${STAGES[@]}"; do TOTAL=$((TOTAL + BUDGET[$s])); done
 
 mkdir -p "$OUTDIR" || exit 1
 OUTDIR="$(cd "$OUTDIR" && pwd)"
-rm -f "$OUTDIR"/{gpu_check.md,gpu_check_logs.txt,logps.csv,train.csv,fit.csv,precision.csv}
+rm -f "$OUTDIR"/{gpu_check.md,gpu_check_logs.txt,logps.csv,train.csv,fit.csv,precision.csv,sharded.csv}
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")" || exit 1
 mkdir -p "$WORK/logs"
 ((KEEP)) || trap 'rm -rf "$WORK"' EXIT
 
 export GPU_CHECK_DRY=$DRY GPU_CHECK_WORK=$WORK PYTHON=$PY GPU_CHECK_NEED_MODEL=1
-[[ -n "$ONLY" && ",$ONLY," != *,train-short,* && ",$ONLY," != *,train-long,* && ",$ONLY," != *,fit,* ]] \
+[[ -n "$ONLY" && ",$ONLY," != *,train-short,* && ",$ONLY," != *,train-long,* && ",$ONLY," != *,fit,* \
+   && ",$ONLY," != *,sharded,* ]] \
     && GPU_CHECK_NEED_MODEL=0
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg TQDM_DISABLE=1
@@ -256,7 +274,7 @@ for i in "${!STAGES[@]}"; do
         record "$name" "skipped: datasets not installed (fastdpo needs it; carry its wheel, see the header)" 0 0
         continue
     fi
-    if [[ "$name" == train-* || "$name" == fit ]] && [[ ! -f "$WORK/$MODEL/config.json" ]]; then
+    if [[ "$name" == train-* || "$name" == fit || "$name" == sharded ]] && [[ ! -f "$WORK/$MODEL/config.json" ]]; then
         record "$name" "skipped: no model (setup failed to build it)" 0 0
         continue
     fi

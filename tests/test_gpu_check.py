@@ -17,7 +17,7 @@ import time
 import pytest
 from conftest import REPO
 
-STAGES = ["setup", "cuda-tests", "precision", "logps", "train-short", "train-long", "fit"]
+STAGES = ["setup", "cuda-tests", "precision", "logps", "train-short", "train-long", "fit", "sharded"]
 
 
 @pytest.mark.slow
@@ -49,7 +49,8 @@ def test_gpu_check_dry_run(tmp_path):
     # the outputs: within the device tool's limits, the CSVs one per kind
     files = sorted(p.name for p in out.iterdir())
     assert all(p.is_file() for p in out.iterdir()) and len(files) <= 8, files
-    assert {"gpu_check.md", "gpu_check_logs.txt", "logps.csv", "train.csv", "fit.csv", "precision.csv"} <= set(files)
+    assert {"gpu_check.md", "gpu_check_logs.txt", "logps.csv", "train.csv", "fit.csv", "precision.csv",
+            "sharded.csv"} <= set(files)
     with open(out / "precision.csv", newline="") as f:
         prec = {r["dtype"]: r for r in csv.DictReader(f)}
     assert set(prec) == {"float32", "bf16-mixed", "bfloat16", "auto"}
@@ -71,4 +72,9 @@ def test_gpu_check_dry_run(tmp_path):
     with open(out / "fit.csv", newline="") as f:
         fit = list(csv.DictReader(f))
     assert [r["method"] for r in fit] == ["fastdpo-packed", "two-model"] and all(r["fit_max_batch"] for r in fit)
+    with open(out / "sharded.csv", newline="") as f:
+        sharded = {r["variant"]: r for r in csv.DictReader(f)}
+    assert list(sharded) == ["unsharded", "fsdp2", "fsdp2-offload", "zero3"]
+    assert sharded["fsdp2"]["status"] == "ok" and float(sharded["fsdp2"]["max_abs_loss_diff"]) <= 1e-4
+    assert sharded["fsdp2-offload"]["status"].startswith("skipped: ")  # GPU only
     assert "/tmp/gpu_check." not in summary  # the work directory is not in what comes back

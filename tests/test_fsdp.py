@@ -109,6 +109,21 @@ def test_one_process_fsdp_equals_unsharded(caches, tmp_path, fused_calls, lm_hea
     assert_same_run(tmp_path / "plain", tmp_path / "fsdp")
 
 
+@pytest.mark.slow  # four runs that tokenize their data
+def test_sft_and_live_reference_under_fsdp(caches, tmp_path):
+    """`fastdpo sft --fsdp`, and `train --fsdp` with a live reference (the reference is not sharded)."""
+    from fastdpo.sft import sft
+
+    model, _ = caches["llama"]
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(12, seed=5))
+    for run, name in ((sft, "sft"), (train, "live")):
+        kw = dict(model=model, dataset=str(data), max_steps=3, lr=1e-3, batch_size=2, progress=False)
+        run(output=str(tmp_path / f"{name}-plain"), **kw)
+        run(output=str(tmp_path / f"{name}-fsdp"), fsdp=True, **kw)
+        for x, y in zip(metrics(tmp_path / f"{name}-plain"), metrics(tmp_path / f"{name}-fsdp")):
+            assert abs(x["loss"] - y["loss"]) <= ATOL and abs(x["grad_norm"] - y["grad_norm"]) <= ATOL, (name, x, y)
+
+
 @pytest.mark.slow  # bf16 on CPU: seconds per step
 def test_bf16_mixed_under_fsdp_tracks_unsharded(caches, tmp_path):
     """MixedPrecisionPolicy (bf16 compute, fp32 weights and gradient reduction) against accelerate's bf16 autocast

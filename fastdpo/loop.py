@@ -246,6 +246,9 @@ class Trainer:
         self.precision = optim.train_precision(cfg, device)
         self.accelerator = Accelerator(cpu=modeling.use_cpu(), mixed_precision="bf16" if self.precision ==
                                        "bf16-mixed" else "no", log_with=self.tracker, project_dir=str(self.out))
+        if self.accelerator.distributed_type == "FSDP":  # (a str enum)
+            raise UserError("accelerate's FSDP plugin (an FSDP `accelerate launch` config) is not how fastdpo shards: "
+                            "launch with a plain multi-GPU config (or torchrun) and pass --fsdp")
         self.is_main, self.device = self.accelerator.is_main_process, self.accelerator.device
         modeling.set_library_progress(cfg.progress and self.is_main)
         self.bar = None  # the progress bar, while `fit` runs

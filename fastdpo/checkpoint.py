@@ -266,6 +266,9 @@ def check_resume(path: Path, cfg, num_processes: int) -> dict:
     if "model" in saved and saved["model"] != cfg.model:
         raise UserError(f"--resume {path}: the checkpoint continues a run of --model {saved['model']}, not "
                         f"{cfg.model}; resume with the same --model")
+    if saved.get("optimizer", cfg.optimizer) != cfg.optimizer:
+        raise UserError(f"--resume {path}: the checkpoint holds --optimizer {saved['optimizer']}'s state, not "
+                        f"{cfg.optimizer}'s; resume with --optimizer {saved['optimizer']}")
     changed = [k for k in PLAN_KEYS if saved.get(k) != getattr(cfg, k, None)]
     sharded = (path / SHARDED).is_dir()
     if sharded != bool(getattr(cfg, "fsdp", False)):

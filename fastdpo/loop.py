@@ -260,10 +260,11 @@ class Trainer:
         if self.is_main:
             print(f"fastdpo {__version__} {command}\n{format_config(cfg)}\n  precision: {self.precision}",
                   file=sys.stderr)
-            if self.precision == "bfloat16" and cfg.optimizer == "adamw":
-                print("warning: --dtype bfloat16 updates bf16 weights with plain AdamW: an update smaller than half "
-                      "a weight's bf16 spacing (most of them at DPO learning rates) rounds away; --dtype bf16-mixed "
-                      "keeps fp32 weights (the default on GPU)", file=sys.stderr)
+            if self.precision == "bfloat16" and optim.OPTIMIZERS[cfg.optimizer].weights != "bf16":
+                print(f"warning: --dtype bfloat16 updates bf16 weights with --optimizer {cfg.optimizer}: an update "
+                      "smaller than half a weight's bf16 spacing (most of them at DPO learning rates) rounds away; "
+                      "--dtype bf16-mixed keeps fp32 weights (the default on GPU), --optimizer adamw-kahan "
+                      "compensates", file=sys.stderr)
         set_seed(cfg.seed)
         from .scoring import prepare  # torch: not needed to build the CLI or its --help
 

@@ -19,7 +19,11 @@ overhead), saved with a tokenizer trained on the synthetic words (about one toke
 Columns are defined in benchmarks/README.md; in short: the median over the steps after `--warmup` of each step's
 tokens / time (a pair counts 2P + C + R tokens for every method, P prompt and C, R completion tokens), pairs/s,
 peak memory (torch.cuda.max_memory_allocated on GPU, peak RSS on CPU), precompute time and the amortised time of
-1 and of `--sweep-k` runs on one cache, MFU on GPU, and an optional fit test under `--fit-budget-gb`.
+1 and of `--sweep-k` runs on one cache, MFU on GPU, and an optional fit test under `--fit-budget-gb`: each method's
+largest batch for each `--fit-optimizers` entry (fastdpo's `--optimizer` choices; TRL rows AdamW only), to
+OUT_fit.csv. `--fit-estimate` measures bytes per parameter (each optimizer, after one step) and the bytes autograd
+saves for backward on the model, and from them estimates the largest real architecture (FIT_ESTIMATE_MODELS) that
+fits 24 and 80 GiB, to OUT_fit_estimate.csv and the markdown, labelled as an estimate: only a GPU fit run measures it.
 
 Tiny CPU run (what benchmarks/results/cpu_tiny_train*.{csv,md,png} hold; CPU timings say nothing about a GPU):
     python benchmarks/bench_train.py --preset tiny --data short --steps 24 --warmup 4 --batch-size 4 --repeats 2 \
@@ -29,7 +33,10 @@ Tiny CPU run (what benchmarks/results/cpu_tiny_train*.{csv,md,png} hold; CPU tim
     python benchmarks/bench_train.py --preset tiny-152k --data short --steps 8 --warmup 2 --batch-size 4 \
         --out benchmarks/results/cpu_tiny152k_train
     python benchmarks/bench_train.py --preset tiny --data short --steps 2 --warmup 1 --batch-size 4 --fit-test \
-        --fit-budget-gb 2.5 --fit-max-batch 64 --fit-time-s 300 --out benchmarks/results/cpu_tiny_fit
+        --fit-budget-gb 2.5 --fit-max-batch 64 --fit-time-s 300 --fit-optimizers adamw \
+        --out benchmarks/results/cpu_tiny_fit
+    python benchmarks/bench_train.py --preset tiny --data short --steps 2 --warmup 1 --batch-size 4 \
+        --methods fastdpo-packed --fit-estimate --out benchmarks/results/cpu_tiny_fit_estimate
 
 Smoke run (seconds; what tests/test_bench_train.py does):
     python benchmarks/bench_train.py --preset tiny --data short --prompt-len 16 --completion-len 16 --steps 3 \
@@ -39,6 +46,12 @@ GPU runs (bf16, the shapes README.md's Performance goals are stated for; not run
 benchmarks/README.md):
     python benchmarks/bench_train.py --preset qwen2.5-0.5b --data long --device cuda --dtype bf16 --steps 40 \
         --batch-size 8 --fit-test --fit-budget-gb 40 --out benchmarks/results/h100_qwen05_train_long
+    # the estimate's cells for a 7B on 80 GiB, measured: batch 8 of ~1024-token sequences (prefix sharing makes
+    # it ~1536 tokens a pair, not the estimate's 2048); the main runs' AdamW step is expected to OOM here
+    python benchmarks/bench_train.py --preset qwen2.5-7b --device cuda --dtype bf16-mixed --prompt-len 512 \
+        --completion-len 512 --batch-size 8 --steps 2 --warmup 1 --methods fastdpo-packed --gradient-checkpointing \
+        --fit-test --fit-budget-gb 80 --fit-start-batch 8 --fit-max-batch 8 --fit-optimizers adamw-kahan,adamw-8bit \
+        --fit-estimate --out benchmarks/results/h100_qwen7b_fit
 """
 
 from __future__ import annotations
@@ -64,7 +77,7 @@ from pathlib import Path
 
 import torch
 
-from fastdpo import metrics
+from fastdpo import metrics, optim
 from fastdpo.modeling import machine_name
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,7 +110,33 @@ PRESETS = {
     "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
                          rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=131072),
+    # The larger shapes of the fit estimate (FIT_ESTIMATE_MODELS), from the config.json of Qwen/Qwen2.5-3B, -7B and
+    # -14B and meta-llama/Llama-3.2-3B and Llama-3.1-8B on the Hub; the model cards' parameter counts (3.09B, 7.61B,
+    # 14.7B, 3.21B, 8.03B) are what these configs instantiate to
+    "qwen2.5-3b": dict(model_type="qwen2", hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                       rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768),
+    "llama-3.2-3b": dict(model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                         tie_word_embeddings=True, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         max_position_embeddings=131072,
+                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192)),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+                       rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=131072),
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                         rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072,
+                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=8192)),
+    "qwen2.5-14b": dict(model_type="qwen2", hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+                        num_attention_heads=40, num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False,
+                        rope_theta=1000000.0, rms_norm_eps=1e-5, max_position_embeddings=131072),
 }
+# The real architectures of the "largest model that fits" estimate (smallest first)
+FIT_ESTIMATE_MODELS = ("qwen2.5-0.5b", "llama-3.2-1b", "qwen2.5-1.5b", "qwen2.5-3b", "llama-3.2-3b", "qwen2.5-7b",
+                       "llama-3.1-8b", "qwen2.5-14b")
 # Synthetic data: (prompt, completion) mean lengths in tokens; prompts vary +-25%, completions +-50%
 DATA = {"short": (64, 128), "long": (512, 64)}
 METHODS = ("fastdpo-packed", "fastdpo-padded", "two-model", "trl-live", "trl-precompute")
@@ -111,8 +150,9 @@ COLUMNS = [
     "throughput_vs_baseline",
     "peak_mem_gib", "peak_mem_kind", "mem_above_start_gib", "memory_vs_baseline", "precompute_s",
     "precompute_peak_gib", "train_s", "total_1run_s", "k", "total_k_s", "total_k_vs_baseline", "mfu",
-    "mfu_with_ref", "fit_budget_gib", "fit_max_batch", "fit_peak_gib",
+    "mfu_with_ref", "fit_budget_gib", "fit_max_batch", "fit_peak_gib", "fit_optimizer",
 ]
+FIT_COLUMNS = ["method", "optimizer", "dtype", "fit_budget_gib", "fit_max_batch", "fit_peak_gib"]
 
 
 def is_fastdpo(method: str) -> bool:
@@ -273,12 +313,31 @@ def worker_trl(job: dict) -> dict:
             "precompute_s": steps["precompute_s"] or None}
 
 
+def worker_measure(job: dict) -> dict:
+    """The fit estimate's measurements on the benchmark's model: bytes per parameter of each optimizer, and the
+    activation bytes of the precisions they train in, without and with gradient checkpointing."""
+    import traceback
+
+    out = {"status": "ok", "optimizers": {}, "activations": {}}
+    for name in job["optimizers"]:
+        try:
+            out["optimizers"][name] = measure_state_bytes(job["model"], name, job["device"])
+        except Exception as e:  # e.g. an optimizer that needs CUDA: reported, the others still measured
+            traceback.print_exc()
+            out["optimizers"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    for precision in sorted({estimate_precision(name) for name in job["optimizers"]}):
+        out["activations"][precision] = {
+            ckpt: measure_saved_bytes(job["model"], precision, ckpt == "on", job["pairs"], job["prompt_len"],
+                                      job["completion_len"], job["device"]) for ckpt in ("off", "on")}
+    return out
+
+
 def worker_main(job_path: str) -> int:
     job = json.loads(Path(job_path).read_text())
     rss_start = _rss_gib()  # after importing torch: the runtime, before any model is loaded
     _limit_cuda_memory(job)
     try:
-        result = (worker_fastdpo if job["kind"] == "fastdpo" else worker_trl)(job)
+        result = {"fastdpo": worker_fastdpo, "trl": worker_trl, "measure": worker_measure}[job["kind"]](job)
     except torch.cuda.OutOfMemoryError:
         result = {"status": "oom"}
     peak, kind = _peak_gib(job["device"])
@@ -344,13 +403,16 @@ def dtype_flags(args) -> tuple[str, str]:
             "float32" if args.dtype == "fp32" else "bfloat16")
 
 
-def fastdpo_argv(setup: Setup, method: str, batch_size: int, steps: int) -> list[str]:
+def fastdpo_argv(setup: Setup, method: str, batch_size: int, steps: int, optimizer: str = "adamw") -> list[str]:
     """The `fastdpo train` command line of a fastdpo method (or of the two-model baseline)."""
     a = setup.args
+    # an optimizer made for bf16 weights trains them (its reason to exist), whatever --dtype says
+    dtype = "bfloat16" if optim.OPTIMIZERS[optimizer].weights == "bf16" else dtype_flags(a)[0]
     argv = ["train", "--model", setup.model, "--batch-size", str(batch_size), "--grad-accum", str(a.grad_accum),
-            "--max-steps", str(steps), "--lr", str(a.lr), "--beta", str(a.beta), "--dtype", dtype_flags(a)[0],
+            "--max-steps", str(steps), "--lr", str(a.lr), "--beta", str(a.beta), "--dtype", dtype,
             "--seed", str(SEED),
             "--log-every", "1000000", "--no-progress"]
+    argv += ["--optimizer", optimizer] if optimizer != "adamw" else []
     argv += ["--gradient-checkpointing"] if a.gradient_checkpointing else []
     if method == BASELINE:
         return argv + ["--dataset", setup.dataset, "--ref-model", setup.model, "--logps-backend", "eager",
@@ -362,9 +424,12 @@ def fastdpo_argv(setup: Setup, method: str, batch_size: int, steps: int) -> list
     return argv + ["--ref-cache", str(setup.cache), "--packing", "--prefix-sharing", *rows]
 
 
-def run_method(setup: Setup, method: str, batch_size: int, steps: int, tag: str, budget_gib=None) -> dict:
+def run_method(setup: Setup, method: str, batch_size: int, steps: int, tag: str, budget_gib=None,
+               optimizer: str = "adamw") -> dict:
     a = setup.args
     if method.startswith("trl"):
+        if optimizer != "adamw":
+            return {"status": "skipped: TRL runs AdamW only here"}
         try:
             import trl  # noqa: F401
         except ImportError:
@@ -374,7 +439,7 @@ def run_method(setup: Setup, method: str, batch_size: int, steps: int, tag: str,
                    gradient_checkpointing=a.gradient_checkpointing, max_length=a.max_length,
                    precompute=method == "trl-precompute", precompute_batch_size=batch_size)
     else:
-        job = dict(kind="fastdpo", argv=fastdpo_argv(setup, method, batch_size, steps))
+        job = dict(kind="fastdpo", argv=fastdpo_argv(setup, method, batch_size, steps, optimizer))
     res = run_job(setup, f"{method}{tag}", {**job, "budget_gib": budget_gib})
     if res["status"] == "ok" and job["kind"] == "fastdpo":
         metrics = [json.loads(line) for line in (Path(res["output"]) / "metrics.jsonl").read_text().splitlines()]
@@ -530,18 +595,19 @@ def add_ratios(rows: list[dict]) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def fit_test(setup: Setup, method: str) -> tuple[str, str]:
-    """(largest batch that fits, its peak). GPU: the allocator is capped at the budget, a run that OOMs does not
-    fit. CPU: a run fits when its peak RSS (the whole process) is within the budget. Doubling from
-    --fit-start-batch (1) stops at the first batch that does not fit, at --fit-max-batch, or when --fit-time-s has
-    been spent."""
+def fit_test(setup: Setup, method: str, optimizer: str = "adamw") -> tuple[str, str]:
+    """(largest batch that fits, its peak) of `method` training with `optimizer`. GPU: the allocator is capped at
+    the budget, a run that OOMs does not fit. CPU: a run fits when its peak RSS (the whole process) is within the
+    budget. Doubling from --fit-start-batch (1) stops at the first batch that does not fit, at --fit-max-batch, or
+    when --fit-time-s has been spent."""
     a = setup.args
     best, best_peak, batch, t0 = None, None, a.fit_start_batch, time.perf_counter()
     while batch <= a.fit_max_batch:
         if time.perf_counter() - t0 > a.fit_time_s:
             return f">={best} (time limit)" if best else "? (time limit)", _fmt(best_peak, ".3f")
-        res = run_method(setup, method, batch, a.fit_steps, f"-fit{batch}", budget_gib=a.fit_budget_gb)
-        print(f"  fit {method} batch {batch}: {res['status']} peak {_fmt(res.get('peak_gib'), '.3f')} GiB",
+        res = run_method(setup, method, batch, a.fit_steps, f"-fit-{optimizer}-{batch}", budget_gib=a.fit_budget_gb,
+                         optimizer=optimizer)
+        print(f"  fit {method} {optimizer} batch {batch}: {res['status']} peak {_fmt(res.get('peak_gib'), '.3f')} GiB",
               flush=True)
         if res["status"].startswith("skipped"):
             return "n/a", ""
@@ -549,6 +615,371 @@ def fit_test(setup: Setup, method: str) -> tuple[str, str]:
             return (str(best) if best else f"<{a.fit_start_batch}"), _fmt(best_peak, ".3f")
         best, best_peak, batch = batch, res["peak_gib"], batch * 2
     return f">={best}", _fmt(best_peak, ".3f")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fit estimate: the largest real model under a budget, from measured bytes per parameter and activation bytes
+# ----------------------------------------------------------------------------------------------------------------
+#
+# A training step's peak, per part (T tokens per micro-batch, P parameters, L layers, H hidden, I MLP, V vocab):
+#
+#   bytes/param x P                          weights + gradients + optimizer state (measure_state_bytes)
+#   copies/param x (P_linear + V H)          bf16-mixed: autocast's bf16 copies of the matmul weights, held from
+#                                            forward to backward (0 when the weights are bf16 already)
+#   T L (a_h H + a_i I) + a_out T H          what autograd saves for backward (measure_saved_bytes), per token and
+#                                            layer: a_h bytes per hidden unit, a_i per MLP unit; a_out outside the
+#                                            layers (embedding, final norm)
+#     checkpointing: a_held T L H            only each layer's inputs stay, plus one layer recomputed in backward
+#                    + T (a_h H + a_i I) + a_out T H
+#   4 V H + 4 T H + tile + copies V H        the fused LM head: its fp32 grad_weight and grad_hidden (held from
+#                                            forward to backward), one chunk's (C, V) logit tile
+#   overhead                                 CUDA context and allocator slack (--fit-overhead-gb)
+#
+# The coefficients are measured on one model (the --preset) and applied to the other shapes; the sum adds parts that
+# peak at different moments (gradients fill in as activations are freed), so it leans high.
+
+
+def _storages(t):
+    """(key, bytes, storage) of the storages behind tensor `t`; a tensor subclass (a quantized optimizer state)
+    through the plain tensors it is made of."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            yield from _storages(getattr(t, name))
+        return
+    s = t.untyped_storage()
+    yield s.data_ptr(), s.nbytes(), s
+
+
+def _weight_copy(t) -> bool:
+    """Whether `t` is a cast of a parameter (autocast's bf16 copy of a weight), through view ops."""
+    fn = t.grad_fn
+    for _ in range(4):
+        if fn is None:
+            return False
+        name = type(fn).__name__.rstrip("0123456789")
+        if name == "ToCopyBackward":
+            return any(type(f).__name__ == "AccumulateGrad" for f, _ in fn.next_functions if f is not None)
+        if name not in ("TBackward", "ViewBackward", "TransposeBackward", "PermuteBackward", "ExpandBackward"):
+            return False
+        fn = fn.next_functions[0][0]
+    return False
+
+
+def _measurement_policy(model: str, device, **train_kwargs):
+    """(TrainConfig, causal LM, its scoring wrapper, PreferenceObjective), built as `fastdpo train` builds them
+    (padded layout: with equal lengths there is no padding, and no dense mask whose size grows as T^2)."""
+    from fastdpo import loop, modeling, scoring
+    from fastdpo.config import make
+    from fastdpo.train import PreferenceObjective, TrainConfig
+
+    cfg = make(TrainConfig, model=model, output="unused", dataset="unused.jsonl", packing=False,
+               prefix_sharing=False, progress=False, **train_kwargs)
+    setup = scoring.prepare(cfg, device, modeling.resolve_dtype(cfg.dtype, device))
+    policy = loop.prepare_policy(setup.load(device=device), cfg, None)
+    scorer = setup.scorer(policy).train()
+    fused = scoring.fused_loss_applies(policy, cfg.logps_backend)
+    return cfg, policy, scorer, PreferenceObjective(cfg, setup, device, None, fused)
+
+
+def _measurement_batch(vocab: int, pairs: int, prompt_len: int, completion_len: int):
+    """A micro-batch of `pairs` random pairs, every sequence prompt_len + completion_len tokens (no padding)."""
+    from fastdpo import batching
+
+    g = torch.Generator().manual_seed(SEED)
+
+    def ids(n):
+        return [torch.randint(3, vocab, (n,), generator=g).tolist() for _ in range(pairs)]
+
+    rows = {"prompt_ids": ids(prompt_len), "chosen_ids": ids(completion_len), "rejected_ids": ids(completion_len),
+            "ref_chosen_logps": [-1.0 * completion_len] * pairs, "ref_rejected_logps": [-1.0 * completion_len] * pairs,
+            "ref_chosen_token_logps": [[-1.0] * completion_len] * pairs,
+            "ref_rejected_token_logps": [[-1.0] * completion_len] * pairs}
+    return batching.Batch(rows, has_ref=True, step_examples=pairs, step_chosen_tokens=pairs * completion_len)
+
+
+def _autocast(precision: str, device):
+    import contextlib
+
+    if precision == "bf16-mixed":  # what accelerate's autocast does in `fastdpo train`
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def measure_state_bytes(model: str, optimizer: str, device="cpu", **train_kwargs) -> dict:
+    """Bytes per trained parameter held by weights, gradients and optimizer state after one fastdpo step.
+
+    The weights are fp32 (what bf16-mixed, the GPU default, keeps), or bf16 for an optimizer made for bf16 weights
+    (`OptimizerSpec.weights`). Each storage counts once (tied weights, shared quantization tables)."""
+    device = torch.device(device)
+    precision = "bfloat16" if optim.OPTIMIZERS[optimizer].weights == "bf16" else "float32"
+    cfg, policy, scorer, objective = _measurement_policy(model, device, dtype=precision, optimizer=optimizer,
+                                                         **train_kwargs)
+    opt = optim.build_optimizer(scorer.parameters(), cfg)
+    loss, _ = objective.step(scorer, _measurement_batch(policy.config.vocab_size, 1, 8, 8))
+    loss.backward()
+    opt.step()
+
+    def tensors(x):  # an optimizer state's tensors, however nested
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, dict | list | tuple):
+            for v in x.values() if isinstance(x, dict) else x:
+                yield from tensors(v)
+
+    params = [p for p in scorer.parameters() if p.requires_grad]
+    parts = {"weights": list(scorer.parameters()), "gradients": [p.grad for p in params if p.grad is not None],
+             "state": list(tensors(list(opt.state.values())))}
+    seen, out = set(), {}
+    for part, ts in parts.items():
+        out[part] = 0
+        for t in ts:
+            for key, nbytes, _ in _storages(t):
+                if key not in seen:
+                    seen.add(key)
+                    out[part] += nbytes
+    n = sum(p.numel() for p in params)
+    return {"optimizer": optimizer, "precision": precision, "params": n,
+            "bytes_per_param": sum(out.values()) / n, **{f"{k}_per_param": v / n for k, v in out.items()}}
+
+
+def measure_saved_bytes(model: str, precision: str, gradient_checkpointing: bool, pairs: int, prompt_len: int,
+                        completion_len: int, device="cpu", logps_backend: str = "auto") -> dict:
+    """Bytes autograd holds for backward during fastdpo's policy forward and loss on one micro-batch.
+
+    Counted with `torch.autograd.graph.saved_tensors_hooks` (unique storages; parameters excluded, their bytes are
+    the state's), split by where they were saved: the decoder layers' MLPs, the rest of the layers, outside the
+    layers (embedding, final norm) and the LM head. With gradient checkpointing a layer's saved tensors are its
+    checkpoint's and are dropped; what stays is its inputs, held by the checkpoint (counted from a pre-hook on each
+    layer). Autocast's bf16 copies of weights are counted apart (`copies`). Peaks inside one op, the allocator and
+    the fused head's transient tile are not seen here (the estimate adds the tile)."""
+    from fastdpo.scoring import head_spec
+
+    device = torch.device(device)
+    cfg, policy, scorer, objective = _measurement_policy(
+        model, device, dtype=precision, gradient_checkpointing=gradient_checkpointing, logps_backend=logps_backend)
+    params = {key for p in scorer.parameters() for key, _, _ in _storages(p)}
+    where = {}
+    found = {}  # storage key -> (part, bytes, storage): holding the storage keeps its address from being reused
+
+    def add(t, part):
+        for key, nbytes, storage in _storages(t):
+            if key not in params and key not in found:
+                found[key] = (part, nbytes, storage)
+
+    def pack(t):
+        add(t, "copies" if _weight_copy(t) else where["part"])
+        return t
+
+    def hold_inputs(module, args, kwargs):
+        if gradient_checkpointing:
+            for x in [*args, *kwargs.values()]:
+                for t in x if isinstance(x, tuple | list) else [x]:
+                    if isinstance(t, torch.Tensor):
+                        add(t, "held")
+
+    def enter(part):
+        def hook(*_):
+            where["part"] = part
+        return hook
+
+    backbone = head_spec(policy).backbone if head_spec(policy) is not None else policy.model
+    where["part"] = "outside"  # the embedding, then the final norm: once per model, not per layer
+    hooks = [backbone.register_forward_hook(enter("head"))]
+    for layer in backbone.layers:
+        hooks += [layer.register_forward_pre_hook(hold_inputs, with_kwargs=True),
+                  layer.register_forward_pre_hook(enter("layer")), layer.register_forward_hook(enter("outside")),
+                  layer.mlp.register_forward_pre_hook(enter("mlp")), layer.mlp.register_forward_hook(enter("layer"))]
+    batch = _measurement_batch(policy.config.vocab_size, pairs, prompt_len, completion_len)
+    try:
+        with _autocast(precision, device), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = objective.step(scorer, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    loss.backward()  # the graph is a real one
+    parts = {k: 0 for k in ("outside", "layer", "mlp", "held", "head", "copies")}
+    for part, nbytes, _ in found.values():
+        parts[part] += nbytes
+    c = policy.config
+    tokens, scored, layers = 2 * pairs * (prompt_len + completion_len), 2 * pairs * completion_len, len(backbone.layers)
+    hidden, inter = c.hidden_size, c.intermediate_size
+    linear = sum(p.numel() for layer in backbone.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)
+                 for p in m.parameters())
+    return {"precision": precision, "gradient_checkpointing": gradient_checkpointing, "tokens": tokens,
+            "scored_tokens": scored, "layers": layers, "hidden": hidden, "intermediate": inter,
+            "vocab": c.vocab_size, "fused_head": objective.fused, **{f"{k}_bytes": v for k, v in parts.items()},
+            # per token and layer: bytes per hidden unit (attention, norms, residual) and per MLP unit; with
+            # checkpointing, the layers' inputs per hidden unit
+            "a_hidden": parts["layer"] / (tokens * layers * hidden), "a_intermediate": parts["mlp"] / (tokens * layers
+                                                                                                        * inter),
+            "a_held": parts["held"] / (tokens * layers * hidden),
+            "a_outside": parts["outside"] / (tokens * hidden),  # per token and hidden unit, once per model
+            # all the backbone holds, per token, layer and hidden unit
+            "per_token_layer_hidden": sum(parts[k] for k in ("outside", "layer", "mlp", "held")) / (tokens * layers
+                                                                                                    * hidden),
+            "copies_per_param": parts["copies"] / linear}
+
+
+def estimate_precision(optimizer: str) -> str:
+    """The precision a GPU run trains in with `optimizer`: bf16 weights for an optimizer made for them, else
+    bf16-mixed (the GPU default: fp32 weights, bf16 autocast)."""
+    return "bfloat16" if optim.OPTIMIZERS[optimizer].weights == "bf16" else "bf16-mixed"
+
+
+def architecture(preset: str) -> dict:
+    """A preset's shape for the estimate: parameters, the decoder layers' matmul parameters, L, H, I, V."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(PRESETS[preset])
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(AutoConfig.for_model(kw.pop("model_type"), **kw))
+    layers = m.get_decoder().layers
+    linear = sum(p.numel() for layer in layers for mod in layer.modules() if isinstance(mod, torch.nn.Linear)
+                 for p in mod.parameters())
+    c = m.config
+    return {"params": sum(p.numel() for p in m.parameters()), "linear_params": linear, "layers": len(layers),
+            "hidden": c.hidden_size, "intermediate": c.intermediate_size, "vocab": c.vocab_size}
+
+
+PRECISION_BYTES = {"bf16-mixed": (4, 2), "bfloat16": (2, 2), "float32": (4, 4)}  # (weights, compute) bytes
+
+
+def estimate_bytes(arch: dict, coef: dict, bytes_per_param: float, tokens: int, gradient_checkpointing: bool,
+                   overhead_bytes: float) -> dict:
+    """A training step's peak bytes for `arch` (see the formula above this section), part by part.
+
+    coef: a_hidden, a_intermediate (bytes per token, layer and hidden / MLP unit, no checkpointing), a_held (the
+    layers' inputs with checkpointing, per token, layer and hidden unit), a_outside (per token and hidden unit,
+    outside the layers), copies_per_param, precision. Every token is counted as scored."""
+    from fastdpo.kernels import loss_chunk_tokens
+
+    t, n_layers, h, i, v = tokens, arch["layers"], arch["hidden"], arch["intermediate"], arch["vocab"]
+    weight_bytes, compute_bytes = PRECISION_BYTES[coef["precision"]]
+    one_layer = t * (coef["a_hidden"] * h + coef["a_intermediate"] * i)
+    activations = coef["a_outside"] * t * h + (coef["a_held"] * t * n_layers * h + one_layer if gradient_checkpointing
+                                               else one_layer * n_layers)
+    tile = min(t, loss_chunk_tokens(v, weight_bytes)) * v * compute_bytes  # the chunk sizing train.py uses
+    parts = {"state": bytes_per_param * arch["params"],
+             "weight_copies": coef["copies_per_param"] * (arch["linear_params"] + v * h),
+             "activations": activations, "head": 4 * v * h + 4 * t * h + tile, "overhead": overhead_bytes}
+    return {**parts, "total": sum(parts.values())}
+
+
+def fit_estimate(setup: Setup) -> tuple[dict, list[dict]]:
+    """Measure on the benchmark's model (one worker), then estimate every FIT_ESTIMATE_MODELS shape for each
+    --fit-optimizers entry, without and with gradient checkpointing. Returns (the measurements, CSV rows)."""
+    a = setup.args
+    job = dict(kind="measure", model=setup.model, optimizers=a.fit_optimizers, pairs=a.batch_size,
+               prompt_len=a.prompt_len, completion_len=a.completion_len)
+    measured = run_job(setup, "fit-measure", job)
+    if measured["status"] != "ok":
+        raise SystemExit(f"bench_train: the fit estimate's measurements failed ({measured['status']}); see "
+                         f"{setup.logs / 'fit-measure.log'}")
+    tokens = a.fit_estimate_pairs * 2 * a.fit_estimate_seq_len
+    rows = []
+    for name in FIT_ESTIMATE_MODELS:
+        arch = architecture(name)
+        for optimizer in a.fit_optimizers:
+            state = measured["optimizers"][optimizer]
+            bpp = state.get("bytes_per_param", optim.OPTIMIZERS[optimizer].bytes_per_param)
+            precision = estimate_precision(optimizer)
+            act = measured["activations"][precision]
+            # autocast's weight copies are cached to backward either way; inside a checkpoint the hooks miss them
+            coef = dict(precision=precision, a_hidden=act["off"]["a_hidden"],
+                        a_intermediate=act["off"]["a_intermediate"], a_held=act["on"]["a_held"],
+                        copies_per_param=act["off"]["copies_per_param"])
+            for ckpt in (False, True):
+                coef["a_outside"] = act["on" if ckpt else "off"]["a_outside"]
+                est = estimate_bytes(arch, coef, bpp, tokens, ckpt, a.fit_overhead_gb * 2**30)
+                row = dict(model=name, params=arch["params"], layers=arch["layers"], hidden=arch["hidden"],
+                           intermediate=arch["intermediate"], vocab=arch["vocab"], optimizer=optimizer,
+                           precision=precision, bytes_per_param=_fmt(bpp, ".3f"),
+                           bytes_per_param_source="measured" if "error" not in state else
+                           f"declared by fastdpo.optim ({state['error']})",
+                           gradient_checkpointing=ckpt, tokens=tokens,
+                           **{f"{k}_gib": _fmt(v / 2**30, ".2f") for k, v in est.items()})
+                for budget in a.fit_estimate_budgets_gb:
+                    row[f"fits_{budget:g}gib"] = est["total"] <= budget * 2**30
+                rows.append(row)
+    return measured, rows
+
+
+def estimate_markdown(measured: dict, rows: list[dict], setup: Setup) -> list[str]:
+    """The estimate's section: its label, the measured numbers, the largest model per budget, every total."""
+    a = setup.args
+    where = (f"measurements on {machine_name(a.device)}" if a.device.startswith("cuda") else "CPU measurements")
+    model = a.model or a.preset
+    tokens = a.fit_estimate_pairs * 2 * a.fit_estimate_seq_len
+    lines = ["## Largest model that fits one GPU (estimate)", "",
+             f"**Estimate from {where} (bytes/param measured on {model}, activations from saved tensors); not "
+             f"measured on a GPU.**", "",
+             f"- micro-batch: {a.fit_estimate_pairs} pairs × 2 sequences × {a.fit_estimate_seq_len} tokens = "
+             f"{tokens} tokens, packed (no padding), every token counted as scored; one micro-batch per step "
+             "(accumulation adds no memory)",
+             "- precision as a GPU trains: bf16-mixed (fp32 weights, bf16 autocast), or bf16 weights for an optimizer "
+             "made for them (" + (", ".join(o for o in a.fit_optimizers if estimate_precision(o) == "bfloat16")
+                                  or "none here") + f"); + {a.fit_overhead_gb:g} GiB overhead (CUDA context, "
+             "allocator)"]
+    for name in a.fit_optimizers:
+        st = measured["optimizers"][name]
+        if "error" in st:
+            lines.append(f"- {name}: not measured here ({st['error']}); the estimate uses fastdpo.optim's declared "
+                         f"{optim.OPTIMIZERS[name].bytes_per_param:g} bytes/param")
+        else:
+            lines.append(f"- {name}: {st['bytes_per_param']:.2f} bytes/param measured ({st['precision']} weights: "
+                         f"weights {st['weights_per_param']:.2f} + gradients {st['gradients_per_param']:.2f} + "
+                         f"state {st['state_per_param']:.2f}, after one step on {st['params'] / 1e6:.1f}M params)")
+    for precision, act in measured["activations"].items():
+        off, on = act["off"], act["on"]
+        formula = 4 * off["vocab"] * off["hidden"] + 4 * off["scored_tokens"] * off["hidden"]
+        lines.append(
+            f"- activations, {precision}, measured on {off['tokens']} tokens ({a.batch_size} pairs, prompt "
+            f"{a.prompt_len} + completion {a.completion_len}): {off['per_token_layer_hidden']:.1f} bytes per token, "
+            f"layer and hidden unit without gradient checkpointing ({off['a_hidden']:.1f} per hidden unit + "
+            f"{off['a_intermediate']:.2f} per MLP unit in a layer, {off['a_outside']:.1f} per token and hidden unit "
+            f"outside the layers), {on['per_token_layer_hidden']:.2f} with it ({on['a_held']:.2f} the layers' "
+            f"inputs, {on['a_outside']:.1f} outside); weight copies {off['copies_per_param']:.2f} bytes per matmul "
+            "parameter; fused head "
+            f"{off['head_bytes'] / 2**20:.2f} MiB saved vs 4VH + 4SH = {formula / 2**20:.2f} MiB")
+    budgets = a.fit_estimate_budgets_gb
+    lines += ["", "| optimizer | bytes/param | gradient checkpointing | " + " | ".join(f"≤ {b:g} GiB" for b in budgets)
+              + " |", "|---" * (3 + len(budgets)) + "|"]
+    for name in a.fit_optimizers:
+        for ckpt in (False, True):
+            mine = [r for r in rows if r["optimizer"] == name and r["gradient_checkpointing"] == ckpt]
+            cells = []
+            for b in budgets:
+                fits = [r for r in mine if r[f"fits_{b:g}gib"]]
+                best = max(fits, key=lambda r: r["params"]) if fits else None
+                cells.append(f"{best['model']} ({best['total_gib']} GiB)" if best else
+                             f"none ({mine[0]['model']} needs {mine[0]['total_gib']} GiB)")
+            lines.append(f"| {name} | {mine[0]['bytes_per_param']} | {'on' if ckpt else 'off'} | "
+                         + " | ".join(cells) + " |")
+    lines += ["", "Every estimated total, GiB (gradient checkpointing off / on):", "",
+              "| model | params | layers × hidden (MLP) | vocab | " + " | ".join(a.fit_optimizers) + " |",
+              "|---" * (4 + len(a.fit_optimizers)) + "|"]
+    for name in FIT_ESTIMATE_MODELS:
+        mine = {(r["optimizer"], r["gradient_checkpointing"]): r for r in rows if r["model"] == name}
+        r0 = mine[(a.fit_optimizers[0], False)]
+        totals = [f"{mine[(o, False)]['total_gib']} / {mine[(o, True)]['total_gib']}" for o in a.fit_optimizers]
+        lines.append(f"| {name} | {r0['params'] / 1e9:.2f}B | {r0['layers']} × {r0['hidden']} ({r0['intermediate']}) "
+                     f"| {r0['vocab']} | " + " | ".join(totals) + " |")
+    lines += [
+        "",
+        "How: weights + gradients + optimizer state at the measured bytes/param; autocast's bf16 weight copies; "
+        "T·L·(a_h·H + a_i·I) + a_out·T·H saved activations (with checkpointing: the layers' inputs plus one layer "
+        "recomputed); "
+        "the fused head's fp32 grad_weight (4·V·H) and grad_hidden (4·T·H) and one chunk's logit tile; the overhead. "
+        "Not in it: allocator fragmentation, temporaries inside an op (attention and MLP workspaces, torch's "
+        "foreach AdamW's copy of the second moments during the step), the two-model baseline's reference. The "
+        "coefficients come from one model and are applied to shapes with other head counts and MLP ratios; parts "
+        "that peak at different moments are summed, so the estimate leans high. The fit test (`--fit-test` on a "
+        "GPU: the allocator capped at the budget) is the measurement; run at these sizes (e.g. `--preset qwen2.5-7b "
+        "--prompt-len 512 --completion-len 512 --fit-test --fit-start-batch 8 --fit-max-batch 8`), it replaces a "
+        "cell of this table.",
+        ""]
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -618,8 +1049,22 @@ def ratios(rows: list[dict], setup: Setup, stats: dict) -> list[str]:
     return out
 
 
+def fit_markdown(fit_rows: list[dict], setup: Setup) -> list[str]:
+    a = setup.args
+    lines = [f"## Fit test: the largest batch under {a.fit_budget_gb:g} GiB, per optimizer", "",
+             "| method | optimizer | weights | largest batch | its peak GiB |", "|---|---|---|---|---|"]
+    for f in fit_rows:
+        lines.append(f"| {f['method']} | {f['optimizer']} | {f['dtype']} | {f['fit_max_batch']} | "
+                     f"{f['fit_peak_gib'] or '—'} |")
+    bf16 = [o for o in a.fit_optimizers if optim.OPTIMIZERS[o].weights == "bf16"]
+    lines += ["", "- fastdpo rows (and the two-model baseline, fastdpo's trainer too) run `fastdpo train --optimizer "
+              "X`" + (f"; {', '.join(bf16)} train bf16 weights (`--dtype bfloat16`), what they are made for"
+                      if bf16 else "") + ". TRL rows run TRL's AdamW only; for other optimizers they are n/a.", ""]
+    return lines
+
+
 def markdown(rows: list[dict], setup: Setup, stats: dict, n_matmul: int, argv: list[str], commands: dict,
-             load: tuple[float, float]) -> str:
+             load: tuple[float, float], fit_rows: list[dict] | None = None, estimate=None) -> str:
     a = setup.args
     kind = "GPU" if a.device.startswith("cuda") else "CPU (tiny shapes; says nothing about GPU speed)"
     data = (f"`{a.dataset}`" if a.dataset else f"synthetic `{a.data}`: prompts ~{a.prompt_len} tokens (±25%), "
@@ -651,7 +1096,8 @@ def markdown(rows: list[dict], setup: Setup, stats: dict, n_matmul: int, argv: l
         rate = f"{r['tokens_per_s']} ({r['tokens_per_s_p20']}–{r['tokens_per_s_p80']})" if r["status"] == "ok" else ""
         mem = r["peak_mem_gib"] + (f" ({r['mem_above_start_gib']} above start)" if r["mem_above_start_gib"] not in
                                    ("", "n/a") else "")
-        fit = f"{r['fit_max_batch']} @ {r['fit_budget_gib']} GiB" if r["fit_max_batch"] else ""
+        fit = (f"{r['fit_max_batch']} @ {r['fit_budget_gib']} GiB ({r['fit_optimizer']})" if r["fit_max_batch"]
+               else "")
         mfu = r["mfu"] + (f" ({r['mfu_with_ref']} with ref)" if r["mfu_with_ref"] not in ("", "n/a", r["mfu"]) else "")
         lines.append(f"| {r['method']} | {r['status']} | {rate} | {r['tokens_per_s_agg']} | {r['pairs_per_s']} "
                      f"| {r['throughput_vs_baseline']} "
@@ -663,6 +1109,8 @@ def markdown(rows: list[dict], setup: Setup, stats: dict, n_matmul: int, argv: l
         "",
         *(ratios(rows, setup, stats) or ["- (fewer than two of the methods compared here ran)"]),
         "",
+        *(fit_markdown(fit_rows, setup) if fit_rows else []),
+        *(estimate_markdown(*estimate, setup) if estimate else []),
         "## How to read it",
         "",
         "- tokens/s: per step, the tokens of its pairs (2P+C+R each: the same count for every method, whatever it "
@@ -685,7 +1133,7 @@ def markdown(rows: list[dict], setup: Setup, stats: dict, n_matmul: int, argv: l
         "which the two live methods run but which is not useful work.",
         f"- fit: the largest batch (doubling from {a.fit_start_batch}) whose run stays within the budget: on GPU the "
         "allocator is capped at the budget and an OOM fails; on CPU the peak RSS of the whole process is compared to "
-        "it.",
+        "it. The main table shows the first --fit-optimizers entry's; the fit section, every optimizer's.",
         "",
         "## Commands (per method)",
         "",
@@ -769,6 +1217,19 @@ def parse_args(argv):
                    help="first batch the fit test tries (doubling from it: fewer runs when roughly known)")
     p.add_argument("--fit-steps", type=int, default=2, help="steps per fit-test run")
     p.add_argument("--fit-time-s", type=float, default=900, help="time limit of one method's fit test, seconds")
+    p.add_argument("--fit-optimizers", type=lambda x: [o.strip() for o in x.split(",") if o.strip()],
+                   default=list(optim.OPTIMIZERS),
+                   help="comma-separated `fastdpo train --optimizer` choices for the fit test and the estimate "
+                        f"(default: all of fastdpo's, now {','.join(optim.OPTIMIZERS)})")
+    p.add_argument("--fit-estimate", action="store_true",
+                   help="measure bytes/param and activation bytes on the model, and estimate the largest real model "
+                        "under each --fit-estimate-budgets-gb (writes PREFIX_fit_estimate.csv)")
+    p.add_argument("--fit-estimate-budgets-gb", type=lambda x: [float(b) for b in x.split(",")], default=[24.0, 80.0],
+                   help="comma-separated GPU memory budgets of the estimate, GiB")
+    p.add_argument("--fit-estimate-pairs", type=int, default=8, help="the estimate's micro-batch, pairs")
+    p.add_argument("--fit-estimate-seq-len", type=int, default=1024, help="the estimate's tokens per sequence")
+    p.add_argument("--fit-overhead-gb", type=float, default=1.0,
+                   help="the estimate's fixed overhead (CUDA context, allocator), GiB")
     p.add_argument("--out", required=False, default=None, help="output prefix: writes PREFIX.csv, .md, .png, _logs/")
     p.add_argument("--note", default=None, help="a line for the markdown header (e.g. the machine's load)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temporary model, data and runs")
@@ -782,6 +1243,10 @@ def parse_args(argv):
     args.completion_len = args.completion_len or completion_len
     if args.warmup >= args.steps:
         p.error("--warmup must be less than --steps")
+    unknown = [o for o in args.fit_optimizers if o not in optim.OPTIMIZERS]
+    if unknown or not args.fit_optimizers:
+        p.error(f"--fit-optimizers: {unknown[0] if unknown else 'none given'!r} is not a fastdpo optimizer; choose "
+                f"from {','.join(optim.OPTIMIZERS)}")
     return args
 
 
@@ -840,10 +1305,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       f"peak {_fmt(res.get('peak_gib'), '.3f')} GiB", flush=True)
         rows = [summarise(m, runs[m], pre, setup, stats["tokens_per_pair"], n_matmul) for m in args.methods]
         add_ratios(rows)
+        fit_rows = []
         if args.fit_test:
             for r in rows:
-                r["fit_budget_gib"] = _fmt(args.fit_budget_gb)
-                r["fit_max_batch"], r["fit_peak_gib"] = fit_test(setup, r["method"])
+                for optimizer in args.fit_optimizers:
+                    batch, peak = fit_test(setup, r["method"], optimizer)
+                    dtype = "bf16" if optim.OPTIMIZERS[optimizer].weights == "bf16" else args.dtype
+                    fit_rows.append(dict(method=r["method"], optimizer=optimizer, dtype=dtype,
+                                         fit_budget_gib=_fmt(args.fit_budget_gb), fit_max_batch=batch,
+                                         fit_peak_gib=peak))
+                first = next(f for f in fit_rows if f["method"] == r["method"])
+                r.update(fit_budget_gib=first["fit_budget_gib"], fit_max_batch=first["fit_max_batch"],
+                         fit_peak_gib=first["fit_peak_gib"], fit_optimizer=first["optimizer"])
+            with open(out.parent / f"{out.name}_fit.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=FIT_COLUMNS)
+                writer.writeheader()
+                writer.writerows(fit_rows)
+        estimate = None
+        if args.fit_estimate:
+            estimate = fit_estimate(setup)
+            with open(out.parent / f"{out.name}_fit_estimate.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(estimate[1][0]))
+                writer.writeheader()
+                writer.writerows(estimate[1])
 
         commands = {"precompute": "fastdpo " + shlex.join(pre["argv"])}
         for m in args.methods:
@@ -856,7 +1340,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
-        md = markdown(rows, setup, stats, n_matmul, argv, commands, (load_start, os.getloadavg()[0]))
+        md = markdown(rows, setup, stats, n_matmul, argv, commands, (load_start, os.getloadavg()[0]), fit_rows,
+                      estimate)
         md = md.replace(str(tmp), "$TMP")
         out.with_suffix(".md").write_text(md)
         title = (f"{args.model or args.preset}, {args.dataset or args.data} data, batch {args.batch_size}, "
@@ -866,6 +1351,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{r['method']:>15}: {r['status']:<6} {r['tokens_per_s'] or '-':>8} tokens/s "
                   f"x{r['throughput_vs_baseline'] or '-'}  peak {r['peak_mem_gib'] or '-'} GiB "
                   f"x{r['memory_vs_baseline'] or '-'}", flush=True)
+        if estimate is not None:
+            print("\n".join(estimate_markdown(*estimate, setup)), flush=True)
         print(f"bench_train: {time.perf_counter() - t_start:.0f}s -> {out}.{{csv,md,png}}", flush=True)
         return rows
     finally:

@@ -39,6 +39,9 @@
 #       datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 trl==1.16.0 liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 # then ONE call of the device tool's `run`, with carry [".whl"] and timeout_s 600:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash benchmarks/gpu_check.sh
+# For the sharded stage's ZeRO-3 row, add deepspeed's wheel and its dependencies to .whl as
+# benchmarks/gpu_check_zero3.sh's header says (without them that row is skipped); gpu_check_zero3.sh itself is the
+# deeper DeepSpeed check (ZeRO-2 and 3, eager and fused heads, resume), a separate call of about 3 minutes.
 # The setup stage lists any requirement of those wheels the image does not meet (datasets 5.2 wants pyarrow >= 24
 # and fsspec <= 2026.9.0: if it says otherwise, download those wheels too and rerun).
 # Outputs go to $OUT (--out DIR elsewhere): gpu_check.md (the summary: a section per stage, its status and time),

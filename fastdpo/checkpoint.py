@@ -6,7 +6,8 @@
                                trainer_state.json (written last: its presence marks a complete checkpoint)
                                under --fsdp: sharded/ (weights and optimizer state, each process its own
                                shards, `torch.distributed.checkpoint`) + tokenizer instead of the model
-                               and optimizer.pt
+                               and optimizer.pt; under DeepSpeed: deepspeed/ (its own files, every process
+                               its ZeRO partition of the fp32 weights and optimizer state) instead of optimizer.pt
     OUT/                       the final model, saved the same way (config.json last), <command>_summary.json
 
 A run directory is guarded like a cache (`check_run_dir`): a run goes only into an empty directory,
@@ -37,6 +38,7 @@ from .errors import UserError, first_line
 from .io import atomic_write_json, check_output_apart, fsync_dir, writing
 
 SHARDED = "sharded"  # a checkpoint's DCP directory under --fsdp
+DEEPSPEED = "deepspeed"  # a checkpoint's DeepSpeed directory (engine.save_checkpoint's tag)
 
 # Settings that decide which pairs form each step: a resume must keep them.
 PLAN_KEYS = ("batch_size", "grad_accum", "seed", "shuffle", "group_by_length", "ref_cache", "dataset")
@@ -196,7 +198,10 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, out: Pa
             tokenizer.save_pretrained(tmp)
     else:
         save_pretrained_atomic(accelerator, model, tokenizer, tmp, merge_lora=False)
-        files["optimizer.pt"] = optimizer.state_dict()
+        if is_deepspeed(accelerator):  # a collective: every process writes its partition
+            model.save_checkpoint(str(tmp), tag=DEEPSPEED, save_latest=False)
+        else:
+            files["optimizer.pt"] = optimizer.state_dict()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with writing(final, cleanup=tmp), _removed_on_interrupt(tmp):
@@ -274,6 +279,12 @@ def check_resume(path: Path, cfg, num_processes: int) -> dict:
     if sharded != bool(getattr(cfg, "fsdp", False)):
         raise UserError(f"--resume {path}: the checkpoint was written {'with' if sharded else 'without'} --fsdp; "
                         f"resume {'with' if sharded else 'without'} it")
+    from .modeling import deepspeed_launched
+
+    deepspeed = (path / DEEPSPEED).is_dir()
+    if deepspeed != deepspeed_launched():
+        raise UserError(f"--resume {path}: the checkpoint was written {'under' if deepspeed else 'without'} "
+                        f"DeepSpeed; resume {'under' if deepspeed else 'without'} it (the same accelerate config)")
     if state.get("num_processes") != num_processes:
         changed.append(f"number of processes ({state.get('num_processes')} -> {num_processes})")
     if changed:
@@ -282,12 +293,21 @@ def check_resume(path: Path, cfg, num_processes: int) -> dict:
     return state
 
 
+def is_deepspeed(accelerator) -> bool:
+    """accelerate prepared the model as a DeepSpeed engine (`accelerate launch` with a DeepSpeed config)."""
+    return accelerator.state.deepspeed_plugin is not None
+
+
 def load_checkpoint(path: Path, cfg, accelerator, model, optimizer, scheduler) -> dict:
     """Restore optimizer, scheduler and RNG from `path` (and a sharded model's weights: the others were loaded from
     the checkpoint with the model); returns its trainer state (see `check_resume`)."""
     state = check_resume(path, cfg, accelerator.num_processes)
     if sharding.is_sharded(model):
         sharding.load(model, optimizer, path / SHARDED)
+    elif is_deepspeed(accelerator):
+        # the fp32 weights and optimizer state of this process's partition; DeepSpeed's files hold pickled objects,
+        # which it loads itself (torch.load with weights_only=False: a checkpoint of one's own run only)
+        model.load_checkpoint(str(path), tag=DEEPSPEED, load_optimizer_states=True, load_lr_scheduler_states=False)
     else:
         optimizer.load_state_dict(_load_state(path / "optimizer.pt"))
     scheduler.load_state_dict(_load_state(path / "scheduler.pt"))

@@ -241,11 +241,17 @@ class Trainer:
         if cfg.fsdp_cpu_offload and device.type == "cpu":
             raise UserError("--fsdp-cpu-offload moves a GPU run's weights and optimizer state to CPU memory; this run "
                             "is on CPU already")
+        self.deepspeed = modeling.deepspeed_launched()  # `accelerate launch` with a DeepSpeed config
+        if self.deepspeed and cfg.fsdp:
+            raise UserError("--fsdp shards with PyTorch FSDP2, and the accelerate config asks for DeepSpeed; use one")
         AcceleratorState._reset_state()  # a second run in one process may want other mixed precision
         self.tracker = None if cfg.report_to == "none" else cfg.report_to
         self.precision = optim.train_precision(cfg, device)
-        self.accelerator = Accelerator(cpu=modeling.use_cpu(), mixed_precision="bf16" if self.precision ==
-                                       "bf16-mixed" else "no", log_with=self.tracker, project_dir=str(self.out))
+        # under DeepSpeed, accelerate's bf16 would be DeepSpeed's bf16 weights: bf16-mixed is its torch_autocast
+        # instead (`_configure_deepspeed`)
+        mixed = "bf16" if self.precision == "bf16-mixed" and not self.deepspeed else "no"
+        self.accelerator = Accelerator(cpu=modeling.use_cpu(), mixed_precision=mixed, log_with=self.tracker,
+                                       project_dir=str(self.out))
         if self.accelerator.distributed_type == "FSDP":  # (a str enum)
             raise UserError("accelerate's FSDP plugin (an FSDP `accelerate launch` config) is not how fastdpo shards: "
                             "launch with a plain multi-GPU config (or torchrun) and pass --fsdp")
@@ -286,7 +292,7 @@ class Trainer:
         if cfg.fsdp:
             sharding.shard(self.model, cfg, self.device, self.precision)
         self.model.train()
-        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())  # ZeRO-3: numel 0
         self.setup.print_notes(self.is_main)
 
     def fit(self, source: batching.Source, objective: Objective) -> dict:
@@ -307,7 +313,7 @@ class Trainer:
                 with self._grad_sync(j == len(micro) - 1), acc.autocast():
                     loss, stats = objective.step(self.model, batch)  # forward + loss
                     # x processes: DDP averages gradients over processes, and each holds a share of the step
-                    acc.backward(loss * (weight * acc.num_processes))  # backward
+                    self._backward(loss * (weight * acc.num_processes))  # backward
                 stats["examples"] = len(batch.rows["prompt_ids"])
                 for k, v in stats.items():  # on the device: one sync per step, in _reduce
                     sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=self.device) * weight
@@ -329,16 +335,33 @@ class Trainer:
     # -- the pieces of a step ------------------------------------------------------------------
 
     def _grad_sync(self, last: bool):
-        """DDP's no_sync outside a step's last micro-batch; FSDP2 is told whether to reduce-scatter."""
+        """DDP's no_sync outside a step's last micro-batch; FSDP2 is told whether to reduce-scatter, and DeepSpeed
+        whether the micro-batch ends the step (its ZeRO-2/3 reduce-scatter is its own business)."""
         if self.cfg.fsdp:
             sharding.set_gradient_sync(self.model, last)
             return contextlib.nullcontext()
+        if self.deepspeed:
+            self.model.set_gradient_accumulation_boundary(last)
+            return contextlib.nullcontext()
         return contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
+
+    def _backward(self, loss) -> None:
+        # not accelerator.backward under DeepSpeed: it steps the engine after every micro-batch (fastdpo never
+        # enters accelerator.accumulate, so accelerate takes each one for the last)
+        if self.deepspeed:
+            self.model.backward(loss)  # its config's gradient_accumulation_steps is 1: no division
+        else:
+            self.accelerator.backward(loss)
 
     def _clip(self, max_norm: float) -> float:
         """Clip the gradient to `max_norm`; the total norm before clipping, over all processes."""
         if self.cfg.fsdp:
             return sharding.clip_grad_norm_(self.model, max_norm)
+        if self.deepspeed:
+            # DeepSpeed clips inside its step (gradient_clipping = --max-grad-norm), so the engine steps here; it
+            # skips a step whose gradient norm is inf or NaN, and then reports a stale norm
+            self.model.step()
+            return float(self.model.get_global_grad_norm()) if self.model.was_step_applied() else float("nan")
         norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
         return float(norm) if norm is not None else float("nan")
 
@@ -421,6 +444,8 @@ class Trainer:
         if cfg.fsdp:  # sharded already (`load_policy`); accelerate would wrap it in DDP
             self.optimizer = acc.prepare(self.optimizer)
         else:
+            if self.deepspeed:
+                self._configure_deepspeed()
             self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
         if self.is_main:
             ensure_dir(self.out)
@@ -454,6 +479,38 @@ class Trainer:
         state["t_start"] = time.perf_counter()
         self.state = state
         return step
+
+    def _configure_deepspeed(self) -> None:
+        """Complete the DeepSpeed config from fastdpo's flags before `prepare`: the loop owns accumulation, clipping
+        and precision, and the final save needs ZeRO-3's weights gathered."""
+        from .scoring import zero3_gather_head
+
+        cfg, plugin = self.cfg, self.accelerator.state.deepspeed_plugin
+        c = plugin.deepspeed_config
+        c["train_micro_batch_size_per_gpu"] = cfg.batch_size  # accelerate would read it off a dataloader
+        # the loop marks each step's last micro-batch and divides the loss by the whole step's count: DeepSpeed must
+        # not divide it again by its own gradient_accumulation_steps
+        if c.get("gradient_accumulation_steps", "auto") not in ("auto", 1):
+            raise UserError(f"the DeepSpeed config has gradient_accumulation_steps {c['gradient_accumulation_steps']}; "
+                            "set it to 1 (or auto) and pass --grad-accum")
+        c["gradient_accumulation_steps"] = 1
+        clip = c.get("gradient_clipping", "auto")
+        if clip != "auto" and float(clip) != cfg.max_grad_norm:
+            raise UserError(f"the DeepSpeed config's gradient_clipping {clip} is not --max-grad-norm "
+                            f"{cfg.max_grad_norm}; set it to auto (or leave it out) and pass --max-grad-norm")
+        c["gradient_clipping"] = cfg.max_grad_norm  # 0 disables clipping there too
+        for key in ("fp16", "bf16"):
+            if str(c.get(key, {}).get("enabled", False)).lower() == "true":
+                raise UserError(f"the DeepSpeed config enables {key}; leave it out: fastdpo's --dtype sets precision")
+        if self.precision == "bf16-mixed":  # fp32 weights and optimizer, bf16 autocast around the engine's forward
+            # no lower-precision modules: gradients are reduced in fp32, as under DDP
+            c["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+        head = ""
+        if plugin.zero_stage == 3:
+            # the final save_pretrained (accelerator.get_state_dict) needs the partitioned weights gathered
+            c.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+            head = ", fused head gathered by the engine" if zero3_gather_head(self.model) else ""
+        self.log(f"DeepSpeed ZeRO-{plugin.zero_stage}: {self.precision}, gradient clipping {cfg.max_grad_norm}{head}")
 
     def _finish(self, step: int, source, objective: Objective, m: dict, state: dict) -> dict:
         if self.bar is not None:

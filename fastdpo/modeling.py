@@ -99,18 +99,31 @@ def set_library_progress(enabled: bool) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
+def deepspeed_launched() -> bool:
+    """`accelerate launch --config_file` with a DeepSpeed config (accelerate's ACCELERATE_USE_DEEPSPEED)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def use_cpu() -> bool:
-    """Run on CPU: no CUDA, or `accelerate launch --cpu` / ACCELERATE_USE_CPU asked for it."""
+    """Run on CPU: no CUDA, or `accelerate launch --cpu` / ACCELERATE_USE_CPU asked for it. Under DeepSpeed, False
+    even without CUDA: accelerate turns DeepSpeed off when cpu=True, and DeepSpeed picks the CPU by itself."""
     import torch
 
+    if deepspeed_launched():
+        return False
     return not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
 
 
 def process_state():
     """accelerate's view of this process (rank, world size, device); gloo on CPU under torchrun or accelerate."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState(cpu=use_cpu())
+    kwargs = {}
+    if deepspeed_launched() and not torch.cuda.is_available():
+        # accelerate names no backend for DeepSpeed on a CPU, and without one counts every process as rank 0 of 1
+        kwargs["backend"] = "gloo"
+    return PartialState(cpu=use_cpu(), **kwargs)
 
 
 def resolve_device(device: str = "auto"):

@@ -229,10 +229,10 @@ class PreferenceObjective(loop.Objective):
 
 def _loss_chunk_tokens(model, dtype) -> int:
     from .kernels import loss_chunk_tokens
-    from .scoring import head_spec
+    from .scoring import head_rows, head_spec
 
-    policy = getattr(model, "module", model).model  # DDP wraps LogpsModel
-    return loss_chunk_tokens(head_spec(policy).lm_head.weight.shape[0], dtype.itemsize)
+    policy = getattr(model, "module", model).model  # DDP and DeepSpeed wrap LogpsModel
+    return loss_chunk_tokens(head_rows(head_spec(policy)), dtype.itemsize)  # ZeRO-3: lm_head.weight has numel 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,6 +259,10 @@ def live_reference(cfg: TrainConfig, trainer: loop.Trainer):
         return score_pairs(LogpsModel(causal_lm, cfg.logps_backend), rows["prompt_ids"], rows["chosen_ids"],
                            rows["rejected_ids"], setup.layout, trainer.tokenizer.pad_token_id, device, setup.dtype)
 
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:  # it would load partitioned, and no engine would gather it
+        raise UserError("a live reference cannot run under DeepSpeed ZeRO-3; write a reference cache first "
+                        "(fastdpo precompute) and pass --ref-cache, or use ZeRO-2")
     if cfg.ref_model or cfg.lora_r is None:  # default: a frozen copy of the initial policy
         ref_model = setup.load(cfg.ref_model if cfg.ref_model and cfg.ref_model != cfg.model else None)
         ref_model.eval().requires_grad_(False).to(device)

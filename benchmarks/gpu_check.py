@@ -180,7 +180,7 @@ def build_model(args) -> int:
 # fit
 # ----------------------------------------------------------------------------------------------------------------
 
-FIT_COLUMNS = ["method", "status", "model", "data", "device", "dtype", "fit_budget_gib", "fit_start_batch",
+FIT_COLUMNS = ["method", "optimizer", "status", "model", "data", "device", "dtype", "fit_budget_gib", "fit_start_batch",
                "fit_max_batch", "fit_peak_gib", "attempts", "seconds"]
 
 
@@ -202,8 +202,8 @@ def cmd_fit(argv):
     attempts: list[dict] = []
     run_method = bench.run_method
 
-    def recording_run_method(setup, method, batch_size, steps, tag, budget_gib=None):
-        res = run_method(setup, method, batch_size, steps, tag, budget_gib)
+    def recording_run_method(setup, method, batch_size, steps, tag, budget_gib=None, optimizer="adamw"):
+        res = run_method(setup, method, batch_size, steps, tag, budget_gib, optimizer)
         attempts.append({"method": method, "batch": batch_size, "status": res["status"],
                          "peak_gib": res.get("peak_gib"), "wall_s": res.get("wall_s", 0.0)})
         return res
@@ -238,9 +238,12 @@ def cmd_fit(argv):
         setup.lengths, setup.shard_bounds = pre["lengths"], pre["shard_bounds"]
         estimate = time.perf_counter() - t0  # one run's cost until an attempt has been timed
         print(f"fit: precompute {estimate:.0f}s, {n_pairs} pairs, budget {args.fit_budget_gb} GiB", flush=True)
-        for method in args.methods:
+        # the first method with every --fit-optimizers entry (the low-precision optimizers' fit, measured), then
+        # the others with AdamW
+        runs = [(args.methods[0], o) for o in args.fit_optimizers] + [(m, "adamw") for m in args.methods[1:]]
+        for method, optimizer in runs:
             row = {c: "" for c in FIT_COLUMNS}
-            row.update(method=method, model=Path(args.model).name if args.model else args.preset,
+            row.update(method=method, optimizer=optimizer, model=Path(args.model).name if args.model else args.preset,
                        data=args.dataset or args.data, device=args.device, dtype=args.dtype,
                        fit_budget_gib=args.fit_budget_gb, fit_start_batch=args.fit_start_batch)
             if attempts:
@@ -251,10 +254,10 @@ def cmd_fit(argv):
                 row["status"] = f"skipped: no time left (one run takes ~{estimate:.0f}s)"
                 rows.append(row)
                 write()
-                print(f"fit {method}: {row['status']}", flush=True)
+                print(f"fit {method} {optimizer}: {row['status']}", flush=True)
                 continue
             t_method, first = time.perf_counter(), len(attempts)
-            best, peak = bench.fit_test(setup, method)
+            best, peak = bench.fit_test(setup, method, optimizer)
             mine = attempts[first:]
             row.update(fit_max_batch=best, fit_peak_gib=peak, seconds=f"{time.perf_counter() - t_method:.0f}",
                        attempts="; ".join(f"{a['batch']}: {a['status'].split(',')[0]}"
@@ -264,7 +267,7 @@ def cmd_fit(argv):
             row["status"] = skipped or "ok"
             rows.append(row)
             write()
-            print(f"fit {method}: largest batch {best} (peak {peak} GiB) in {row['seconds']}s", flush=True)
+            print(f"fit {method} {optimizer}: largest batch {best} (peak {peak} GiB) in {row['seconds']}s", flush=True)
         write()
         return 0
     finally:

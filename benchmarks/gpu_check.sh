@@ -22,7 +22,7 @@
 #   train-long  105  the same with long prompts
 #   fit          60  bench_train's fit test (largest batch under a 20 GiB cap, long prompts, doubling from 4), one
 #                    method after the other in order of importance, each with the time left (the stage also gets
-#                    what the others left unused)
+#                    what the others left unused); fastdpo-packed first with adamw, adamw-kahan and adamw-8bit
 #   sharded      50  3 DPO steps on the same model unsharded, then under FSDP2 (`--fsdp`, torchrun, 1 process),
 #                    FSDP2 with `--fsdp-cpu-offload`, and DeepSpeed ZeRO-3 (`accelerate launch --config_file
 #                    examples/accelerate/zero3.yaml`; needs the deepspeed wheel carried): losses against unsharded
@@ -154,13 +154,13 @@ stage_fit() {
         "$PY" benchmarks/gpu_check.py fit --deadline-s "$((GPU_CHECK_ALLOWED - 5))" --model "$(W)/tiny" \
             --data short --prompt-len 12 --completion-len 12 --device cpu --dtype fp32 --steps 2 --warmup 1 \
             --batch-size 2 --methods fastdpo-packed two-model --fit-budget-gb 16 --fit-start-batch 1 \
-            --fit-max-batch 1 --fit-steps 1 --out "$(W)/fit"
+            --fit-max-batch 1 --fit-steps 1 --fit-optimizers adamw --out "$(W)/fit"
     else
         "$PY" benchmarks/gpu_check.py fit --deadline-s "$((GPU_CHECK_ALLOWED - 10))" --model "$(W)/qwen2.5-0.5b" \
             --data long --device cuda --dtype bf16-mixed --steps 2 --warmup 1 --batch-size 4 \
             --methods fastdpo-packed two-model trl-precompute fastdpo-padded trl-live \
             --fit-budget-gb "${FIT_BUDGET_GB:-20}" --fit-start-batch 4 --fit-max-batch 64 --fit-steps 2 \
-            --out "$(W)/fit"
+            --fit-optimizers adamw,adamw-kahan,adamw-8bit --out "$(W)/fit"
     fi
 }
 

@@ -318,7 +318,7 @@ class Trainer:
                 for k, v in stats.items():  # on the device: one sync per step, in _reduce
                     sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=self.device) * weight
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = self._clip(max_norm)  # clip
+            grad_norm = self._clip(max_norm)  # clip (DeepSpeed clips inside its engine's step, which runs here)
             sums = self._reduce(sums)
             finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in sums.values())
             lr = self._optimizer_step(finite, state)  # step

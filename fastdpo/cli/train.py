@@ -17,6 +17,10 @@ EXAMPLES = """examples:
   fastdpo train --model ./sft --ref-cache cache/d --output runs/sweep --beta 0.05,0.1,0.3   # beta sweep + plot
   fastdpo train --model ./sft --dataset pairs.jsonl --ref-model ./sft --output runs/live   # two models
   fastdpo train --model ./sft --dataset pairs.jsonl --loss simpo --beta 2 --output runs/simpo
+  fastdpo train --model ./sft --ref-cache cache/d --output runs/kahan --optimizer adamw-kahan   # 10 bytes/param
+  torchrun --nproc_per_node 8 -m fastdpo train --fsdp --model ./sft --ref-cache cache/d --output runs/fsdp
+  accelerate launch --config_file examples/accelerate/zero3.yaml -m fastdpo train --model ./sft --ref-cache cache/d \\
+      --output runs/zero3
   fastdpo train --config run.yaml --resume latest
 """
 

@@ -67,8 +67,10 @@ def head_spec(causal_lm: nn.Module) -> HeadSpec | None:
 def _plain_linear(module) -> bool:
     """An `nn.Linear` itself, or as FSDP2 makes it (`FSDPLinear(FSDPModule, nn.Linear)`), not a subclass that
     stores its weight otherwise (a quantized linear)."""
+    from torch.distributed.fsdp import FSDPModule
+
     cls = type(module)
-    return cls is nn.Linear or (cls.__name__ == "FSDPLinear" and cls.__bases__[-1] is nn.Linear)
+    return cls is nn.Linear or (cls.__bases__ == (FSDPModule, nn.Linear))
 
 
 def through_head(lm_head: nn.Linear, hidden, fn):

@@ -24,7 +24,7 @@ from fastdpo import kernels
 from fastdpo.precompute import PrecomputeConfig, precompute
 from fastdpo.train import train
 
-ATOL = 2e-5  # fp32 sums in another order over 4-8 steps at lr 1e-3 (measured: <= 1e-6)
+ATOL = 2e-5  # fp32 sums in another order over 4-16 steps at lr 1e-3 (measured: <= 3e-6)
 
 
 def metrics(out) -> list[dict]:
@@ -42,6 +42,8 @@ def assert_same_run(a, b, atol=ATOL):
     assert wa.keys() == wb.keys()
     worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
     assert worst <= atol, worst
+    worst_metric = max(abs(x[f] - y[f]) for x, y in zip(ma, mb) for f in FIELDS)
+    print(f"max |diff|: metrics {worst_metric:.2e}, weights {worst:.2e}")  # -s shows it: the numbers in the README
 
 
 def final_weights(out) -> dict:
@@ -204,7 +206,7 @@ def test_two_process_kill9_then_resume_equals_uninterrupted(caches, tmp_path):
     model, cache = caches["llama"]
     out = tmp_path / "run"
     args = ["--fsdp", "--model", model, "--ref-cache", cache, "--output", out, "--batch-size", "1", "--grad-accum",
-            "2", "--max-steps", "40", "--epochs", "10", "--lr", "1e-3", "--save-steps", "3", "--no-progress"]
+            "2", "--max-steps", "16", "--epochs", "4", "--lr", "1e-3", "--save-steps", "3", "--no-progress"]
     proc = subprocess.Popen(torchrun_cmd(*args), cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
@@ -215,6 +217,6 @@ def test_two_process_kill9_then_resume_equals_uninterrupted(caches, tmp_path):
     assert not (out / "model.safetensors").exists(), "killed too late to test anything"
     proc = torchrun(*args, "--resume", "latest")
     assert "resumed from" in proc.stderr
-    train(output=str(tmp_path / "straight"), batch_size=2, grad_accum=2, epochs=10,
-          **{**common(model, cache), "max_steps": 40})
-    assert_same_run(tmp_path / "straight", out, atol=1e-4)  # 40 steps: rounding grows (measured: see note)
+    train(output=str(tmp_path / "straight"), batch_size=2, grad_accum=2, epochs=4,
+          **{**common(model, cache), "max_steps": 16})
+    assert_same_run(tmp_path / "straight", out, atol=1e-4)  # 16 steps (measured: 1.9e-6 metrics, 1.5e-6 weights)

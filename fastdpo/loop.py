@@ -248,7 +248,7 @@ class Trainer:
         self.tracker = None if cfg.report_to == "none" else cfg.report_to
         self.precision = optim.train_precision(cfg, device)
         # under DeepSpeed, accelerate's bf16 would be DeepSpeed's bf16 weights: bf16-mixed is its torch_autocast
-        # instead (`_configure_deepspeed`)
+        # instead (`sharding.configure_deepspeed`)
         mixed = "bf16" if self.precision == "bf16-mixed" and not self.deepspeed else "no"
         self.accelerator = Accelerator(cpu=modeling.use_cpu(), mixed_precision=mixed, log_with=self.tracker,
                                        project_dir=str(self.out))
@@ -444,8 +444,8 @@ class Trainer:
         if cfg.fsdp:  # sharded already (`load_policy`); accelerate would wrap it in DDP
             self.optimizer = acc.prepare(self.optimizer)
         else:
-            if self.deepspeed:
-                self._configure_deepspeed()
+            if self.deepspeed:  # the config from fastdpo's flags, before prepare builds the engine from it
+                self.log(sharding.configure_deepspeed(acc.state.deepspeed_plugin, cfg, self.precision, self.model))
             self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
         if self.is_main:
             ensure_dir(self.out)
@@ -479,38 +479,6 @@ class Trainer:
         state["t_start"] = time.perf_counter()
         self.state = state
         return step
-
-    def _configure_deepspeed(self) -> None:
-        """Complete the DeepSpeed config from fastdpo's flags before `prepare`: the loop owns accumulation, clipping
-        and precision, and the final save needs ZeRO-3's weights gathered."""
-        from .scoring import zero3_gather_head
-
-        cfg, plugin = self.cfg, self.accelerator.state.deepspeed_plugin
-        c = plugin.deepspeed_config
-        c["train_micro_batch_size_per_gpu"] = cfg.batch_size  # accelerate would read it off a dataloader
-        # the loop marks each step's last micro-batch and divides the loss by the whole step's count: DeepSpeed must
-        # not divide it again by its own gradient_accumulation_steps
-        if c.get("gradient_accumulation_steps", "auto") not in ("auto", 1):
-            raise UserError(f"the DeepSpeed config has gradient_accumulation_steps {c['gradient_accumulation_steps']}; "
-                            "set it to 1 (or auto) and pass --grad-accum")
-        c["gradient_accumulation_steps"] = 1
-        clip = c.get("gradient_clipping", "auto")
-        if clip != "auto" and float(clip) != cfg.max_grad_norm:
-            raise UserError(f"the DeepSpeed config's gradient_clipping {clip} is not --max-grad-norm "
-                            f"{cfg.max_grad_norm}; set it to auto (or leave it out) and pass --max-grad-norm")
-        c["gradient_clipping"] = cfg.max_grad_norm  # 0 disables clipping there too
-        for key in ("fp16", "bf16"):
-            if str(c.get(key, {}).get("enabled", False)).lower() == "true":
-                raise UserError(f"the DeepSpeed config enables {key}; leave it out: fastdpo's --dtype sets precision")
-        if self.precision == "bf16-mixed":  # fp32 weights and optimizer, bf16 autocast around the engine's forward
-            # no lower-precision modules: gradients are reduced in fp32, as under DDP
-            c["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
-        head = ""
-        if plugin.zero_stage == 3:
-            # the final save_pretrained (accelerator.get_state_dict) needs the partitioned weights gathered
-            c.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
-            head = ", fused head gathered by the engine" if zero3_gather_head(self.model) else ""
-        self.log(f"DeepSpeed ZeRO-{plugin.zero_stage}: {self.precision}, gradient clipping {cfg.max_grad_norm}{head}")
 
     def _finish(self, step: int, source, objective: Objective, m: dict, state: dict) -> dict:
         if self.bar is not None:

@@ -77,46 +77,11 @@ def through_head(lm_head: nn.Linear, hidden, fn):
     """fn(hidden, weight, bias), run as `lm_head`'s forward. The fused head reads the weight itself, outside
     `lm_head.forward`; where the head is its own FSDP2 unit its weight is a shard until that unit's hooks gather
     it, so the call goes through them (`sharding.shard` registers `fused_forward`); under DeepSpeed ZeRO-3 it goes
-    through a module whose hooks gather the head (`zero3_gather_head`)."""
+    through a module whose hooks gather the head (`sharding.zero3_gather_head`)."""
     run = getattr(lm_head, "fused_forward", None)
     if run is None:
         return fn(hidden, lm_head.weight, lm_head.bias)
     return run(hidden, fn)
-
-
-class ExternalHead(nn.Module):
-    """`fn(hidden, weight, bias)` of the LM head, as the forward of a module without parameters of its own, for
-    DeepSpeed ZeRO-3 (`zero3_gather_head`). The head stays the causal LM's: it is held in a list, not as a child."""
-
-    def __init__(self, lm_head: nn.Linear):
-        super().__init__()
-        self.lm_head = [lm_head]
-
-    def forward(self, hidden, *, fn):  # fn by keyword: ZeRO-3's hooks look at (and wrap) the positional arguments
-        lm_head = self.lm_head[0]
-        return fn(hidden, lm_head.weight, lm_head.bias)
-
-
-def zero3_gather_head(model: LogpsModel) -> bool:
-    """Under DeepSpeed ZeRO-3, run the fused head through `model.zero3_head`, whose external parameters are the LM
-    head's weight and bias (`deepspeed.zero.register_external_parameter`: DeepSpeed's API for a parameter used
-    outside its owning module's forward). The engine then gathers the partitioned head (numel 0 outside
-    `lm_head.forward`) for that module's forward and again for its backward, and releases it after each; the
-    gradient reaches the partitioned parameter as through `lm_head` itself. Call before `accelerator.prepare`,
-    which hooks the module tree. Returns False, doing nothing, without ZeRO-3 or without a fused head."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    spec = head_spec(model.model)
-    if spec is None or not is_deepspeed_zero3_enabled():
-        return False
-    import deepspeed
-
-    model.zero3_head = ExternalHead(spec.lm_head)
-    for p in (spec.lm_head.weight, spec.lm_head.bias):
-        if p is not None:
-            deepspeed.zero.register_external_parameter(model.zero3_head, p)
-    spec.lm_head.fused_forward = lambda hidden, fn: model.zero3_head(hidden, fn=fn)  # `through_head` calls it
-    return True
 
 
 def head_rows(spec: HeadSpec) -> int:

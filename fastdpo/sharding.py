@@ -1,4 +1,5 @@
-"""FSDP2: the policy sharded over processes with PyTorch's `fully_shard` (`fastdpo train --fsdp`).
+"""The policy sharded over processes: FSDP2 (`fastdpo train --fsdp`, PyTorch's `fully_shard`), and the
+DeepSpeed ZeRO config and fused head under `accelerate launch --config_file examples/accelerate/zero3.yaml`.
 
     torchrun --nproc_per_node 8 -m fastdpo train --fsdp --model M --ref-cache C --output OUT
     torchrun --nproc_per_node 2 -m fastdpo train --fsdp --model /tmp/tiny --ref-cache /tmp/cache \\
@@ -19,6 +20,10 @@ so the fused call gathers the weight (and reduce-scatters its gradient) as `lm_h
 Checkpoints are `torch.distributed.checkpoint` (DCP) directories: each process writes its own
 shards of the weights and the optimizer state, and reads them back on resume; nothing gathers
 the full model on one process except the final `save_pretrained`.
+
+Under DeepSpeed the engine shards; `configure_deepspeed` fills its config from fastdpo's flags
+(micro-batch, accumulation, clipping, precision) and `zero3_gather_head` gives the fused head's
+read of a ZeRO-3-partitioned LM head to the engine to gather.
 """
 
 from __future__ import annotations
@@ -123,3 +128,74 @@ def load(model, optimizer, path: Path) -> None:
     state = {"model": model_sd, "optimizer": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO (`accelerate launch --config_file examples/accelerate/zero3.yaml -m fastdpo train ...`)
+
+
+def configure_deepspeed(plugin, cfg, precision: str, model) -> str:
+    """Complete accelerate's DeepSpeed config from fastdpo's flags before `prepare` builds the engine: the loop owns
+    accumulation, clipping and precision, and the final save needs ZeRO-3's weights gathered. Refuses a config
+    that contradicts a flag; returns a line for the log."""
+    c = plugin.deepspeed_config
+    c["train_micro_batch_size_per_gpu"] = cfg.batch_size  # accelerate would read it off a dataloader
+    # the loop marks each step's last micro-batch and divides the loss by the whole step's count: DeepSpeed must
+    # not divide it again by its own gradient_accumulation_steps
+    if c.get("gradient_accumulation_steps", "auto") not in ("auto", 1):
+        raise UserError(f"the DeepSpeed config has gradient_accumulation_steps {c['gradient_accumulation_steps']}; "
+                        "set it to 1 (or auto) and pass --grad-accum")
+    c["gradient_accumulation_steps"] = 1
+    clip = c.get("gradient_clipping", "auto")
+    if clip != "auto" and float(clip) != cfg.max_grad_norm:
+        raise UserError(f"the DeepSpeed config's gradient_clipping {clip} is not --max-grad-norm "
+                        f"{cfg.max_grad_norm}; set it to auto (or leave it out) and pass --max-grad-norm")
+    c["gradient_clipping"] = cfg.max_grad_norm  # 0 disables clipping there too
+    for key in ("fp16", "bf16"):
+        if str(c.get(key, {}).get("enabled", False)).lower() == "true":
+            raise UserError(f"the DeepSpeed config enables {key}; leave it out: fastdpo's --dtype sets precision")
+    if precision == "bf16-mixed":  # fp32 weights and optimizer, bf16 autocast around the engine's forward
+        # no lower-precision modules: gradients are reduced in fp32, as under DDP
+        c["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    head = ""
+    if plugin.zero_stage == 3:
+        # the final save_pretrained (accelerator.get_state_dict) needs the partitioned weights gathered
+        c.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+        head = ", fused head gathered by the engine" if zero3_gather_head(model) else ""
+    return f"DeepSpeed ZeRO-{plugin.zero_stage}: {precision}, gradient clipping {cfg.max_grad_norm}{head}"
+
+
+def zero3_gather_head(model) -> bool:
+    """Under DeepSpeed ZeRO-3, run the fused head through `model.zero3_head`, whose external parameters are the LM
+    head's weight and bias (`deepspeed.zero.register_external_parameter`: DeepSpeed's API for a parameter used
+    outside its owning module's forward). The engine then gathers the partitioned head (numel 0 outside
+    `lm_head.forward`) for that module's forward and again for its backward, and releases it after each; the
+    gradient reaches the partitioned parameter as through `lm_head` itself. Call before `accelerator.prepare`,
+    which hooks the module tree. Returns False, doing nothing, without ZeRO-3 or without a fused head."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from .scoring import head_spec
+
+    spec = head_spec(model.model)
+    if spec is None or not is_deepspeed_zero3_enabled():
+        return False
+    import deepspeed
+    import torch
+
+    class ExternalHead(torch.nn.Module):
+        """`fn(hidden, weight, bias)` of the LM head as the forward of a module without parameters of its own;
+        the head stays the causal LM's (held in a list, not as a child)."""
+
+        def __init__(self, lm_head):
+            super().__init__()
+            self.lm_head = [lm_head]
+
+        def forward(self, hidden, *, fn):  # fn by keyword: ZeRO-3's hooks look at (and wrap) positional arguments
+            lm_head = self.lm_head[0]
+            return fn(hidden, lm_head.weight, lm_head.bias)
+
+    model.zero3_head = ExternalHead(spec.lm_head)
+    for p in (spec.lm_head.weight, spec.lm_head.bias):
+        if p is not None:
+            deepspeed.zero.register_external_parameter(model.zero3_head, p)
+    spec.lm_head.fused_forward = lambda hidden, fn: model.zero3_head(hidden, fn=fn)  # `through_head` calls it
+    return True

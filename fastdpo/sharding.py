@@ -129,6 +129,7 @@ def load(model, optimizer, path: Path) -> None:
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
+
 # ----------------------------------------------------------------------------------------------
 # DeepSpeed ZeRO (`accelerate launch --config_file examples/accelerate/zero3.yaml -m fastdpo train ...`)
 

@@ -167,35 +167,40 @@ def test_sharded_checkpoint_resumes_only_sharded(caches, tmp_path):
 # Two processes under torchrun
 
 
-def torchrun_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(_free_port()), "-m", "fastdpo", "train", *map(str, args)]
+def torchrun_cmd(*args, launcher: str = "torchrun") -> list[str]:
+    launch = {"torchrun": ["torch.distributed.run", "--nproc_per_node", "2", "--master_port"],
+              "accelerate": ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                             "--main_process_port"]}[launcher]
+    return [sys.executable, "-m", *launch, str(_free_port()), "-m", "fastdpo", "train", *map(str, args)]
 
 
-def torchrun(*args):
-    proc = subprocess.run(torchrun_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+def torchrun(*args, launcher: str = "torchrun"):
+    proc = subprocess.run(torchrun_cmd(*args, launcher=launcher), cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
-CASES = {  # name: (model, flags); each against the unsharded 1-process run at the same global batch (4 pairs)
-    "fused head, own unit, accumulation": ("llama", ["--batch-size", "1", "--grad-accum", "2"]),
+CASES = {  # name: (model, flags, launcher); each against the unsharded 1-process run at equal global batch (4 pairs)
+    "fused head, own unit, accumulation": ("llama", ["--batch-size", "1", "--grad-accum", "2"], "torchrun"),
     "eager head, root unit, checkpointing": ("llama", ["--batch-size", "2", "--fsdp-lm-head", "root",
-                                                       "--logps-backend", "eager", "--gradient-checkpointing"]),
-    "tied embeddings, own unit, no reshard": ("qwen", ["--batch-size", "2", "--no-fsdp-reshard-after-forward"]),
+                                                       "--logps-backend", "eager", "--gradient-checkpointing"],
+                                             "torchrun"),
+    "tied embeddings, own unit, no reshard": ("qwen", ["--batch-size", "2", "--no-fsdp-reshard-after-forward"],
+                                              "torchrun"),
+    "accelerate launch": ("llama", ["--batch-size", "2"], "accelerate"),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_process_fsdp_equals_one_process(caches, tmp_path, case):
-    name, flags = CASES[case]
+    name, flags, launcher = CASES[case]
     model, cache = caches[name]
     backend = "eager" if "eager" in flags else "auto"
     train(output=str(tmp_path / "one"), batch_size=2, grad_accum=2, logps_backend=backend, **common(model, cache))
     torchrun("--fsdp", "--model", model, "--ref-cache", cache, "--output", tmp_path / "two", "--max-steps", "4",
-             "--lr", "1e-3", "--no-progress", *flags)
+             "--lr", "1e-3", "--no-progress", *flags, launcher=launcher)
     assert metrics(tmp_path / "two")[0]["step"] == 1
     assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["num_processes"] == 2
     assert_same_run(tmp_path / "one", tmp_path / "two")

@@ -140,6 +140,16 @@ def test_bf16_mixed_under_fsdp_tracks_unsharded(caches, tmp_path):
     assert {v.dtype for v in final_weights(tmp_path / "fsdp").values()} == {torch.float32}
 
 
+def test_kahan_optimizer_under_fsdp_equals_unsharded(caches, tmp_path):
+    """torch-optimi's Kahan AdamW steps FSDP2's sharded bf16 weights (and its compensation buffers) as it steps the
+    whole ones."""
+    model, cache = caches["llama"]
+    kw = dict(batch_size=2, optimizer="adamw-kahan", **{**common(model, cache), "max_steps": 3})
+    train(output=str(tmp_path / "plain"), **kw)
+    train(output=str(tmp_path / "fsdp"), fsdp=True, **kw)
+    assert_same_run(tmp_path / "plain", tmp_path / "fsdp", atol=0)  # one process: the same sums in the same order
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--fsdp-lm-head", "root"], "--fsdp-lm-head needs --fsdp"),
     (["--no-fsdp-reshard-after-forward"], "--fsdp-reshard-after-forward needs --fsdp"),

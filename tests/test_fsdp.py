@@ -198,7 +198,8 @@ CASES = {  # name: (model, flags, launcher); each against the unsharded 1-proces
                                              "torchrun"),
     "tied embeddings, own unit, no reshard": ("qwen", ["--batch-size", "2", "--no-fsdp-reshard-after-forward"],
                                               "torchrun"),
-    "accelerate launch": ("llama", ["--batch-size", "2"], "accelerate"),
+    "fused head, root unit, accelerate launch": ("llama", ["--batch-size", "2", "--fsdp-lm-head", "root"],
+                                                 "accelerate"),
 }
 
 

@@ -213,7 +213,7 @@ MODEL=qwen2.5-0.5b
 ((DRY)) && MODEL=tiny
 if ((DRY)); then  # generous: a loaded CI machine must not time a stage out; the whole takes ~1.5 min
     BUDGET=([setup]=40 [cuda-tests]=60 [precision]=60 [logps]=60 [train-short]=120 [train-long]=90 [fit]=90
-            [sharded]=90)
+            [sharded]=120)
 else
     BUDGET=([setup]=40 [cuda-tests]=65 [precision]=30 [logps]=100 [train-short]=90 [train-long]=90 [fit]=60
             [sharded]=45)

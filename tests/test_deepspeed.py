@@ -13,6 +13,7 @@ tiny model's LM head would stay whole, and the fused head's gathering would go u
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -84,3 +85,48 @@ def test_zero_equals_plain_run_and_resumes(tiny_model, setup, tmp_path, stage, n
     for a, b in zip(straight, resumed):
         for f in FIELDS:
             assert a[f] == b[f], (a["step"], f, a[f], b[f])
+
+
+NAN_HOOK = '''
+import os
+
+if os.environ.get("FASTDPO_TEST_NAN_CALLS"):  # NaN losses on micro-batches lo..hi of each process
+    import importlib
+
+    import torch
+
+    T = importlib.import_module("fastdpo.train")
+    lo, hi = map(int, os.environ["FASTDPO_TEST_NAN_CALLS"].split(","))
+    real, calls = T.pair_losses, {"n": 0}
+
+    def patched(cfg, batch, *args):
+        calls["n"] += 1
+        per_pair, rc, rr = real(cfg, batch, *args)
+        if lo <= calls["n"] <= hi:
+            per_pair = per_pair * torch.tensor(float("nan"))
+        return per_pair, rc, rr
+
+    T.pair_losses = patched
+'''
+
+
+def test_zero3_skips_a_non_finite_step_as_the_plain_loop_does(tiny_model, setup, tmp_path, monkeypatch):
+    """A NaN loss at step 3: the engine must not apply the step (DeepSpeed steps inside its own `step`, where the
+    loop's guard cannot stop it); the run goes on as the plain run with the same NaN step does."""
+    from test_faults import _nan_from
+
+    T = importlib.import_module("fastdpo.train")  # the module (fastdpo.train is the function)
+    monkeypatch.setattr(T, "pair_losses", _nan_from(5, 6))  # plain: 2 micro-batches a step, step 3
+    train(model=tiny_model, ref_cache=str(setup / "c"), output=str(tmp_path / "plain"), batch_size=2, grad_accum=2,
+          max_steps=5, lr=1e-3, progress=False)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(NAN_HOOK)  # each launched process patches itself at start-up
+    monkeypatch.setenv("FASTDPO_TEST_NAN_CALLS", "3,3")  # ZeRO-3: 1 micro-batch a step per process, step 3
+    monkeypatch.setenv("PYTHONPATH", f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    launch(setup / "zero3.yaml", 2, "--model", tiny_model, "--ref-cache", setup / "c", "--output", tmp_path / "ds",
+           "--batch-size", "2", "--max-steps", "5", "--lr", "1e-3", "--no-progress")
+    assert [m["bad_steps"] for m in metrics(tmp_path / "ds")] == [0, 0, 1, 1, 1]
+    plain, ds = metrics(tmp_path / "plain"), metrics(tmp_path / "ds")
+    for a, b in zip(plain[3:], ds[3:]):  # after the skipped step: the same run
+        assert abs(a["loss"] - b["loss"]) <= 2e-5 and abs(a["grad_norm"] - b["grad_norm"]) <= 2e-5, (a, b)

@@ -7,6 +7,7 @@ the sharded run sums the same gradients in another order (reduce-scatter), nothi
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -148,6 +149,22 @@ def test_kahan_optimizer_under_fsdp_equals_unsharded(caches, tmp_path):
     train(output=str(tmp_path / "plain"), **kw)
     train(output=str(tmp_path / "fsdp"), fsdp=True, **kw)
     assert_same_run(tmp_path / "plain", tmp_path / "fsdp", atol=0)  # one process: the same sums in the same order
+
+
+def test_non_finite_step_under_fsdp_is_skipped_as_unsharded(caches, tmp_path, monkeypatch):
+    """A NaN loss at step 3: FSDP2 reduce-scatters the NaN gradients; the step is skipped and the shards' gradients
+    cleared, so the run continues exactly as the unsharded run with the same NaN step."""
+    from test_faults import _nan_from
+
+    T = importlib.import_module("fastdpo.train")  # the module (fastdpo.train is the function)
+    model, cache = caches["llama"]
+    for name, fsdp in (("plain", False), ("fsdp", True)):
+        monkeypatch.setattr(T, "pair_losses", _nan_from(3, 3))  # one micro-batch a step
+        train(output=str(tmp_path / name), batch_size=2, fsdp=fsdp, **{**common(model, cache), "max_steps": 5})
+    assert [m["bad_steps"] for m in metrics(tmp_path / "fsdp")] == [0, 0, 1, 1, 1]
+    ma, mb = metrics(tmp_path / "plain"), metrics(tmp_path / "fsdp")
+    for x, y in zip(ma[3:], mb[3:]):
+        assert x["loss"] == y["loss"] and x["grad_norm"] == y["grad_norm"]  # one process: bit for bit
 
 
 @pytest.mark.parametrize("argv, needle", [

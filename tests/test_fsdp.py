@@ -1,7 +1,7 @@
 """`fastdpo train --fsdp`: FSDP2 (`fully_shard`) against the unsharded 1-process run, on CPU over gloo.
 
-One process (a 1-rank group made in-process) runs in the fast tier; two processes under torchrun, the
-kill -9 and the sharded resume are slow. Equal means equal at equal global batch, within fp32 rounding:
+One process (a 1-rank group made in-process) runs in the fast tier; two processes (torchrun, once
+accelerate launch), the kill -9 and the resume from sharded checkpoints are slow. Equal means equal at equal global batch, within fp32 rounding:
 the sharded run sums the same gradients in another order (reduce-scatter), nothing else differs.
 """
 

@@ -6,24 +6,25 @@
 # Stages, in order, with their time budgets on a GPU (seconds). Each runs under `timeout`, so one hang cannot eat
 # the others' time; a stage may also use what the stages before it left unused, never what the ones after it are
 # budgeted; a stage that fails is recorded in the summary and the next one runs. Total: 520 s + the summary.
-# (train-short, train-long and logps gave 15 s each to the sharded stage.)
+# (logps gave 15 s and train-short and train-long 30 s each to the sharded stage: four model loads of the 0.5B
+# shape and a precompute.)
 #   setup        40  fastdpo importable (`pip install -e . --no-deps` if not), versions, peers present, and the
 #                    Qwen2.5-0.5B-shaped model (random weights, bench_train's preset) the training stages share
 #   cuda-tests   65  pytest tests/test_kernels_cuda.py tests/test_kernels.py -m "not slow" (compiled kernels,
 #                    realistic vocabularies)
 #   precision    30  the bf16 weight-change check of tests/test_precision.py on the GPU: float32, bf16-mixed,
 #                    bfloat16 and auto (= bf16-mixed on a GPU), the fraction of weights 20 AdamW steps moved
-#   logps       115  bench_logps.py at N = 16384, V = 151936, H = 896 (Qwen2.5-0.5B), bf16: the row kernel's HBM
+#   logps       100  bench_logps.py at N = 16384, V = 151936, H = 896 (Qwen2.5-0.5B), bf16: the row kernel's HBM
 #                    bandwidth as a fraction of the device's (forward, backward, full), then the fused head's
 #                    forward + backward time and peak memory against eager, torch.compile'd eager, TRL's head,
 #                    Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy
-#   train-short 105  bench_train.py, qwen2.5-0.5b shape, bf16-mixed, short prompts: fastdpo packed and padded,
+#   train-short  75  bench_train.py, qwen2.5-0.5b shape, bf16-mixed, short prompts: fastdpo packed and padded,
 #                    the two-model baseline, TRL live and precompute (tokens/s, MFU, max_memory_allocated)
-#   train-long  105  the same with long prompts
+#   train-long   75  the same with long prompts
 #   fit          60  bench_train's fit test (largest batch under a 20 GiB cap, long prompts, doubling from 4), one
 #                    method after the other in order of importance, each with the time left (the stage also gets
 #                    what the others left unused); fastdpo-packed first with adamw, adamw-kahan and adamw-8bit
-#   sharded      50  3 DPO steps on the same model unsharded, then under FSDP2 (`--fsdp`, torchrun, 1 process),
+#   sharded      75  3 DPO steps on the same model unsharded, then under FSDP2 (`--fsdp`, torchrun, 1 process),
 #                    FSDP2 with `--fsdp-cpu-offload`, and DeepSpeed ZeRO-3 (`accelerate launch --config_file
 #                    examples/accelerate/zero3.yaml`; needs the deepspeed wheel carried): losses against unsharded
 # A missing peer (trl, liger-kernel, cut-cross-entropy) is a skipped row with its reason, never a failure.
@@ -215,8 +216,8 @@ if ((DRY)); then  # generous: a loaded CI machine must not time a stage out; the
     BUDGET=([setup]=40 [cuda-tests]=60 [precision]=60 [logps]=60 [train-short]=120 [train-long]=90 [fit]=90
             [sharded]=120)
 else
-    BUDGET=([setup]=40 [cuda-tests]=65 [precision]=30 [logps]=100 [train-short]=90 [train-long]=90 [fit]=60
-            [sharded]=45)
+    BUDGET=([setup]=40 [cuda-tests]=65 [precision]=30 [logps]=100 [train-short]=75 [train-long]=75 [fit]=60
+            [sharded]=75)
 fi
 for kv in ${GPU_CHECK_BUDGETS:-}; do BUDGET[${kv%%=*}]=${kv#*=}; done
 TOTAL=0

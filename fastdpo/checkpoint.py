@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, sharding
+from . import __version__, modeling, sharding
 from .config import to_dict
 from .errors import UserError, first_line
 from .io import atomic_write_json, check_output_apart, fsync_dir, writing
@@ -198,7 +198,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, out: Pa
             tokenizer.save_pretrained(tmp)
     else:
         save_pretrained_atomic(accelerator, model, tokenizer, tmp, merge_lora=False)
-        if is_deepspeed(accelerator):  # a collective: every process writes its partition
+        if modeling.deepspeed_launched():  # a collective: every process writes its partition
             model.save_checkpoint(str(tmp), tag=DEEPSPEED, save_latest=False)
         else:
             files["optimizer.pt"] = optimizer.state_dict()
@@ -279,10 +279,8 @@ def check_resume(path: Path, cfg, num_processes: int) -> dict:
     if sharded != bool(getattr(cfg, "fsdp", False)):
         raise UserError(f"--resume {path}: the checkpoint was written {'with' if sharded else 'without'} --fsdp; "
                         f"resume {'with' if sharded else 'without'} it")
-    from .modeling import deepspeed_launched
-
     deepspeed = (path / DEEPSPEED).is_dir()
-    if deepspeed != deepspeed_launched():
+    if deepspeed != modeling.deepspeed_launched():
         raise UserError(f"--resume {path}: the checkpoint was written {'under' if deepspeed else 'without'} "
                         f"DeepSpeed; resume {'under' if deepspeed else 'without'} it (the same accelerate config)")
     if state.get("num_processes") != num_processes:
@@ -293,18 +291,13 @@ def check_resume(path: Path, cfg, num_processes: int) -> dict:
     return state
 
 
-def is_deepspeed(accelerator) -> bool:
-    """accelerate prepared the model as a DeepSpeed engine (`accelerate launch` with a DeepSpeed config)."""
-    return accelerator.state.deepspeed_plugin is not None
-
-
 def load_checkpoint(path: Path, cfg, accelerator, model, optimizer, scheduler) -> dict:
     """Restore optimizer, scheduler and RNG from `path` (and a sharded model's weights: the others were loaded from
     the checkpoint with the model); returns its trainer state (see `check_resume`)."""
     state = check_resume(path, cfg, accelerator.num_processes)
     if sharding.is_sharded(model):
         sharding.load(model, optimizer, path / SHARDED)
-    elif is_deepspeed(accelerator):
+    elif modeling.deepspeed_launched():
         # the fp32 weights and optimizer state of this process's partition; DeepSpeed's files hold pickled objects,
         # which it loads itself (torch.load with weights_only=False: a checkpoint of one's own run only)
         model.load_checkpoint(str(path), tag=DEEPSPEED, load_optimizer_states=True, load_lr_scheduler_states=False)

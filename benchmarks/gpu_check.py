@@ -50,6 +50,13 @@ LOGPS_RUNS = ("logps_logits", "logps_head", "logps_compile")  # gpu_check.sh's t
 OWN_PROVIDERS = ("fastdpo-", "eager", "compile", "chunked-torch", "triton-head")  # not peers: an error fails the stage
 
 
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def _load_bench_train():
     spec = importlib.util.spec_from_file_location("bench_train", REPO / "benchmarks" / "bench_train.py")
     module = importlib.util.module_from_spec(spec)
@@ -212,10 +219,7 @@ def cmd_fit(argv):
     rows = []
 
     def write():
-        with open(out.with_suffix(".csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIT_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        _write_csv(out.with_suffix(".csv"), FIT_COLUMNS, rows)
 
     try:
         n_pairs = max(args.steps * args.batch_size * args.grad_accum, args.fit_max_batch)  # as bench_train.main
@@ -322,10 +326,7 @@ def cmd_precision(argv):
                   f"changed ({rows[-1]['status']})", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    with open(Path(args.out).with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=PRECISION_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_csv(Path(args.out).with_suffix(".csv"), PRECISION_COLUMNS, rows)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
@@ -337,18 +338,18 @@ SHARDED_COLUMNS = ["variant", "status", "device", "dtype", "steps", "max_abs_los
                    "peak_memory_gb", "tokens_per_s", "seconds", "command"]
 
 
-def sharded_variants(model: str, cache: str, out: Path, dtype: str, steps: int, gpu: bool) -> dict:
-    """variant -> (argv, or a reason it is skipped). The same training, launched four ways."""
+def sharded_variants(model: str, cache: str, dtype: str, steps: int, gpu: bool) -> dict:
+    """variant -> (argv without --output, or a reason it is skipped). The same training, launched four ways."""
     train = ["-m", "fastdpo", "train", "--model", model, "--ref-cache", cache, "--dtype", dtype, "--max-steps",
              str(steps), "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-5", "--no-progress", "--log-every", "1"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
     zero3 = REPO / "examples" / "accelerate" / "zero3.yaml"
-    v = {"unsharded": [sys.executable, *train, "--output", str(out / "unsharded")],
-         "fsdp2": [*torchrun, *train, "--fsdp", "--output", str(out / "fsdp2")],
-         "fsdp2-offload": [*torchrun, *train, "--fsdp", "--fsdp-cpu-offload", "--output", str(out / "offload")]
-         if gpu else "skipped: CPU offload needs a GPU",
+    v = {"unsharded": [sys.executable, *train],
+         "fsdp2": [*torchrun, *train, "--fsdp"],
+         "fsdp2-offload": [*torchrun, *train, "--fsdp", "--fsdp-cpu-offload"] if gpu
+         else "skipped: CPU offload needs a GPU",
          "zero3": [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(zero3),
-                   "--num_processes", "1", *train, "--output", str(out / "zero3")]}
+                   "--num_processes", "1", *train]}
     if importlib.util.find_spec("deepspeed") is None:
         v["zero3"] = "skipped: deepspeed not installed (carry its wheel; see gpu_check.sh's header)"
     elif not zero3.is_file():
@@ -380,17 +381,17 @@ def cmd_sharded(argv):
         precompute(PrecomputeConfig(model=args.model, dataset=str(data), output=str(root / "c"), progress=False,
                                     dtype="bfloat16" if gpu and args.dtype != "float32" else "float32"))
         base = None
-        for name, cmd in sharded_variants(args.model, str(root / "c"), root, args.dtype, args.steps, gpu).items():
+        for name, cmd in sharded_variants(args.model, str(root / "c"), args.dtype, args.steps, gpu).items():
             row = dict(variant=name, device="cuda" if gpu else "cpu", dtype=args.dtype, steps=args.steps,
                        tolerance=tolerance)
             if isinstance(cmd, str) or time.perf_counter() - t_start > args.deadline_s:
                 rows.append({**row, "status": cmd if isinstance(cmd, str) else "skipped: no time left"})
                 continue
-            t0 = time.perf_counter()
+            t0, cmd = time.perf_counter(), [*cmd, "--output", str(root / name)]
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
             row.update(seconds=f"{time.perf_counter() - t0:.1f}", command=" ".join(cmd[1:]))
             print(f"sharded {name}: exit {proc.returncode}\n{proc.stderr[-3000:]}", flush=True)
-            out = root / {"fsdp2-offload": "offload"}.get(name, name) / "metrics.jsonl"
+            out = root / name / "metrics.jsonl"
             if proc.returncode != 0 or not out.is_file():
                 rows.append({**row, "status": f"error: exit {proc.returncode}"})
                 continue
@@ -406,10 +407,7 @@ def cmd_sharded(argv):
             rows.append(row)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-        with open(Path(args.out).with_suffix(".csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=SHARDED_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        _write_csv(Path(args.out).with_suffix(".csv"), SHARDED_COLUMNS, rows)
     return 0 if rows and all(r["status"] == "ok" or r["status"].startswith("skipped") for r in rows) else 1
 
 
@@ -435,10 +433,7 @@ def _concat_csv(sources: list[Path], dest: Path, tag: str | None = None) -> list
             rows.append(r)
             columns += [c for c in r if c not in columns]
     if rows:
-        with open(dest, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, restval="")
-            writer.writeheader()
-            writer.writerows(rows)
+        _write_csv(dest, columns, rows)
     return rows
 
 

@@ -1,8 +1,9 @@
 """`fastdpo train --fsdp`: FSDP2 (`fully_shard`) against the unsharded 1-process run, on CPU over gloo.
 
 One process (a 1-rank group made in-process) runs in the fast tier; two processes (torchrun, once
-accelerate launch), the kill -9 and the resume from sharded checkpoints are slow. Equal means equal at equal global batch, within fp32 rounding:
-the sharded run sums the same gradients in another order (reduce-scatter), nothing else differs.
+accelerate launch), the kill -9 and the resume from sharded checkpoints are slow. Equal means equal
+at equal global batch, within fp32 rounding: the sharded run sums the same gradients in another order
+(reduce-scatter), nothing else differs.
 """
 
 from __future__ import annotations
@@ -20,16 +21,13 @@ import pytest
 import torch
 from conftest import REPO, make_pairs, one_line_error, run_cli, write_jsonl
 from test_distributed import FIELDS, _free_port
+from test_train import metrics
 
 from fastdpo import kernels
 from fastdpo.precompute import PrecomputeConfig, precompute
 from fastdpo.train import train
 
 ATOL = 2e-5  # fp32 sums in another order over 4-16 steps at lr 1e-3 (measured: <= 3e-6)
-
-
-def metrics(out) -> list[dict]:
-    return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
 
 def assert_same_run(a, b, atol=ATOL):

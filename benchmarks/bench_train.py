@@ -639,18 +639,6 @@ def fit_test(setup: Setup, method: str, optimizer: str = "adamw") -> tuple[str, 
 # peak at different moments (gradients fill in as activations are freed), so it leans high.
 
 
-def _storages(t):
-    """(key, bytes, storage) of the storages behind tensor `t`; a tensor subclass (a quantized optimizer state)
-    through the plain tensors it is made of."""
-    if hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        for name in names:
-            yield from _storages(getattr(t, name))
-        return
-    s = t.untyped_storage()
-    yield s.data_ptr(), s.nbytes(), s
-
-
 def _weight_copy(t) -> bool:
     """Whether `t` is a cast of a parameter (autocast's bf16 copy of a weight), through view ops."""
     fn = t.grad_fn
@@ -720,24 +708,8 @@ def measure_state_bytes(model: str, optimizer: str, device="cpu", **train_kwargs
     loss.backward()
     opt.step()
 
-    def tensors(x):  # an optimizer state's tensors, however nested
-        if isinstance(x, torch.Tensor):
-            yield x
-        elif isinstance(x, dict | list | tuple):
-            for v in x.values() if isinstance(x, dict) else x:
-                yield from tensors(v)
-
     params = [p for p in scorer.parameters() if p.requires_grad]
-    parts = {"weights": list(scorer.parameters()), "gradients": [p.grad for p in params if p.grad is not None],
-             "state": list(tensors(list(opt.state.values())))}
-    seen, out = set(), {}
-    for part, ts in parts.items():
-        out[part] = 0
-        for t in ts:
-            for key, nbytes, _ in _storages(t):
-                if key not in seen:
-                    seen.add(key)
-                    out[part] += nbytes
+    out = optim.held_bytes(scorer.parameters(), opt)  # frozen weights count, and have no gradient
     n = sum(p.numel() for p in params)
     return {"optimizer": optimizer, "precision": precision, "params": n,
             "bytes_per_param": sum(out.values()) / n, **{f"{k}_per_param": v / n for k, v in out.items()}}
@@ -758,12 +730,12 @@ def measure_saved_bytes(model: str, precision: str, gradient_checkpointing: bool
     device = torch.device(device)
     cfg, policy, scorer, objective = _measurement_policy(
         model, device, dtype=precision, gradient_checkpointing=gradient_checkpointing, logps_backend=logps_backend)
-    params = {key for p in scorer.parameters() for key, _, _ in _storages(p)}
+    params = {key for p in scorer.parameters() for key, _, _ in optim.storages(p)}
     where = {}
     found = {}  # storage key -> (part, bytes, storage): holding the storage keeps its address from being reused
 
     def add(t, part):
-        for key, nbytes, storage in _storages(t):
+        for key, nbytes, storage in optim.storages(t):
             if key not in params and key not in found:
                 found[key] = (part, nbytes, storage)
 

@@ -100,3 +100,43 @@ def _library(spec: OptimizerSpec):
     except ImportError as e:
         raise UserError(f"--optimizer {spec.name} needs {spec.pip} ({first_line(e)}): pip install {spec.pip}, or "
                         "pip install 'fastdpo[lowmem]'") from None
+
+
+def held_bytes(params, optimizer) -> dict[str, int]:
+    """Bytes held by the weights, their gradients and the optimizer's state (every tensor in `optimizer.state`,
+    however nested: moments, Kahan buffers, quantization scales and maps), each storage counted once, in that
+    order: over the trained parameters, what `OptimizerSpec.bytes_per_param` states (tests/test_optimizers.py,
+    benchmarks/bench_train.py's fit estimate)."""
+    import torch
+
+    def tensors(x):
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, dict | list | tuple):
+            for v in x.values() if isinstance(x, dict) else x:
+                yield from tensors(v)
+
+    params = list(params)
+    parts = {"weights": params, "gradients": [p.grad for p in params if p.grad is not None],
+             "state": list(tensors(list(optimizer.state.values())))}
+    seen, out = set(), {}
+    for part, ts in parts.items():
+        out[part] = 0
+        for t in ts:
+            for key, nbytes, _ in storages(t):
+                if key not in seen:
+                    seen.add(key)
+                    out[part] += nbytes
+    return out
+
+
+def storages(t):
+    """(key, bytes, storage) of the storages behind tensor `t`; a tensor subclass (a quantized optimizer state)
+    through the plain tensors it is made of."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        for name in names:
+            yield from storages(getattr(t, name))
+        return
+    s = t.untyped_storage()
+    yield s.data_ptr(), s.nbytes(), s

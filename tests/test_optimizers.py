@@ -30,14 +30,6 @@ def cache(tiny_model, tmp_path_factory):
     return str(root / "c")
 
 
-def _state_tensors(x):
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, dict | list | tuple):
-        for v in x.values() if isinstance(x, dict) else x:
-            yield from _state_tensors(v)
-
-
 # (optimizer, weights, bytes/param as fastdpo.optim's table gives them)
 BYTES = [
     ("adamw", torch.float32, optim.OPTIMIZERS["adamw"].bytes_per_param),  # 16
@@ -64,15 +56,9 @@ def test_bytes_per_param_measured(name, dtype, declared):
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
-    state = list(_state_tensors(list(opt.state.values())))
-    assert state or name == "sgd"
-    seen, total = set(), 0
-    for t in [*params, *(p.grad for p in params), *state]:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    measured = total / sum(p.numel() for p in params)
+    held = optim.held_bytes(params, opt)
+    assert held["state"] or name == "sgd"
+    measured = sum(held.values()) / sum(p.numel() for p in params)
     # Beyond the table: AdamW's per-tensor step counters (1e-4 here); for 8-bit, the two 256-entry quantization
     # maps all tensors share and the fp32 moments of the RMSNorm scales (under 4096 values): 0.007 here
     assert abs(measured - declared) < 0.02, (name, dtype, measured, declared)

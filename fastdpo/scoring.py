@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from . import kernels, modeling, packing
 from .errors import UserError
@@ -67,8 +68,6 @@ def head_spec(causal_lm: nn.Module) -> HeadSpec | None:
 def _plain_linear(module) -> bool:
     """An `nn.Linear` itself, or as FSDP2 makes it (`FSDPLinear(FSDPModule, nn.Linear)`), not a subclass that
     stores its weight otherwise (a quantized linear)."""
-    from torch.distributed.fsdp import FSDPModule
-
     cls = type(module)
     return cls is nn.Linear or (cls.__bases__ == (FSDPModule, nn.Linear))
 

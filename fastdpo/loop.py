@@ -338,7 +338,7 @@ class Trainer:
         """DDP's no_sync outside a step's last micro-batch; FSDP2 is told whether to reduce-scatter, and DeepSpeed
         whether the micro-batch ends the step (its ZeRO-2/3 reduce-scatter is its own business)."""
         if self.cfg.fsdp:
-            sharding.set_gradient_sync(self.model, last)
+            self.model.set_requires_gradient_sync(last)  # reduce-scatter at this backward, or accumulate locally
             return contextlib.nullcontext()
         if self.deepspeed:
             self.model.set_gradient_accumulation_boundary(last)

@@ -90,11 +90,6 @@ def shard(model, cfg, device, precision: str):
     return model
 
 
-def set_gradient_sync(model, sync: bool) -> None:
-    """Reduce-scatter gradients at this backward (the step's last micro-batch), or keep accumulating locally."""
-    model.set_requires_gradient_sync(sync)
-
-
 def clip_grad_norm_(model, max_norm: float) -> float:
     """Clip over DTensor gradients: the total norm is over the full model, all processes' shards."""
     import torch

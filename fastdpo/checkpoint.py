@@ -4,8 +4,9 @@
     OUT/metrics.jsonl          one JSON object per optimizer step
     OUT/checkpoint-STEP/       model (safetensors) + tokenizer, optimizer.pt, scheduler.pt, rng_state.pt,
                                trainer_state.json (written last: its presence marks a complete checkpoint)
-                               under --fsdp: sharded/ (weights and optimizer state, each process its own
-                               shards, `torch.distributed.checkpoint`) + tokenizer instead of the model
+                               under --fsdp: sharded/ (trained weights, with LoRA the adapter only, and
+                               optimizer state, each process its own shards, `torch.distributed.checkpoint`)
+                               + tokenizer instead of the model
                                and optimizer.pt; under DeepSpeed: deepspeed/ (its own files, every process
                                its ZeRO partition of the fp32 weights and optimizer state) instead of optimizer.pt
     OUT/                       the final model, saved the same way (config.json last), <command>_summary.json
@@ -110,14 +111,12 @@ def save_pretrained_atomic(accelerator, model, tokenizer, target: Path, merge_lo
     shutil.rmtree(tmp, ignore_errors=True)
     with writing(target, cleanup=tmp), _removed_on_interrupt(tmp):
         tmp.mkdir(parents=True)
-        if merge_lora and hasattr(policy, "merge_and_unload"):
-            import copy
-
-            copy.deepcopy(policy).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
-        elif hasattr(policy, "peft_config"):
-            policy.save_pretrained(tmp, safe_serialization=True)
-        else:
-            sd = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+        sd = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+        if merge_lora and hasattr(policy, "peft_config"):
+            # the unsharded state dict shares the live weights, which merging would change
+            merged_lora(policy, sd if sharding.is_sharded(model) else {k: v.clone() for k, v in sd.items()})\
+                .save_pretrained(tmp, safe_serialization=True)
+        else:  # a PeftModel keeps the adapter's entries of it
             policy.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for name in os.listdir(tmp):
@@ -129,6 +128,22 @@ def save_pretrained_atomic(accelerator, model, tokenizer, target: Path, merge_lo
             os.replace(tmp / name, target / name)
         fsync_dir(target)
         tmp.rmdir()
+
+
+def merged_lora(policy, state_dict: dict):
+    """The LoRA `policy` (a PeftModel) with its adapter merged into the base weights, built anew from `state_dict`,
+    its full weights (gathered when sharded): a model of the same classes on the meta device takes the tensors
+    (`assign`), so nothing but `state_dict` holds weights, and the training model is left as it is."""
+    import peft
+    import torch
+
+    base = policy.get_base_model()
+    with torch.device("meta"):
+        fresh = peft.get_peft_model(type(base)(base.config), policy.peft_config[policy.active_adapter])
+    fresh.load_state_dict(state_dict, assign=True)
+    merged = fresh.merge_and_unload()
+    merged.tie_weights()  # a tied head got its own (equal) tensor from `state_dict`
+    return merged
 
 
 class _removed_on_interrupt:

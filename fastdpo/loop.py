@@ -102,9 +102,6 @@ class RunArgs(modeling.ModelArgs):
                        if getattr(self, f) != type(self).__dataclass_fields__[f].default]
             if changed:
                 raise UserError(f"--{changed[0].replace('_', '-')} needs --fsdp")
-        if self.fsdp and self.lora_r is not None:
-            raise UserError("--fsdp with --lora-r is not supported: LoRA trains few parameters; use it without --fsdp "
-                            "(DDP over processes)")
         if self.dtype == "float16":
             raise UserError("--dtype float16 cannot train here (fp16 needs loss scaling); use bf16-mixed or bfloat16 "
                             "on a GPU, float32 on CPU")
@@ -287,7 +284,8 @@ class Trainer:
         cfg = self.cfg
         # a sharded checkpoint holds no loadable model: its weights are read into the sharded policy (`_start`)
         weights_from = None if self.resume_dir is None or cfg.lora_r is not None or cfg.fsdp else str(self.resume_dir)
-        policy = prepare_policy(self.setup.load(weights_from), cfg, self.resume_dir)
+        # under --fsdp a fresh adapter too: the sharded checkpoint's weights overwrite it (`_start`)
+        policy = prepare_policy(self.setup.load(weights_from), cfg, None if cfg.fsdp else self.resume_dir)
         self.model = self.setup.scorer(policy)
         if cfg.fsdp:
             sharding.shard(self.model, cfg, self.device, self.precision)

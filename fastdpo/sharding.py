@@ -105,24 +105,34 @@ def full_state_dict(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save(model, optimizer, path: Path) -> None:
-    """Each process writes its shards of the weights and the optimizer state to the DCP directory `path`."""
-    import torch.distributed.checkpoint as dcp
+def _trained_state(model, optimizer) -> dict:
+    """The trained weights (DTensor shards) and the optimizer state, as DCP saves and loads them. A LoRA run's frozen
+    base model is the one it starts from (--model) and is left out; get_state_dict's own ignore_frozen_params
+    would keep a tied LM head's alias of the frozen embedding."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path))
+    return {"model": {k: v for k, v in model_sd.items() if k not in frozen}, "optimizer": optim_sd}
+
+
+def save(model, optimizer, path: Path) -> None:
+    """Each process writes its shards of the trained weights and the optimizer state to the DCP directory `path`."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_trained_state(model, optimizer), checkpoint_id=str(path))
 
 
 def load(model, optimizer, path: Path) -> None:
-    """Read this process's shards of the weights and optimizer state back from `path` (see `save`)."""
+    """Read this process's shards of the trained weights and optimizer state back from `path` (see `save`)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    state = _trained_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path))  # fails on a trained weight the checkpoint lacks
+    # not strict: the frozen weights are absent on purpose
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=False))
 
 
 # ----------------------------------------------------------------------------------------------

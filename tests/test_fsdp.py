@@ -165,10 +165,22 @@ def test_non_finite_step_under_fsdp_is_skipped_as_unsharded(caches, tmp_path, mo
         assert x["loss"] == y["loss"] and x["grad_norm"] == y["grad_norm"]  # one process: bit for bit
 
 
+def test_lora_under_fsdp_equals_unsharded(caches, tmp_path):
+    """LoRA under FSDP2 (frozen base weights and trained adapter weights in the same units): the adapter it saves
+    loads with transformers + peft and equals the unsharded run's."""
+    pytest.importorskip("peft")
+    model, cache = caches["llama"]
+    kw = dict(batch_size=2, grad_accum=2, lora_r=4, **common(model, cache))
+    train(output=str(tmp_path / "plain"), **kw)
+    train(output=str(tmp_path / "fsdp"), fsdp=True, **kw)
+    assert (tmp_path / "fsdp" / "adapter_config.json").is_file() and not (tmp_path / "fsdp" / "config.json").exists()
+    assert any("lora_B" in k for k in final_weights(tmp_path / "fsdp"))  # base + adapter, loaded by transformers
+    assert_same_run(tmp_path / "plain", tmp_path / "fsdp", atol=0)  # one process: the same sums in the same order
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--fsdp-lm-head", "root"], "--fsdp-lm-head needs --fsdp"),
     (["--no-fsdp-reshard-after-forward"], "--fsdp-reshard-after-forward needs --fsdp"),
-    (["--fsdp", "--lora-r", "4"], "--fsdp with --lora-r is not supported"),
     (["--fsdp", "--fsdp-cpu-offload"], "this run is on CPU already"),
 ])
 def test_fsdp_options_refused(caches, tmp_path, argv, needle):
@@ -230,6 +242,32 @@ def test_two_process_fsdp_equals_one_process(caches, tmp_path, case):
     assert metrics(tmp_path / "two")[0]["step"] == 1
     assert json.loads((tmp_path / "two" / "train_summary.json").read_text())["num_processes"] == 2
     assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_two_process_lora_fsdp_equals_one_process_and_resumes(caches, tmp_path):
+    """LoRA on the tied-embedding Qwen2 under 2-process FSDP2, saved merged: equal to the unsharded 1-process run;
+    its sharded checkpoints hold the adapter and its optimizer state only (the frozen base is --model), and a
+    resume from one continues the run exactly."""
+    pytest.importorskip("peft")
+    import torch.distributed.checkpoint as dcp
+
+    model, cache = caches["qwen"]
+    lora = ["--lora-r", "4", "--merge-lora"]
+    train(output=str(tmp_path / "one"), batch_size=2, grad_accum=2, lora_r=4, merge_lora=True, **common(model, cache))
+    args = ["--fsdp", "--model", model, "--ref-cache", cache, "--max-steps", "4", "--lr", "1e-3", "--batch-size", "2",
+            "--save-steps", "2", "--no-progress", *lora]
+    torchrun(*args, "--output", tmp_path / "two")
+    assert_same_run(tmp_path / "one", tmp_path / "two")  # the merged models, loaded with transformers
+    saved = dcp.FileSystemReader(str(tmp_path / "two" / "checkpoint-2" / "sharded")).read_metadata()
+    weights = [k for k in saved.state_dict_metadata if k.startswith("model.")]
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights), weights
+    torchrun(*args, "--output", tmp_path / "resumed", "--resume", tmp_path / "two" / "checkpoint-2")
+    assert [m["step"] for m in metrics(tmp_path / "resumed")] == [3, 4]
+    for x, y in zip(metrics(tmp_path / "two")[2:], metrics(tmp_path / "resumed")):
+        assert all(abs(x[f] - y[f]) <= ATOL for f in FIELDS), (x, y)
+    a, b = final_weights(tmp_path / "two"), final_weights(tmp_path / "resumed")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= ATOL
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import warnings
@@ -102,9 +103,30 @@ def main(argv: list[str] | None = None) -> int:
         _close_process_group()
 
 
+_ran_distributed = False  # a process group was torn down by this process's command: see `entry`
+
+
 def _close_process_group() -> None:
-    """Tear down torch.distributed before the interpreter does: a gloo group left to interpreter shutdown can
-    abort the process ("terminate called without an active exception") after its work is done."""
+    """Tear down torch.distributed before the interpreter does (wait for peers, release the communicators)."""
+    global _ran_distributed
     torch = sys.modules.get("torch")
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        _ran_distributed = True
+
+
+def entry() -> None:
+    """The `fastdpo` console script and `python -m fastdpo`: `main`, then exit with its code.
+
+    After a distributed command the process leaves without interpreter finalization. destroy_process_group
+    does not end gloo's worker threads while DTensor's caches still hold the device mesh, and such a thread
+    that takes the GIL while the interpreter finalizes aborts the process after its work is done ("terminate
+    called without an active exception", SIGABRT; pytorch/pytorch#190489): a finished run that the launcher
+    reports as failed. Every file fastdpo writes is complete and renamed by then; the streams are flushed here."""
+    code = main()
+    if _ran_distributed:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -236,6 +236,7 @@ def test_simpo_needs_no_reference(tiny_model, pairs, ref_cache, tmp_path):
 
 def test_lora_adapter_loads_with_peft(tiny_model, ref_cache, tmp_path):
     peft = pytest.importorskip("peft")
+    import torch
     from transformers import AutoModelForCausalLM
 
     _train(tiny_model, tmp_path / "r", ref_cache=ref_cache, max_steps=2, lora_r=4, lr=1e-2)
@@ -246,6 +247,9 @@ def test_lora_adapter_loads_with_peft(tiny_model, ref_cache, tmp_path):
     _train(tiny_model, tmp_path / "merged", ref_cache=ref_cache, max_steps=2, lora_r=4, lr=1e-2, merge_lora=True)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora_" in n for n, _ in merged.named_parameters())
+    # the same run, merged by peft from its adapter: the same weights
+    by_peft, ours = model.merge_and_unload().state_dict(), merged.state_dict()
+    assert by_peft.keys() == ours.keys() and all(torch.equal(by_peft[k], ours[k]) for k in ours)
 
 
 def test_lora_live_reference_uses_base(tiny_model, ref_cache, pairs, tmp_path):

@@ -6,8 +6,9 @@
                                trainer_state.json (written last: its presence marks a complete checkpoint)
                                under --fsdp: sharded/ (trained weights, with LoRA the adapter only, and
                                optimizer state, each process its own shards, `torch.distributed.checkpoint`)
-                               + tokenizer instead of the model and optimizer.pt; under DeepSpeed: deepspeed/ (its own files, every process
-                               its ZeRO partition of the fp32 weights and optimizer state) instead of optimizer.pt
+                               + tokenizer instead of the model and optimizer.pt; under DeepSpeed:
+                               deepspeed/ (its own files, every process its ZeRO partition of the fp32
+                               weights and optimizer state) instead of optimizer.pt
     OUT/                       the final model, saved the same way (config.json last), <command>_summary.json
 
 A run directory is guarded like a cache (`check_run_dir`): a run goes only into an empty directory,

@@ -43,6 +43,7 @@ DEEPSPEED = "deepspeed"  # a checkpoint's DeepSpeed directory (engine.save_check
 
 # Settings that decide which pairs form each step: a resume must keep them.
 PLAN_KEYS = ("batch_size", "grad_accum", "seed", "shuffle", "group_by_length", "ref_cache", "dataset")
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")  # the adapter a checkpoint holds
 
 
 # What a run writes into OUT (besides checkpoint-*/ and hidden temporaries): removed by --overwrite
@@ -289,6 +290,10 @@ def check_resume(path: Path, cfg, num_processes: int) -> dict:
     if saved.get("optimizer", cfg.optimizer) != cfg.optimizer:
         raise UserError(f"--resume {path}: the checkpoint holds --optimizer {saved['optimizer']}'s state, not "
                         f"{cfg.optimizer}'s; resume with --optimizer {saved['optimizer']}")
+    lora = [k for k in LORA_KEYS if k in saved and saved[k] != getattr(cfg, k, None)]
+    if lora:  # the adapter in the checkpoint has its own shape and scale: other settings would be ignored or fail
+        was = ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in lora)
+        raise UserError(f"--resume {path}: the checkpoint trains a LoRA adapter with {was}; resume with the same")
     changed = [k for k in PLAN_KEYS if saved.get(k) != getattr(cfg, k, None)]
     sharded = (path / SHARDED).is_dir()
     if sharded != bool(getattr(cfg, "fsdp", False)):

@@ -178,6 +178,21 @@ def test_lora_under_fsdp_equals_unsharded(caches, tmp_path):
     assert_same_run(tmp_path / "plain", tmp_path / "fsdp", atol=0)  # one process: the same sums in the same order
 
 
+@pytest.mark.parametrize("fsdp", [[], ["--fsdp"]])
+def test_resume_with_other_lora_settings_refused(caches, tmp_path, fsdp):
+    """The adapter in a checkpoint has its rank and scale: resuming with others would ignore them (unsharded: peft
+    reads them from the checkpoint) or fail deep in the load (sharded)."""
+    pytest.importorskip("peft")
+    model, cache = caches["llama"]
+    out = tmp_path / "run"
+    argv = ["train", "--model", model, "--ref-cache", cache, "--output", str(out), "--batch-size", "2", "--max-steps",
+            "4", "--save-steps", "2", "--no-progress", *fsdp]
+    assert run_cli(*argv, "--lora-r", "4")[0] == 0
+    for lora, was in ((["--lora-r", "8"], "--lora-r 4"), (["--lora-r", "4", "--lora-alpha", "8"], "--lora-alpha 16.0")):
+        code, err = run_cli(*argv, *lora, "--resume", str(out / "checkpoint-2"))
+        one_line_error(code, err, f"trains a LoRA adapter with {was}; resume with the same")
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--fsdp-lm-head", "root"], "--fsdp-lm-head needs --fsdp"),
     (["--no-fsdp-reshard-after-forward"], "--fsdp-reshard-after-forward needs --fsdp"),

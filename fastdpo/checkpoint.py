@@ -142,9 +142,8 @@ def merged_lora(policy, state_dict: dict):
     with torch.device("meta"):
         fresh = peft.get_peft_model(type(base)(base.config), policy.peft_config[policy.active_adapter])
     fresh.load_state_dict(state_dict, assign=True)
-    merged = fresh.merge_and_unload()
-    merged.tie_weights()  # a tied head got its own (equal) tensor from `state_dict`
-    return merged
+    fresh.get_base_model().tie_weights()  # `assign` gave a tied head its own (equal) tensor: one again
+    return fresh.merge_and_unload()
 
 
 class _removed_on_interrupt:

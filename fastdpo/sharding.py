@@ -28,6 +28,7 @@ read of a ZeRO-3-partitioned LM head to the engine to gather.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from .errors import UserError
@@ -87,6 +88,10 @@ def shard(model, cfg, device, precision: str):
         head.fused_forward = lambda hidden, fn: fn(hidden, head.weight, head.bias)
         fsdp.register_fsdp_forward_method(head, "fused_forward")
     fsdp.fully_shard(model, **kw)
+    # FSDP2 warns once per unit whose forward returns a view (the head's log-probs, the root's loss): an in-place
+    # op on one would skip its unit's gradient hook. fastdpo changes none in place (the 2-process equality tests
+    # compare every gradient's effect), and the warning would only puzzle users.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     return model
 
 

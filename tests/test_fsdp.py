@@ -19,6 +19,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from conftest import REPO, make_pairs, one_line_error, run_cli, write_jsonl
 from test_distributed import FIELDS, _free_port
 from test_train import metrics
@@ -274,6 +275,9 @@ def test_two_process_lora_fsdp_equals_one_process_and_resumes(caches, tmp_path):
             "--save-steps", "2", "--no-progress", *lora]
     torchrun(*args, "--output", tmp_path / "two")
     assert_same_run(tmp_path / "one", tmp_path / "two")  # the merged models, loaded with transformers
+    for run in ("one", "two"):  # still tied, as trained (merging untied copies would untie them in the config)
+        assert json.loads((tmp_path / run / "config.json").read_text())["tie_word_embeddings"] is True
+        assert not any("lm_head" in k for k in load_file(tmp_path / run / "model.safetensors"))
     saved = dcp.FileSystemReader(str(tmp_path / "two" / "checkpoint-2" / "sharded")).read_metadata()
     weights = [k for k in saved.state_dict_metadata if k.startswith("model.")]
     assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights), weights

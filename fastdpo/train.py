@@ -255,9 +255,9 @@ def live_reference(cfg: TrainConfig, trainer: loop.Trainer):
 
     setup, device = trainer.setup, trainer.device
 
-    def score(causal_lm, rows):
-        return score_pairs(LogpsModel(causal_lm, cfg.logps_backend), rows["prompt_ids"], rows["chosen_ids"],
-                           rows["rejected_ids"], setup.layout, trainer.tokenizer.pad_token_id, device, setup.dtype)
+    def score(logps_model, rows):
+        return score_pairs(logps_model, rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], setup.layout,
+                           trainer.tokenizer.pad_token_id, device, setup.dtype)
 
     plugin = trainer.accelerator.state.deepspeed_plugin
     if plugin is not None and plugin.zero_stage == 3:  # it would load partitioned, and no engine would gather it
@@ -265,13 +265,15 @@ def live_reference(cfg: TrainConfig, trainer: loop.Trainer):
                         "(fastdpo precompute) and pass --ref-cache, or use ZeRO-2")
     if cfg.ref_model or cfg.lora_r is None:  # default: a frozen copy of the initial policy
         ref_model = setup.load(cfg.ref_model if cfg.ref_model and cfg.ref_model != cfg.model else None)
-        ref_model.eval().requires_grad_(False).to(device)
+        ref_model = LogpsModel(ref_model.eval().requires_grad_(False).to(device), cfg.logps_backend)
         return lambda rows: score(ref_model, rows)
-    policy = trainer.model.model  # LoRA: the base model is the reference
+    # LoRA: the base model is the reference, scored through the policy's own scorer (not yet wrapped for DDP;
+    # under --fsdp the root unit, whose forward gathers the sharded weights)
+    scorer = trainer.model
 
     def without_adapter(rows):
-        with policy.disable_adapter():
-            return score(policy, rows)
+        with scorer.model.disable_adapter():
+            return score(scorer, rows)
 
     return without_adapter
 

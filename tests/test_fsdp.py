@@ -111,15 +111,18 @@ def test_one_process_fsdp_equals_unsharded(caches, tmp_path, fused_calls, lm_hea
     assert_same_run(tmp_path / "plain", tmp_path / "fsdp")
 
 
-@pytest.mark.slow  # four runs that tokenize their data
+@pytest.mark.slow  # six runs that tokenize their data
 def test_sft_and_live_reference_under_fsdp(caches, tmp_path):
-    """`fastdpo sft --fsdp`, and `train --fsdp` with a live reference (the reference is not sharded)."""
+    """`fastdpo sft --fsdp`, and `train --fsdp` with a live reference: a frozen copy (not sharded), or LoRA's base
+    model, the sharded policy with its adapter off."""
     from fastdpo.sft import sft
 
     model, _ = caches["llama"]
     data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(12, seed=5))
-    for run, name in ((sft, "sft"), (train, "live")):
-        kw = dict(model=model, dataset=str(data), max_steps=3, lr=1e-3, batch_size=2, progress=False)
+    for run, name, extra in ((sft, "sft", {}), (train, "live", {}), (train, "lora-live", {"lora_r": 4})):
+        if extra:
+            pytest.importorskip("peft")
+        kw = dict(model=model, dataset=str(data), max_steps=3, lr=1e-3, batch_size=2, progress=False, **extra)
         run(output=str(tmp_path / f"{name}-plain"), **kw)
         run(output=str(tmp_path / f"{name}-fsdp"), fsdp=True, **kw)
         for x, y in zip(metrics(tmp_path / f"{name}-plain"), metrics(tmp_path / f"{name}-fsdp")):

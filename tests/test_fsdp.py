@@ -19,8 +19,8 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from conftest import REPO, make_pairs, one_line_error, run_cli, write_jsonl
+from safetensors.torch import load_file
 from test_distributed import FIELDS, _free_port
 from test_train import metrics
 

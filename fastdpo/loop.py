@@ -488,10 +488,15 @@ class Trainer:
                 "steps": step, "final": m, "bad_steps": state["bad_steps"], objective.unit: len(source),
                 "num_processes": self.accelerator.num_processes})
             self.log(f"{self.command}: {step} steps in {time.perf_counter() - state['t_start']:.1f}s -> {self.out}")
-        if self.tracker:
-            self.accelerator.end_training()
+        self._close_trackers()
         self.accelerator.wait_for_everyone()
         return m
+
+    def _close_trackers(self) -> None:
+        """Flush and close the trackers (the main process's). Not accelerator.end_training: it also destroys the
+        process group, which the last barrier and a sweep's next run still need (the CLI tears it down at exit)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

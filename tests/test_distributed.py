@@ -64,13 +64,19 @@ def test_two_process_training_matches_one_process(tiny_model, setup, tmp_path):
               "--lr", "1e-3", "--no-progress", "--save-steps", "2"]
     train(model=tiny_model, ref_cache=str(root / "c1"), output=str(tmp_path / "one"), batch_size=2, grad_accum=2,
           max_steps=4, lr=1e-3, progress=False)
-    torchrun("train", *common, "--output", tmp_path / "two")
+    torchrun("train", *common, "--output", tmp_path / "two", "--report-to", "tensorboard")
     one = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
     two = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]  # only the main process writes
     assert len(two) == 4 and one[-1]["rewards/margins"] != 0
     for a, b in zip(one, two):
         for f in FIELDS:
             assert math.isclose(a[f], b[f], abs_tol=1e-5), (a["step"], f, a[f], b[f])
+    # the tracker, closed at the end while the other process still waits at the last barrier
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "two").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(m["step"], pytest.approx(m["loss"])) for m in two]
     assert (tmp_path / "two" / "checkpoint-2" / "trainer_state.json").exists()
 
     # resume with the same world size continues exactly

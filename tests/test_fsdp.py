@@ -197,6 +197,26 @@ def test_resume_with_other_lora_settings_refused(caches, tmp_path, fsdp):
         one_line_error(code, err, f"trains a LoRA adapter with {was}; resume with the same")
 
 
+@pytest.mark.slow  # a process of its own
+def test_distributed_command_runs_exit_handlers(caches, tmp_path):
+    """After a distributed command (here `--fsdp` in one process: a process group all the same) the CLI leaves
+    without interpreter finalization (see `cli.entry`), but exit handlers, which trackers such as wandb use, still
+    run."""
+    model, cache = caches["llama"]
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import atexit, os\n"
+        "atexit.register(lambda: open(os.environ['EXIT_MARK'], 'w').write('ran'))\n")
+    env = {**os.environ, "EXIT_MARK": str(tmp_path / "mark"), "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
+    proc = subprocess.run([sys.executable, "-m", "fastdpo", "train", "--fsdp", "--model", model, "--ref-cache", cache,
+                           "--max-steps", "1", "--no-progress", "--output", tmp_path / "run"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "train: 1 steps" in proc.stderr  # the last line, flushed
+    assert (tmp_path / "mark").read_text() == "ran" and (tmp_path / "run" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--fsdp-lm-head", "root"], "--fsdp-lm-head needs --fsdp"),
     (["--no-fsdp-reshard-after-forward"], "--fsdp-reshard-after-forward needs --fsdp"),

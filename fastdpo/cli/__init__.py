@@ -12,8 +12,8 @@ means a bug in fastdpo.
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
-import logging
 import os
 import sys
 import warnings
@@ -122,10 +122,11 @@ def entry() -> None:
     does not end gloo's worker threads while DTensor's caches still hold the device mesh, and such a thread
     that takes the GIL while the interpreter finalizes aborts the process after its work is done ("terminate
     called without an active exception", SIGABRT; pytorch/pytorch#190489): a finished run that the launcher
-    reports as failed. Every file fastdpo writes is complete and renamed by then; the streams are flushed here."""
+    reports as failed. Every file fastdpo writes is complete and renamed by then; the exit handlers (logging's,
+    a tracker's) run here, while the interpreter is whole, and the streams are flushed."""
     code = main()
     if _ran_distributed:
-        logging.shutdown()
+        atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

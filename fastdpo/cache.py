@@ -172,10 +172,6 @@ def prepare_output(out: Path, fingerprint: str, settings: dict, overwrite: bool,
     if is_main:
         ensure_dir(out)
     state_path = out / STATE
-    if not is_main and not state_path.is_file():  # the main process claimed it before the others got here
-        raise UserError(f"--output {out}: the main process's claim is not visible from this process (rank "
-                        f"{os.environ.get('RANK', '?')}); over several nodes, --output must be on a filesystem all "
-                        "nodes share")
     entries = list(out.iterdir()) if out.is_dir() else []
     if entries:
         previous = None
@@ -201,6 +197,12 @@ def prepare_output(out: Path, fingerprint: str, settings: dict, overwrite: bool,
     if is_main:
         atomic_write_json(state_path, {"fingerprint": fingerprint, "settings": settings})
     return created
+
+
+def claim_visible(out: Path) -> bool:
+    """Whether the main process's claim (`prepare_output`) is visible here: not where --output is on a filesystem
+    of this node's own."""
+    return (out / STATE).is_file()
 
 
 def release_output(out: Path, created: bool) -> None:

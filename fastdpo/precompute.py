@@ -187,6 +187,13 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
                                "format": cache.FORMAT_VERSION})
     created = cache.prepare_output(out, fingerprint, settings, cfg.overwrite, True) if is_main else False
     state.wait_for_everyone()
+    # every process must see the claim (one filesystem): all agree, so that all stop with the same line
+    blind = _sum_over_processes(0 if is_main or cache.claim_visible(out) else 1)
+    if blind:
+        if is_main:
+            cache.release_output(out, created)
+        raise UserError(f"--output {out}: {blind} of {state.num_processes} processes cannot see the main process's "
+                        "claim there; over several nodes, --output must be on a filesystem all nodes share")
     if not is_main:
         cache.prepare_output(out, fingerprint, settings, False, False)
     n_shards = (len(rows) + cfg.shard_rows - 1) // cfg.shard_rows

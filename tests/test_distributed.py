@@ -90,23 +90,42 @@ def test_two_process_training_matches_one_process(tiny_model, setup, tmp_path):
             assert math.isclose(a[f], b[f], abs_tol=1e-6), (a["step"], f)
 
 
-def test_two_node_cache_equals_one_process(tiny_model, setup):
-    """Two "nodes" of one process each (torchrun --nnodes 2, static rendezvous on this machine): the shards are
-    strided over global ranks, as over local ones."""
-    root, data_file = setup
+def two_nodes(tiny_model, data_file, outputs) -> tuple[list[int], list[str]]:
+    """`fastdpo precompute` on two "nodes" of one process each (torchrun --nnodes 2, static rendezvous on this
+    machine), node i writing to outputs[i] (the same path: a shared filesystem); their exit codes and stderr."""
     port, procs = _free_port(), []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
                "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "fastdpo",
-               "precompute", "--model", tiny_model, "--dataset", str(data_file), "--output", str(root / "nodes"),
+               "precompute", "--model", tiny_model, "--dataset", str(data_file), "--output", str(outputs[node]),
                "--shard-rows", "4", "--batch-size", "3", "--no-progress"]
         procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       env={**os.environ, "OMP_NUM_THREADS": "1"}))
     errs = [p.communicate(timeout=600)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    return [p.returncode for p in procs], errs
+
+
+def test_two_node_cache_equals_one_process(tiny_model, setup):
+    """Two nodes: the shards are strided over global ranks, as over local ones."""
+    root, data_file = setup
+    codes, errs = two_nodes(tiny_model, data_file, [root / "nodes"] * 2)
+    assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
     assert "over 2 process(es)" in errs[0]
     m1 = json.loads((root / "c1" / "manifest.json").read_text())
     m2 = json.loads((root / "nodes" / "manifest.json").read_text())
     assert m2["num_processes"] == 2 and m1["shards"] == m2["shards"]
     for s in m1["shards"]:
         assert (root / "c1" / s["file"]).read_bytes() == (root / "nodes" / s["file"]).read_bytes()
+
+
+def test_two_nodes_without_a_shared_output_stop_alike(tiny_model, setup, tmp_path):
+    """--output on each node's own filesystem (here: two directories): the second node cannot see the main
+    process's claim; both processes stop with the same line (not one line and a peer's connection error), and the
+    main process's claim is released."""
+    _, data_file = setup
+    codes, errs = two_nodes(tiny_model, data_file, [tmp_path / "a", tmp_path / "b"])
+    assert codes == [1, 1]  # torchrun's own exit code for a failed worker
+    for node, err in enumerate(errs):
+        line = f"fastdpo precompute: error: --output {tmp_path / 'ab'[node]}: 1 of 2 processes cannot see the main "
+        assert line in err and "Connection" not in err, err[-2000:]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

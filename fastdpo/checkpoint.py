@@ -114,9 +114,10 @@ def save_pretrained_atomic(accelerator, model, tokenizer, target: Path, merge_lo
         tmp.mkdir(parents=True)
         sd = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
         if merge_lora and hasattr(policy, "peft_config"):
-            # the unsharded state dict shares the live weights, which merging would change
-            merged_lora(policy, sd if sharding.is_sharded(model) else {k: v.clone() for k, v in sd.items()})\
-                .save_pretrained(tmp, safe_serialization=True)
+            # the unsharded state dict shares the live weights, which merging would change: a copy in CPU memory
+            # (a second copy on a full GPU would not fit at the very end of a run)
+            owned = sd if sharding.is_sharded(model) else {k: v.to("cpu", copy=True) for k, v in sd.items()}
+            merged_lora(policy, owned).save_pretrained(tmp, safe_serialization=True)
         else:  # a PeftModel keeps the adapter's entries of it
             policy.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -55,6 +55,18 @@ def tiny_tokenizer(tiny_model):
     return load_tokenizer(tiny_model)
 
 
+@pytest.fixture(scope="session")
+def small_cache(tiny_model, tmp_path_factory) -> str:
+    """A reference cache of 16 pairs (seed 9) precomputed with the default settings, for training tests that need
+    no particular cache."""
+    from fastdpo.precompute import PrecomputeConfig, precompute
+
+    root = tmp_path_factory.mktemp("small")
+    data = write_jsonl(root / "d.jsonl", make_pairs(16, seed=9))
+    precompute(PrecomputeConfig(model=tiny_model, dataset=str(data), output=str(root / "c"), progress=False))
+    return str(root / "c")
+
+
 def make_pairs(n: int, seed: int = 0) -> list[dict]:
     """Standard-format pairs with varied lengths."""
     import random

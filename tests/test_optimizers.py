@@ -9,25 +9,16 @@ import types
 
 import pytest
 import torch
-from conftest import make_pairs, one_line_error, run_cli, write_jsonl
+from conftest import one_line_error, run_cli
 
 import fastdpo
 from fastdpo import optim
 from fastdpo.errors import UserError
-from fastdpo.precompute import PrecomputeConfig, precompute
 from fastdpo.tiny import tiny_llama_config
 
 pytest.importorskip("optimi")  # both come with pip install -e '.[dev]'
 pytest.importorskip("bitsandbytes")
 LOWMEM = [name for name, spec in optim.OPTIMIZERS.items() if spec.module]
-
-
-@pytest.fixture(scope="module")
-def cache(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("optim")
-    data = write_jsonl(root / "d.jsonl", make_pairs(16, seed=9))
-    precompute(PrecomputeConfig(model=tiny_model, dataset=str(data), output=str(root / "c"), progress=False))
-    return str(root / "c")
 
 
 # (optimizer, weights, bytes/param as fastdpo.optim's table gives them)
@@ -95,10 +86,10 @@ def _losses(run_dir) -> list[float]:
     return [json.loads(line)["loss"] for line in open(f"{run_dir}/metrics.jsonl")]
 
 
-def test_trajectory_tracks_fp32_adamw_and_plain_bf16_does_not(tiny_model, cache, tmp_path):
+def test_trajectory_tracks_fp32_adamw_and_plain_bf16_does_not(tiny_model, small_cache, tmp_path):
     updates, losses = {}, {}
     for name, (optimizer, dtype) in RUNS.items():
-        fastdpo.train(model=tiny_model, ref_cache=cache, output=str(tmp_path / name), optimizer=optimizer,
+        fastdpo.train(model=tiny_model, ref_cache=small_cache, output=str(tmp_path / name), optimizer=optimizer,
                       dtype=dtype, lr=1e-5, lr_scheduler="constant", max_grad_norm=0.0, max_steps=50, batch_size=4,
                       progress=False, kl_warn=None)
         updates[name], losses[name] = _update(tmp_path / name, tiny_model), _losses(tmp_path / name)
@@ -132,27 +123,27 @@ def test_precision_rules():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bf16-mixed"])
-def test_kahan_refuses_fp32_weights(tiny_model, cache, tmp_path, dtype):
-    code, err = run_cli("train", "--model", tiny_model, "--ref-cache", cache, "--output", tmp_path / "r",
+def test_kahan_refuses_fp32_weights(tiny_model, small_cache, tmp_path, dtype):
+    code, err = run_cli("train", "--model", tiny_model, "--ref-cache", small_cache, "--output", tmp_path / "r",
                         "--optimizer", "adamw-kahan", "--dtype", dtype)
     line = one_line_error(code, err, "--optimizer adamw-kahan", f"--dtype {dtype}", "--dtype bfloat16", alone=True)
     assert "fp32" in line
     assert not (tmp_path / "r").exists()
 
 
-def test_8bit_refuses_fsdp(tiny_model, cache, tmp_path):
+def test_8bit_refuses_fsdp(tiny_model, small_cache, tmp_path):
     """bitsandbytes' update op takes plain tensors, not FSDP2's DTensors (measured: a RuntimeError at the first
     step); adamw-kahan steps them (a 1-process --fsdp run equals the plain one, and resumes exactly)."""
-    code, err = run_cli("train", "--model", tiny_model, "--ref-cache", cache, "--output", tmp_path / "r",
+    code, err = run_cli("train", "--model", tiny_model, "--ref-cache", small_cache, "--output", tmp_path / "r",
                         "--optimizer", "adamw-8bit", "--fsdp")
     one_line_error(code, err, "--optimizer adamw-8bit", "--fsdp", alone=True)
 
 
 @pytest.mark.parametrize("name", LOWMEM)
-def test_missing_library_is_one_line(tiny_model, cache, tmp_path, monkeypatch, name):
+def test_missing_library_is_one_line(tiny_model, small_cache, tmp_path, monkeypatch, name):
     spec = optim.OPTIMIZERS[name]
     monkeypatch.setitem(sys.modules, spec.module, None)  # `import` now raises ImportError, as when not installed
-    code, err = run_cli("train", "--model", tiny_model, "--ref-cache", cache, "--output", tmp_path / "r",
+    code, err = run_cli("train", "--model", tiny_model, "--ref-cache", small_cache, "--output", tmp_path / "r",
                         "--optimizer", name)
     one_line_error(code, err, f"--optimizer {name}", f"pip install {spec.pip}", "fastdpo[lowmem]", alone=True)
     assert not (tmp_path / "r").exists()
@@ -165,12 +156,12 @@ def test_missing_library_is_one_line(tiny_model, cache, tmp_path, monkeypatch, n
 
 
 @pytest.mark.parametrize("name,dtype", [("adamw-kahan", "auto"), ("adamw-8bit", "float32")])
-def test_resume_reproduces_straight_run(tiny_model, cache, tmp_path, name, dtype):
+def test_resume_reproduces_straight_run(tiny_model, small_cache, tmp_path, name, dtype):
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
-    kw = dict(model=tiny_model, ref_cache=cache, output=str(out), optimizer=name, dtype=dtype, lr=1e-3, max_steps=6,
-              batch_size=4, save_steps=3, progress=False, kl_warn=None)
+    kw = dict(model=tiny_model, ref_cache=small_cache, output=str(out), optimizer=name, dtype=dtype, lr=1e-3,
+              max_steps=6, batch_size=4, save_steps=3, progress=False, kl_warn=None)
     fastdpo.train(**kw)
     straight, straight_losses = load_file(out / "model.safetensors"), _losses(out)
     saved = torch.load(out / "checkpoint-3" / "optimizer.pt", weights_only=True)  # as checkpoint.py loads it
@@ -187,6 +178,6 @@ def test_resume_reproduces_straight_run(tiny_model, cache, tmp_path, name, dtype
     assert any(not torch.equal(straight[k], load_file(out / "checkpoint-3" / "model.safetensors")[k])
                for k in straight)  # steps 4-6 moved the weights: the comparison means something
     # another optimizer's state cannot continue this one: one line, before anything loads
-    code, err = run_cli("train", "--model", tiny_model, "--ref-cache", cache, "--output", str(out), "--lr", "1e-3",
-                        "--max-steps", "6", "--batch-size", "4", "--resume", str(out / "checkpoint-3"))
+    code, err = run_cli("train", "--model", tiny_model, "--ref-cache", small_cache, "--output", str(out), "--lr",
+                        "1e-3", "--max-steps", "6", "--batch-size", "4", "--resume", str(out / "checkpoint-3"))
     one_line_error(code, err, f"holds --optimizer {name}'s state, not adamw's")

@@ -5,19 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_pairs, write_jsonl
 
 from fastdpo.modeling import train_precision
-from fastdpo.precompute import PrecomputeConfig, precompute
 from fastdpo.train import train
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("prec")
-    data = write_jsonl(root / "d.jsonl", make_pairs(16, seed=9))
-    precompute(PrecomputeConfig(model=tiny_model, dataset=str(data), output=str(root / "c"), progress=False))
-    return str(root / "c")
 
 
 def changed_fractions(run_dir, base_dir) -> tuple[float, float]:
@@ -46,12 +36,12 @@ def test_auto_trains_bf16_mixed_on_gpu_and_float32_on_cpu():
 
 
 @pytest.mark.slow
-def test_small_updates_land_in_fp32_and_bf16_mixed_not_pure_bf16(tiny_model, cache_dir, tmp_path, capsys):
+def test_small_updates_land_in_fp32_and_bf16_mixed_not_pure_bf16(tiny_model, small_cache, tmp_path, capsys):
     """20 AdamW steps at lr 1e-6 from one initialisation (N(0, 0.02) weights, norm scales at 1.0)."""
     fractions = {}
     for dtype in ("float32", "bf16-mixed", "bfloat16"):
         out = tmp_path / dtype
-        train(model=tiny_model, ref_cache=cache_dir, output=str(out), dtype=dtype, lr=1e-6, max_steps=20,
+        train(model=tiny_model, ref_cache=small_cache, output=str(out), dtype=dtype, lr=1e-6, max_steps=20,
               batch_size=4, epochs=5, progress=False, kl_warn=None)
         fractions[dtype] = changed_fractions(out, tiny_model)
     err = capsys.readouterr().err

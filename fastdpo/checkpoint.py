@@ -103,9 +103,9 @@ def unwrapped_policy(accelerator, model):
 
 def save_pretrained_atomic(accelerator, model, tokenizer, target: Path, merge_lora: bool = False) -> None:
     """save_pretrained into a temporary directory, then move the files in; config.json goes last."""
-    policy = unwrapped_policy(accelerator, model)
+    policy, sharded = unwrapped_policy(accelerator, model), sharding.is_sharded(model)
     # gathers sharded weights onto the main process; keys carry the wrapper's prefix
-    state_dict = sharding.full_state_dict(model) if sharding.is_sharded(model) else accelerator.get_state_dict(model)
+    state_dict = sharding.full_state_dict(model) if sharded else accelerator.get_state_dict(model)
     if not accelerator.is_main_process:
         return
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
@@ -116,7 +116,7 @@ def save_pretrained_atomic(accelerator, model, tokenizer, target: Path, merge_lo
         if merge_lora and hasattr(policy, "peft_config"):
             # the unsharded state dict shares the live weights, which merging would change: a copy in CPU memory
             # (a second copy on a full GPU would not fit at the very end of a run)
-            owned = sd if sharding.is_sharded(model) else {k: v.to("cpu", copy=True) for k, v in sd.items()}
+            owned = sd if sharded else {k: v.to("cpu", copy=True) for k, v in sd.items()}
             merged_lora(policy, owned).save_pretrained(tmp, safe_serialization=True)
         else:  # a PeftModel keeps the adapter's entries of it
             policy.save_pretrained(tmp, state_dict=sd, safe_serialization=True)

@@ -62,8 +62,9 @@ def _is_eval_result(path: str) -> bool:
     return isinstance(data, dict) and {"ref_cache", "num_pairs", "config"} <= set(data)
 
 
-def load_judge(spec: str):
-    """`module:function` -> the callable. Imports the user's module, as asked for by the flag."""
+def load_judge(spec: str, params: tuple[str, ...] = ("prompt", "completion")):
+    """`module:function` -> the callable, which must take `params` (eval's pointwise judge by default; `fastdpo
+    compare` asks for a pairwise one). Imports the user's module, as asked for by the flag."""
     module_name, sep, fn_name = spec.partition(":")
     if not sep or not module_name or not fn_name:
         raise UserError(f"--judge {spec!r} must look like module:function")
@@ -75,9 +76,9 @@ def load_judge(spec: str):
     if not callable(fn):
         raise UserError(f"--judge {spec}: {module_name} has no function {fn_name}")
     try:
-        inspect.signature(fn).bind("prompt", "completion")
+        inspect.signature(fn).bind(*params)
     except TypeError:
-        raise UserError(f"--judge {spec}: the judge must take (prompt, completion)") from None
+        raise UserError(f"--judge {spec}: the judge must take ({', '.join(params)})") from None
     except ValueError:
         pass  # builtins without a signature: called as asked
     return fn
@@ -106,6 +107,13 @@ def preference_results(tok_c, tok_r, rows, beta: float) -> dict:
 
 def generate_answers(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig, device) -> list[str]:
     """Left-padded batched generation from the exact prompt tokens; returns the decoded answers."""
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in generate_tokens(model, tokenizer, prompts,
+                                                                                       cfg, device)]
+
+
+def generate_tokens(model, tokenizer, prompts: list[list[int]], cfg, device) -> list[list[int]]:
+    """Left-padded batched generation from the exact prompt tokens (`cfg`: batch_size, max_new_tokens,
+    temperature); returns each answer's new token ids, cut at its first EOS (EOS and padding excluded)."""
     import torch
 
     answers = []
@@ -126,7 +134,10 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig
             kw.update(temperature=None, top_k=None, top_p=None)
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
-        answers.extend(tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.cpu())
+        for row in out[:, width:].tolist():
+            if tokenizer.eos_token_id in row:  # generate pads a finished answer after its EOS
+                row = row[:row.index(tokenizer.eos_token_id)]
+            answers.append(row)
     return answers
 
 

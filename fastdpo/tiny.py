@@ -5,6 +5,7 @@ it adds BOS, has EOS/PAD, byte-level BPE (any unicode encodes) and a ChatML chat
 
     python tools/make_tiny_model.py --output /tmp/tiny            # from the command line
     build_tiny_model("/tmp/tiny", texts=["hello world"] * 100)     # from Python
+    build_tiny_reward_model("/tmp/tiny-rm", tokenizer)             # a random-weight reward model, same tokenizer
 """
 
 from __future__ import annotations
@@ -81,10 +82,25 @@ def tiny_llama_config(vocab_size: int, **overrides):
 def build_tiny_model(output: str | os.PathLike, texts: Iterable[str] | None = None, vocab_size: int = 512,
                      seed: int = 0, tokenizer=None, **config_overrides) -> str:
     """Train a tokenizer on `texts`, build a random tiny Llama for it, save both to `output`."""
-    import torch
     from transformers import LlamaForCausalLM
 
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(texts, vocab_size=vocab_size)
+    return _save_random(LlamaForCausalLM, output, tokenizer, seed, **config_overrides)
+
+
+def build_tiny_reward_model(output: str | os.PathLike, tokenizer, num_labels: int = 1, seed: int = 0,
+                            **config_overrides) -> str:
+    """A random tiny `LlamaForSequenceClassification` (a reward model's shape: `num_labels` outputs read at the last
+    token) with `tokenizer`, saved to `output`."""
+    from transformers import LlamaForSequenceClassification
+
+    return _save_random(LlamaForSequenceClassification, output, tokenizer, seed, num_labels=num_labels,
+                        **config_overrides)
+
+
+def _save_random(model_class, output, tokenizer, seed: int, **config_overrides) -> str:
+    import torch
+
     config = tiny_llama_config(
         len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
@@ -93,7 +109,7 @@ def build_tiny_model(output: str | os.PathLike, texts: Iterable[str] | None = No
         **config_overrides,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     os.makedirs(output, exist_ok=True)
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)

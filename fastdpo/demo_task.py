@@ -27,9 +27,11 @@ Use::
     demo_task.build_model("/tmp/demo/base", seed=0)          # tokenizer + random tiny Llama
     demo_task.data_file("sft")                                # path of a bundled split
     demo_task.judge("upper: qrva\\n", "QRVA")                  # True
+    demo_task.judge_pair("upper: qrva\\n", "QRVa", "QRVA")     # "b" (fastdpo compare's pairwise judge)
     demo_task.DEMO_RECIPE["dpo"]                              # TrainConfig keyword arguments
 
-This module imports nothing heavy (``fastdpo eval --judge fastdpo.demo_task:judge`` loads it).
+This module imports nothing heavy (``fastdpo eval --judge fastdpo.demo_task:judge`` and ``fastdpo compare
+--judge fastdpo.demo_task:judge_pair`` load it).
 
 Measured with ``fastdpo.demo.demo`` on a shared 2-core CPU, torch.set_num_threads(1), model/SFT/DPO
 seeds 0-4 (held-out words; "before" is the SFT model, "after" the DPO model):
@@ -154,3 +156,10 @@ def build_model(output: str | os.PathLike, seed: int = DEMO_RECIPE["model_seed"]
     from .tiny import build_tiny_model
 
     return build_tiny_model(output, texts=tokenizer_texts(), vocab_size=VOCAB_SIZE, seed=seed, **MODEL_OVERRIDES)
+
+
+def judge_pair(prompt: str, answer_a: str, answer_b: str) -> str:
+    """The pairwise judge for `fastdpo compare`: "a" or "b" when only that answer is correct (by :func:`judge`),
+    "tie" when both or neither are."""
+    a, b = judge(prompt, answer_a), judge(prompt, answer_b)
+    return "tie" if a == b else ("a" if a else "b")

@@ -326,3 +326,50 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], output_dir: str | os.PathLi
         atomic_write_bytes(target, _png_bytes(fig, canvas_cls))
         written.append(target)
     return written
+
+
+def plot_comparison(report: dict, path: str | os.PathLike) -> Path:
+    """The `fastdpo compare` figure (`report` as `fastdpo.compare.compare` returns it): A's wins, ties and losses as
+    stacked bars, for all pairs and the length-balanced ones, with the win rate and its 95% interval on each; and a
+    histogram of both models' answer lengths. Written atomically to `path`."""
+    Figure, canvas_cls = _matplotlib()
+    fig = Figure(figsize=(11, 4))
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.25, top=0.88, wspace=0.3)
+    ax, hx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.3, 1]})
+    rows = [(f"all pairs\n({report['n']})", report),
+            (f"length-\nbalanced\n({report['length_balanced']['n']})", report["length_balanced"])]
+    for y, (_, r) in enumerate(rows):
+        if not r["n"]:
+            continue
+        w, t, lo_ = (r[k] / r["n"] for k in ("wins", "ties", "losses"))
+        first = y == 0
+        ax.barh(y, w, color="C2", label="A wins" if first else None)
+        ax.barh(y, t, left=w, color="0.8", label="tie" if first else None)
+        ax.barh(y, lo_, left=w + t, color="C3", label="B wins" if first else None)
+        lo, hi = r["ci95"]
+        ax.errorbar([r["win_rate"]], [y], xerr=[[r["win_rate"] - lo], [hi - r["win_rate"]]], fmt="D", color="black",
+                    capsize=6, label="win rate, 95% interval" if first else None)
+    ax.axvline(0.5, color="black", linewidth=0.8, linestyle=":")
+    ax.set_yticks([0, 1], [label for label, _ in rows])
+    ax.set_ylim(1.6, -0.6)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("fraction of pairs (ties count 1/2 in the win rate)")
+    lo, hi = report["ci95"]
+    ax.set_title(f"win rate of A over B: {report['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]", fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, fontsize=8, frameon=False)
+
+    lengths = [[p[side]["tokens"] for p in report["pairs"]] for side in ("model", "baseline")]
+    top = max(max(x) for x in lengths)
+    step = max(1, math.ceil((top + 1) / 40))
+    bins = [i - 0.5 for i in range(0, top + step + 1, step)]
+    names = [Path(str(report[side])).name or str(report[side]) for side in ("model", "baseline")]
+    for values, label, color in zip(lengths, (f"A: {names[0]}", f"B: {names[1]}"), ("C0", "C1")):
+        hx.hist(values, bins=bins, color=color, alpha=0.5, label=label)
+    hx.set_title("answer length (tokens): mean A {:.1f}, B {:.1f}".format(
+        report["lengths"]["model"]["mean"], report["lengths"]["baseline"]["mean"]), fontsize=10)
+    hx.set_xlabel("tokens")
+    hx.set_ylabel("answers")
+    hx.legend(fontsize=8)
+    path = Path(path)
+    atomic_write_bytes(path, _png_bytes(fig, canvas_cls))
+    return path

@@ -14,10 +14,11 @@ Importing fastdpo does not import torch: the modules below load it when a comman
 __version__ = "0.1.0"
 
 # Bound here, after the submodules they live in: `fastdpo.train` is the function, not the module.
+from .compare import CompareConfig, compare  # noqa: E402
 from .eval import EvalConfig, evaluate  # noqa: E402
 from .precompute import PrecomputeConfig, precompute  # noqa: E402
 from .sft import SFTConfig, sft  # noqa: E402
 from .train import TrainConfig, train  # noqa: E402
 
-__all__ = ["EvalConfig", "PrecomputeConfig", "SFTConfig", "TrainConfig", "__version__", "evaluate", "precompute",
-           "sft", "train"]
+__all__ = ["CompareConfig", "EvalConfig", "PrecomputeConfig", "SFTConfig", "TrainConfig", "__version__", "compare",
+           "evaluate", "precompute", "sft", "train"]

@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "train": "train the policy from a reference cache (or with a live reference)",
     "sft": "supervised fine-tuning (the stage before preference optimisation)",
     "eval": "reward accuracy, margins, KL estimate and judged generations on a held-out cache",
+    "compare": "win rate of one model's answers over another's (e.g. DPO vs SFT), judged in both orders",
     "plot": "PNG curves of one or several runs (loss, rewards, margin, accuracy, log-probs)",
     "cache": "inspect a reference cache (info) or check it against its files and its reference model (verify)",
     "demo": "the whole pipeline on a bundled task, nothing to download: DPO visibly improving a tiny model",

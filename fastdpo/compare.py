@@ -1,11 +1,14 @@
 """`fastdpo compare`: did training make the model better? The win rate of one model's answers over another's.
 
     fastdpo compare --model runs/dpo --baseline runs/sft --ref-cache cache/heldout \\
-        --judge fastdpo.demo_task:judge_pair --output runs/dpo/vs-sft          # a program judge
+        --judge fastdpo.demo_task:judge_pair --output runs/dpo/vs-sft                # a program judge
     fastdpo compare --model runs/dpo --baseline runs/sft --dataset prompts.jsonl \\
-        --reward-model Skywork/Skywork-Reward-V2-Llama-3.1-8B --output vs-sft   # a reward model
+        --reward-model Skywork/Skywork-Reward-Llama-3.1-8B-v0.2 --output vs-sft-rm   # a reward model
     fastdpo compare --model runs/dpo --baseline runs/sft --dataset prompts.jsonl \\
-        --llm-judge Qwen/Qwen2.5-7B-Instruct --output vs-sft                    # an LLM judge
+        --llm-judge Qwen/Qwen2.5-7B-Instruct --output vs-sft-llm                     # an LLM judge
+    # a tiny run on a CPU, after `fastdpo demo` (~10 s):
+    fastdpo compare --model fastdpo-demo/dpo --baseline fastdpo-demo/sft --ref-cache fastdpo-demo/cache-eval \\
+        --judge fastdpo.demo_task:judge_pair --max-new-tokens 6 --output /tmp/vs-sft
 
 Both models (A, `--model`, and B, `--baseline`) answer the same held-out prompts, from a reference
 cache's prompt ids or a dataset's prompt column, with the same generation settings and seed (greedy
@@ -35,7 +38,8 @@ Statistics (all in OUT/report.json and the printed table):
 - `win_rate` = (wins + ties / 2) / n, with a 95% Wilson score interval computed on wins + ties/2
   successes out of n. A tie varies less than a win or a loss, so with many ties the interval is wider
   than it needs to be (conservative).
-- answer lengths in tokens (EOS excluded), each under its own model's tokenizer: mean and median.
+- answer lengths in tokens (EOS excluded), each under its own model's tokenizer: mean, median, and
+  the fraction of answers cut at --max-new-tokens (`at_cap`; a cut answer is judged unfinished).
 - `length_balanced`: the win rate and interval over the pairs of similar length only, those whose
   token counts differ by at most --length-tolerance of the longer one (|len_A - len_B| <=
   tol * max(len_A, len_B)). A lead that holds there does not come from longer answers alone.
@@ -198,15 +202,17 @@ def _win_rate(winners: list[str]) -> dict:
     return {"n": n, "wins": wins, "ties": ties, "losses": n - wins - ties, "win_rate": score / n, "ci95": [lo, hi]}
 
 
-def _lengths(xs: list[int]) -> dict:
+def _lengths(xs: list[int], cap: int | None) -> dict:
     import numpy as np
 
-    return {"mean": float(np.mean(xs)), "median": float(np.median(xs)), "max": int(max(xs))}
+    return {"mean": float(np.mean(xs)), "median": float(np.median(xs)), "max": int(max(xs)),
+            "at_cap": None if cap is None else sum(x >= cap for x in xs) / len(xs)}
 
 
-def summarise(pairs: list[dict], eps: float, tol: float) -> dict:
+def summarise(pairs: list[dict], eps: float, tol: float, cap: int | None = None) -> dict:
     """The report's statistics from the per-pair records (`pairs`: lengths and judgements; see the module
-    docstring for each figure's rule). Adds each pair's `winner` (and per-order verdicts) to its record."""
+    docstring for each figure's rule; `cap`: --max-new-tokens, to count the answers cut there). Adds each pair's
+    `winner` (and per-order verdicts) to its record."""
     winners, orders = [], []
     for p in pairs:
         p["winner"], per_order = pair_winner(p["judgement"], eps)
@@ -226,7 +232,7 @@ def summarise(pairs: list[dict], eps: float, tol: float) -> dict:
                          "second_shown_preferred": shown_second / (2 * n)}
     else:
         out["orders"] = None  # a reward model scores each answer alone
-    out["lengths"] = {"model": _lengths(la), "baseline": _lengths(lb)}
+    out["lengths"] = {"model": _lengths(la, cap), "baseline": _lengths(lb, cap)}
     balanced = [w for w, x, y in zip(winners, la, lb) if abs(x - y) <= tol * max(x, y)]
     out["length_balanced"] = {"tolerance": tol, **_win_rate(balanced)}
     decided = [(w, x, y) for w, x, y in zip(winners, la, lb) if w != "tie" and x != y]
@@ -334,18 +340,24 @@ def claim_output(cfg: CompareConfig, answers: dict, judge: dict) -> Path:
             old = None
         if not isinstance(old, dict) or not {"answers", "judge"} <= set(old):
             raise UserError(f"--output {out} is not empty and holds no fastdpo comparison; choose another directory")
-        if old["answers"] != new["answers"]:
+
+        def written(sub):  # a changed setting loses nothing where nothing was written under it yet
+            return any((out / sub).glob("*.json"))
+
+        if old["answers"] != new["answers"] and (written("answers") or written("judgements")):
             if not cfg.overwrite:
                 raise UserError(f"--output {out} holds a comparison of other answers (differs in: "
                                 f"{_differing(new['answers'], old['answers'])}); choose another --output or pass "
                                 "--overwrite to replace it")
             _remove(out, ("answers", "judgements", REPORT, PLOT))
-        elif old["judge"] != new["judge"]:
+        elif old["judge"] != new["judge"] and written("judgements"):
             if not cfg.overwrite:
                 raise UserError(f"--output {out} holds these answers judged by another judge (differs in: "
                                 f"{_differing(new['judge'], old['judge'])}); pass --overwrite to judge them again "
                                 "(the answers are kept) or choose another --output")
             _remove(out, ("judgements", REPORT, PLOT))
+        elif old != new:
+            _remove(out, (REPORT, PLOT))  # another judge's report, from before a failure
     for sub in ("answers", "judgements"):
         d = ensure_dir(out / sub)
         for tmp in d.glob(".*.tmp"):  # what a killed write left
@@ -508,7 +520,7 @@ def compare(config: CompareConfig | None = None, **kwargs) -> dict:
                                                  records)]
     report = {"model": cfg.model, "baseline": cfg.baseline, "judge": judge.settings(),
               "prompts": {**prompts.source, "num": len(prompts.ids), "skipped": prompts.skipped},
-              **summarise(pairs, cfg.tie_epsilon, cfg.length_tolerance),
+              **summarise(pairs, cfg.tie_epsilon, cfg.length_tolerance, cfg.max_new_tokens),
               "rules": {"win_rate": "(wins + ties/2) / n; 95% Wilson score interval on wins + ties/2 out of n",
                         "tie": f"|p - 1/2| <= {cfg.tie_epsilon:g}, p = P(the first-shown answer is better)",
                         "orders": "pairwise judges: each pair in both orders; a win only if both orders agree, "
@@ -553,14 +565,13 @@ def table(report: dict) -> str:
         lines.append(f"{'orders disagreed':<26}{pct(o['disagree']):>8}  counted as ties; the first-shown answer was "
                      f"preferred {o['first_shown_preferred']:.3f}, the second {o['second_shown_preferred']:.3f}")
     lines += ["",
-              f"{'answer length (tokens)':<26}{'mean':>8}{'median':>8}",
-              f"{'A (' + os.path.basename(os.path.normpath(report['model'])) + ')':<26}"
-              f"{la['model']['mean']:>8.1f}{la['model']['median']:>8.1f}",
-              f"{'B (' + os.path.basename(os.path.normpath(report['baseline'])) + ')':<26}"
-              f"{la['baseline']['mean']:>8.1f}{la['baseline']['median']:>8.1f}",
-              f"{'length-balanced win rate':<26}{pct(lb['win_rate']):>8}  {ci(lb)}  {lb['n']} pairs within "
-              f"{lb['tolerance']:.0%} of each other's length"]
+              f"{'answer length (tokens)':<26}{'mean':>8}{'median':>8}{'at cap':>8}  (cut at --max-new-tokens)"]
+    for side, letter in (("model", "A"), ("baseline", "B")):
+        x = la[side]
+        name = f"{letter} ({os.path.basename(os.path.normpath(report[side]))})"
+        lines.append(f"{name:<26}{x['mean']:>8.1f}{x['median']:>8.1f}{pct(x['at_cap']):>8}")
     lw = report["longer_won"]
-    lines.append(f"{'the longer answer won':<26}{pct(lw['fraction']):>8}  of {lw['n']} decided pairs of different "
-                 "lengths")
+    lines += [f"{'length-balanced win rate':<26}{pct(lb['win_rate']):>8}  {ci(lb)}  {lb['n']} pairs within "
+              f"{lb['tolerance']:.0%} of each other's length",
+              f"{'the longer answer won':<26}{pct(lw['fraction']):>8}  of {lw['n']} decided pairs of different lengths"]
     return "\n".join(lines)

@@ -115,7 +115,8 @@ def test_summary_rules_both_orders_ties_and_lengths():
     # of the 12 single-order judgements: first shown preferred in pairs 1, 2 (A first), 4 (both) ...
     assert s["orders"]["first_shown_preferred"] == pytest.approx(5 / 12)
     assert s["orders"]["second_shown_preferred"] == pytest.approx(4 / 12)
-    assert s["lengths"]["model"] == {"mean": pytest.approx(57 / 6), "median": 10.0, "max": 12}
+    assert s["lengths"]["model"] == {"mean": pytest.approx(57 / 6), "median": 10.0, "max": 12, "at_cap": None}
+    assert summarise(pairs, eps=1e-3, tol=0.2, cap=10)["lengths"]["baseline"]["at_cap"] == 1.0  # 10 or more
     assert s["lengths"]["baseline"]["median"] == 10.0
     # within 20% of the longer: pairs 1, 2 (12 vs 10), 4, 6; not 3 (5 vs 10) or 5 (10 vs 30)
     lb = s["length_balanced"]
@@ -225,6 +226,9 @@ def test_bad_judges_are_one_line(tiny_model, small_cache, reward_models, judges,
     one_line_error(*cli("--judge", f"{judges}:pointwise"), "must take (prompt, answer_a, answer_b)")
     one_line_error(*cli("--judge", f"{judges}:says_yes", out="yes"), f"--judge {judges}:says_yes returned 'yes'",
                    "prompt id")
+    # the answers were written; the fixed judge continues from them (the failed one left no judgement to replace)
+    code, err = cli("--judge", f"{judges}:longer", out="yes")
+    assert code == 0 and (tmp_path / "yes" / "report.json").exists(), err
     one_line_error(*cli("--reward-model", reward_models[1]), "has 3 output labels", "--reward-index")
     one_line_error(*cli("--reward-model", reward_models[1], "--reward-index", "3"), "--reward-index 3", "(0 to 2)")
     one_line_error(*cli("--reward-model", tiny_model), "LlamaForCausalLM", "--llm-judge")

@@ -16,7 +16,7 @@ EXAMPLES = """examples:
   fastdpo compare --model fastdpo-demo/dpo --baseline fastdpo-demo/sft --ref-cache fastdpo-demo/cache-eval \\
       --judge fastdpo.demo_task:judge_pair --output vs-sft
   fastdpo compare --model runs/dpo --baseline runs/sft --dataset prompts.jsonl --limit 500 \\
-      --reward-model Skywork/Skywork-Reward-V2-Llama-3.1-8B --output runs/dpo/vs-sft-rm
+      --reward-model Skywork/Skywork-Reward-Llama-3.1-8B-v0.2 --output runs/dpo/vs-sft-rm
   fastdpo compare --model runs/dpo --baseline runs/sft --dataset prompts.jsonl \\
       --llm-judge Qwen/Qwen2.5-7B-Instruct --output runs/dpo/vs-sft-llm
 """

@@ -1,6 +1,6 @@
 """`fastdpo demo`: the whole pipeline on the bundled task, on any laptop, with nothing to download.
 
-    fastdpo demo                       # build -> sft -> precompute -> train -> eval, a few minutes on 2 CPU cores
+    fastdpo demo                       # build -> sft -> precompute -> train -> eval -> compare, ~20 s on 2 CPU cores
     fastdpo demo --output /tmp/demo    # where to put models, caches, runs, plots and demo_report.json
     fastdpo demo --reduced             # fewer steps and eval rows (the test suite's version)
 
@@ -9,6 +9,9 @@ targets leave the last letter lowercase, so the SFT model makes that slip when i
 DPO on pairs (correct answer preferred over the slip) removes it. Both are measured on held-out
 words: `preference_accuracy` (implicit-reward accuracy; ties, as when the policy is the reference,
 count one half) and `generation_accuracy` (greedy answers judged correct by `demo_task.judge`).
+Then `fastdpo compare` gives the headline figure of a DPO workflow, the win rate of the DPO model's
+answers over the SFT model's (`demo_task.judge_pair`, both orders; the SFT model against itself is
+0.5 by construction: the same answers tie).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .errors import UserError
 from .io import atomic_write_json, ensure_dir
 
 JUDGE = "fastdpo.demo_task:judge"
+PAIR_JUDGE = "fastdpo.demo_task:judge_pair"
 
 
 class _Stages:
@@ -61,7 +65,8 @@ def _table(before: dict, after: dict) -> str:
     rows = [("preference_accuracy", "held-out reward accuracy (ties count 1/2)"),
             ("generation_accuracy", "greedy answers judged correct"),
             ("likelihood_accuracy", "log p(correct) > log p(slip)"),
-            ("reward_margin", "mean chosen - rejected reward")]
+            ("reward_margin", "mean chosen - rejected reward"),
+            ("win_rate_vs_sft", "DPO's answers vs SFT's, program judge, both orders")]
     lines = [f"{'metric':<22}{'before (SFT)':>14}{'after (DPO)':>14}   meaning", "-" * 86]
     lines += [f"{k:<22}{before[k]:>14.3f}{after[k]:>14.3f}   {meaning}" for k, meaning in rows]
     return "\n".join(lines)
@@ -76,8 +81,8 @@ def _bar_chart(before: dict, after: dict, path: Path) -> Path | None:
 
     from .io import atomic_write_bytes
 
-    keys = ["preference_accuracy", "generation_accuracy", "likelihood_accuracy"]
-    fig = Figure(figsize=(7, 3.5))
+    keys = ["preference_accuracy", "generation_accuracy", "likelihood_accuracy", "win_rate_vs_sft"]
+    fig = Figure(figsize=(8.5, 3.5))
     ax = fig.subplots()
     x = range(len(keys))
     ax.bar([i - 0.2 for i in x], [before[k] for k in keys], width=0.4, label="before DPO (SFT model)")
@@ -108,6 +113,7 @@ def demo(output: str = "fastdpo-demo", reduced: bool = False, progress: bool = T
 
 
 def _run(output, recipe: dict, reduced: bool, progress: bool) -> dict:
+    from .compare import compare
     from .eval import evaluate
     from .precompute import precompute
     from .sft import sft
@@ -121,7 +127,7 @@ def _run(output, recipe: dict, reduced: bool, progress: bool) -> dict:
     modeling.set_library_progress(False)
     timings = {}
     t0 = time.perf_counter()
-    stages = _Stages(out, 6, live=progress)
+    stages = _Stages(out, 7, live=progress)
     try:
         with stages.stage("build a tiny model and tokenizer", timings, "build_s"):
             base = demo_task.build_model(out / "base", seed=recipe["model_seed"])
@@ -143,11 +149,16 @@ def _run(output, recipe: dict, reduced: bool, progress: bool) -> dict:
                   progress=False, log_every=10, overwrite=True, **recipe["dpo"])
         with stages.stage("evaluate the DPO model (after)", timings, "eval_after_s"):
             after = evaluate(model=str(out / "dpo"), output=str(out / "eval_after.json"), **eval_kw)
+        with stages.stage("compare the DPO model's answers with the SFT model's", timings, "compare_s"):
+            vs = compare(model=str(out / "dpo"), baseline=str(out / "sft"), ref_cache=str(out / "cache-eval"),
+                         judge=PAIR_JUDGE, max_new_tokens=ev["max_new_tokens"], batch_size=64,
+                         output=str(out / "compare"), overwrite=True, progress=False)
     finally:
         stages.finish()
         modeling.set_library_progress(progress)
 
     b, a = _summary(before), _summary(after)
+    b["win_rate_vs_sft"], a["win_rate_vs_sft"] = 0.5, vs["win_rate"]  # SFT against itself: every pair ties
     plots = []
     try:
         from .plot import plot_runs
@@ -156,6 +167,8 @@ def _run(output, recipe: dict, reduced: bool, progress: bool) -> dict:
         chart = _bar_chart(b, a, out / "plots" / "before_after.png")
         if chart:
             plots.insert(0, str(chart))
+        if vs["plot"]:
+            plots.append(vs["plot"])
     except UserError as e:  # matplotlib missing: the report is still written
         print(f"note: no plots ({e})", file=sys.stderr)
     timings = {k: round(v, 1) for k, v in timings.items()}
@@ -163,7 +176,9 @@ def _run(output, recipe: dict, reduced: bool, progress: bool) -> dict:
     samples = [s for s in after.get("samples", [])[:5]]
     report = {"task": demo_task.__doc__.strip().splitlines()[0], "before": b, "after": a, "timings": timings,
               "reduced": reduced, "recipe": recipe, "plots": plots, "samples_after": samples,
-              "samples_before": before.get("samples", [])[:5]}
+              "samples_before": before.get("samples", [])[:5],
+              "compare": {k: vs[k] for k in ("n", "wins", "ties", "losses", "win_rate", "ci95", "orders", "lengths")}
+              | {"report": str(out / "compare" / "report.json")}}
     atomic_write_json(out / "demo_report.json", report)
     print("\n" + _table(b, a), file=sys.stderr)
     print(f"\ndemo: {timings['total_s']:.0f}s; report {out / 'demo_report.json'}; plots in {out / 'plots'}; "

@@ -25,13 +25,26 @@ def test_demo_end_to_end_shows_improvement(tmp_path):
     assert before["generation_accuracy"] < 0.2  # the noisy SFT data taught the slip
     assert after["preference_accuracy"] > 0.9
     assert after["generation_accuracy"] > before["generation_accuracy"] + 0.5
-    assert "before (SFT)" in err and "after (DPO)" in err  # the printed table
+    assert "before (SFT)" in err and "after (DPO)" in err and "win_rate_vs_sft" in err  # the printed table
     lines = err.strip().splitlines()
-    assert len(lines) < 40 and sum(ln.startswith("demo ") for ln in lines) == 6, err  # a line per stage
+    assert len(lines) < 40 and sum(ln.startswith("demo ") for ln in lines) == 7, err  # a line per stage
+    # the win rate against the SFT model, program judge, both orders of every pair in the comparison's report
+    assert before["win_rate_vs_sft"] == 0.5 and after["win_rate_vs_sft"] > 0.9
+    vs = json.loads((out / "compare" / "report.json").read_text())
+    assert vs["win_rate"] == after["win_rate_vs_sft"] == report["compare"]["win_rate"] and vs["n"] == 100
+    assert vs["ci95"][0] > 0.9 and vs["orders"]["disagree"] == 0
+    for p in vs["pairs"]:
+        judged = p["judgement"]
+        assert {judged["model_first"]["raw"], judged["baseline_first"]["raw"]} <= {"a", "b", "tie"}
+        if p["winner"] == "model":  # the DPO answer is right and the SFT answer is not, whichever was shown first
+            assert (judged["model_first"]["raw"], judged["baseline_first"]["raw"]) == ("a", "b")
+            assert demo_task.judge(p["prompt"], p["model"]["text"])
+            assert not demo_task.judge(p["prompt"], p["baseline"]["text"])
     assert "%|" not in err and "Traceback" not in err  # no progress bars, ours or the libraries'
     assert "sft: 400 steps" in (out / "demo.log").read_text() or "steps in" in (out / "demo.log").read_text()
     pngs = [p for p in report["plots"]]
     assert any(p.endswith("before_after.png") for p in pngs) and any(p.endswith("curves.png") for p in pngs)
+    assert any(p.endswith("compare.png") for p in pngs)
     for p in pngs:
         data = open(p, "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -45,6 +58,10 @@ def test_judge():
     assert demo_task.judge("upper: qrva\n", "QRVA")
     assert demo_task.judge("upper: qrva\n", " QRVA\nmore")
     assert not demo_task.judge("upper: qrva\n", "QRVa")
+    assert demo_task.judge_pair("upper: qrva\n", "QRVA", "QRVa") == "a"
+    assert demo_task.judge_pair("upper: qrva\n", "QRVa", "QRVA\n") == "b"
+    assert demo_task.judge_pair("upper: qrva\n", "QRVa", "qrva") == demo_task.judge_pair("upper: qrva\n", "QRVA",
+                                                                                          "QRVA") == "tie"
 
 
 def test_bundled_data_matches_its_generator():

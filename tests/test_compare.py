@@ -57,12 +57,19 @@ def other_model(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reward_models(tiny_model, tmp_path_factory):
-    """(a one-output reward model, a three-output one), random weights, the tiny tokenizer."""
+    """(a one-output reward model, a three-output one, a backbone without a reward head), random weights, the tiny
+    tokenizer."""
+    from transformers import AutoModelForSequenceClassification, LlamaModel
+
     from fastdpo.modeling import load_tokenizer
     from fastdpo.tiny import build_tiny_reward_model
 
     root, tok = tmp_path_factory.mktemp("rm"), load_tokenizer(tiny_model)
-    return build_tiny_reward_model(root / "rm", tok, seed=3), build_tiny_reward_model(root / "rm3", tok, num_labels=3)
+    rm = build_tiny_reward_model(root / "rm", tok, seed=3)
+    rm3 = build_tiny_reward_model(root / "rm3", tok, num_labels=3)
+    LlamaModel(AutoModelForSequenceClassification.from_pretrained(rm).config).save_pretrained(root / "headless")
+    tok.save_pretrained(root / "headless")
+    return rm, rm3, str(root / "headless")
 
 
 def _run(tiny_model, baseline, cache, out, *extra, limit=6):
@@ -232,6 +239,7 @@ def test_bad_judges_are_one_line(tiny_model, small_cache, reward_models, judges,
     one_line_error(*cli("--reward-model", reward_models[1]), "has 3 output labels", "--reward-index")
     one_line_error(*cli("--reward-model", reward_models[1], "--reward-index", "3"), "--reward-index 3", "(0 to 2)")
     one_line_error(*cli("--reward-model", tiny_model), "LlamaForCausalLM", "--llm-judge")
+    one_line_error(*cli("--reward-model", reward_models[2], out="headless"), "no trained reward head", "score.weight")
     one_line_error(*cli(), "exactly one judge")
     one_line_error(*cli("--judge", f"{judges}:longer", "--llm-judge", tiny_model), "exactly one judge")
     one_line_error(*cli("--judge", f"{judges}:longer", "--split", "test"), "--split", "apply to --dataset")
@@ -268,9 +276,12 @@ def test_interrupted_comparison_resumes_to_the_same_report(tiny_model, other_mod
         _run(tiny_model, other_model, small_cache, tmp_path / "cut", *kw, limit=10)
     assert not (tmp_path / "cut" / "report.json").exists()
     assert len(list((tmp_path / "cut" / "answers").glob("*.json"))) == 4
+    litter = tmp_path / "cut" / "answers" / ".baseline-00000004.json.x1y2.tmp"  # what a kill -9 mid-write leaves
+    litter.write_text('{"ids": [')
     calls.clear()
     resumed = _run(tiny_model, other_model, small_cache, tmp_path / "cut", *kw, limit=10)
     assert calls == [4, 2]  # only B's last two batches were generated again
+    assert not litter.exists()
     assert _same_report(resumed, full)
     assert len({p["model"]["text"] for p in full["pairs"]}) > 1  # sampling did vary the answers
 

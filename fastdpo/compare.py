@@ -138,11 +138,11 @@ class CompareConfig(modeling.ModelArgs):
     def check(self):
         if self.dtype == "bf16-mixed":
             raise UserError("--dtype bf16-mixed is a training mode; to generate and judge, use bfloat16 or float32")
-        judges = [flag for flag, v in (("--judge", self.judge), ("--reward-model", self.reward_model),
-                                       ("--llm-judge", self.llm_judge)) if v]
-        if len(judges) != 1:
+        named = [flag for flag, v in (("--judge", self.judge), ("--reward-model", self.reward_model),
+                                      ("--llm-judge", self.llm_judge)) if v]
+        if len(named) != 1:
             raise UserError("give exactly one judge: --judge module:function, --reward-model M or --llm-judge M"
-                            + (f" (got {', '.join(judges)})" if judges else ""))
+                            + (f" (got {', '.join(named)})" if named else ""))
         if self.reward_index is not None and not self.reward_model:
             raise UserError("--reward-index picks a --reward-model's output; add --reward-model")
         if self.logps_backend != "auto" and not self.llm_judge:
@@ -276,13 +276,15 @@ def prompts_from_dataset(cfg: CompareConfig, setups: dict) -> Prompts:
     messages, BOS once where the tokenizer uses one), by each model's own tokenizer; bad rows are counted skips."""
     import collections
 
-    from .data import RowTokenizer, _classify, _messages, load_source
+    from .data import RowTokenizer, _classify, _messages, check_chat_template, load_source
     from .precompute import dataset_fingerprint
 
     ds = load_source(cfg)
     if cfg.prompt_column not in ds.column_names:
         raise UserError(f"dataset {cfg.dataset} has no column {cfg.prompt_column!r} (--prompt-column); columns found: "
                         f"{', '.join(ds.column_names)}")
+    for setup in setups.values():  # messages without a chat template: one line, not a skip per row
+        check_chat_template(ds, setup.tokenizer, [cfg.prompt_column])
     n = min(len(ds), cfg.limit or len(ds))
     values = ds.select(range(n))[cfg.prompt_column]
     limits = types.SimpleNamespace(max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation, max_length=None)

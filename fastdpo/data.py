@@ -4,15 +4,25 @@ Flow: `load_source` (datasets: Hub id, file or directory) -> `tokenize_dataset` 
 `Dataset.map`) -> rows of `id, prompt_ids, chosen_ids, rejected_ids`, plus skip counts by reason.
 
 Formats, detected per dataset from the first usable row:
-- standard: `prompt`, `chosen`, `rejected` strings; the sequence is prompt + completion.
-- conversational: lists of `{role, content}` messages. The prompt is rendered with the tokenizer's
-  chat template and `add_generation_prompt=True`; the completion is the full conversation minus it.
+- standard: `prompt`, `chosen`, `rejected` strings; the sequence is prompt + completion, with the
+  tokenizer's BOS once (where it adds one) and EOS appended when the completion lacks it.
+- conversational: lists of `{role, content}` messages. The prompt is what inference feeds the model:
+  the chat template's rendering of the prompt messages with `add_generation_prompt=True`. The
+  completion is the assistant turn as the template renders it after that prompt. Nothing is added:
+  BOS and end-of-turn tokens are the template's own (`--chat-bos tokenizer` adds a BOS it omits).
 - implicit prompt: only `chosen` / `rejected`. The prompt is their shared prefix, ending at the last
   assistant marker (strings, e.g. HH-RLHF's "\\n\\nAssistant:") or at the last shared message.
 
 Tokenization: prompt+completion is tokenized as one text, and the prompt/completion split is the
 longest token prefix shared by the prompt alone and both full sequences. A token that straddles
 the boundary belongs to the completion, so the model scores exactly the tokens it would see.
+
+Some chat templates render the prompt differently inside the whole conversation than alone (Mistral
+v0.3's and Nemo's put the system message in the last user turn only, so it vanishes once an
+assistant turn follows). The conversation's rendering then does not start with the prompt's, and the
+completion is the assistant turn rendered on its own (`RowTokenizer._turn`): the training sequence
+is the inference prompt followed by that turn, so the system prompt stays in the prompt. Where the
+turn cannot be isolated faithfully the row is skipped (`no_faithful_split`), never split elsewhere.
 """
 
 from __future__ import annotations
@@ -38,11 +48,16 @@ SKIP_REASONS = {
     "empty_text": "chosen or rejected is empty",
     "malformed_messages": "a message is not a {role, content} mapping of strings",
     "chosen_equals_rejected": "chosen and rejected are identical",
+    "identical_after_rendering": "chosen and rejected differ, but the chat template or tokenizer renders them to the "
+                                 "same tokens",
     "no_prompt_found": "implicit prompt: no shared prefix ending at an assistant turn",
     "chat_template_error": "the chat template failed on this conversation",
+    "no_faithful_split": "the chat template renders the prompt differently inside the whole conversation and the "
+                         "assistant turn cannot be rendered on its own",
     "empty_prompt": "the prompt has no tokens, so the first completion token cannot be scored",
+    "empty_completion": "the chat template renders no tokens for chosen or rejected",
     "prompt_too_long": "the prompt leaves no room for a completion within --max-length",
-    "identical_after_truncation": "chosen and rejected are identical after truncation",
+    "identical_after_truncation": "chosen and rejected are identical after truncation to --max-length",
 }
 
 
@@ -63,6 +78,9 @@ class DataArgs(Args):
                                  group="data")
     truncation: str = opt("keep_end", "which end of a long prompt to keep", choices=["keep_end", "keep_start"],
                           group="data")
+    chat_bos: str = opt("template", "conversational rows: 'template' keeps the BOS the chat template renders (as "
+                        "apply_chat_template(tokenize=True) does); 'tokenizer' also adds the tokenizer's BOS where "
+                        "the template renders none", choices=["template", "tokenizer"], group="data")
     assistant_marker: str = opt("\n\nAssistant:", "implicit-prompt string data: the prompt ends after the last one",
                                 group="data")
     limit: int | None = opt(None, "process only the first N rows of the split", ge=1, group="data")
@@ -342,6 +360,11 @@ def _lcp(a: list[int], b: list[int]) -> int:
     return i
 
 
+# The user turn that completions are rendered after when a chat template cannot render them after the row's own
+# prompt (`RowTokenizer._turn`); its text must never reach a completion.
+PROBE = [{"role": "user", "content": "fastdpo probe: answer the next turn"}]
+
+
 class RowTokenizer:
     """Turns raw rows into token ids; a batched `Dataset.map` function.
 
@@ -363,24 +386,61 @@ class RowTokenizer:
         self.add_bos = self.bos is not None and probe_with[:1] == [self.bos] and probe_without[:1] != [self.bos]
         if self.eos is None:
             raise UserError("the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
+        self._probe_head: str | None = None  # PROBE rendered with the generation prompt, on first use
 
     def normalise(self, batch: dict, i: int):
         raise NotImplementedError
 
-    def _render(self, kind, prompt, completions) -> list[str]:
-        if kind == "text":
-            return [prompt] + [prompt + c for c in completions]
-        apply = self.tok.apply_chat_template
-        return [apply(prompt, tokenize=False, add_generation_prompt=True)] + [
-            apply(prompt + c, tokenize=False) for c in completions]
+    def _chat(self, messages: list, add_generation_prompt: bool = False) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def _with_bos(self, ids: list[int]) -> list[int]:
-        return [self.bos] + ids if self.add_bos and ids[:1] != [self.bos] else ids
+    def _render(self, kind, prompt, completions):
+        """([prompt text, prompt + completion text, ...], whether a completion was rendered apart), or a skip
+        reason. Conversations: the prompt as inference renders it, then each completion's turn after it."""
+        if kind == "text":
+            return [prompt] + [prompt + c for c in completions], False
+        head = self._chat(prompt, add_generation_prompt=True)
+        texts, apart = [head], False
+        for c in completions:
+            whole = self._chat(prompt + c)
+            if not whole.startswith(head):  # the template renders the prompt otherwise once a turn follows
+                turn = self._turn(c, whole)
+                if turn is None:
+                    return "no_faithful_split"
+                whole, apart = head + turn, True
+            texts.append(whole)
+        return texts, apart
+
+    def _turn(self, completion: list, whole: str) -> str | None:
+        """The completion's messages as the template renders them after a generation prompt, or None.
+
+        They are rendered after a probe user turn (`PROBE`), and the turn is the text that follows the
+        probe's own generation prompt. It is trusted only if that prompt is a prefix of the probe
+        conversation, the probe's text stays out of the turn, and the row's own conversation `whole`
+        ends with the same text: the template renders the turn alike after the row's prompt.
+        """
+        try:
+            if self._probe_head is None:
+                self._probe_head = self._chat(PROBE, add_generation_prompt=True)
+            full = self._chat(PROBE + completion)
+        except Exception:  # jinja raises its own exception types for template errors
+            return None
+        if not full.startswith(self._probe_head):
+            return None
+        turn = full[len(self._probe_head):]
+        if not turn or PROBE[0]["content"] in turn or not whole.endswith(turn):
+            return None
+        return turn
+
+    def _with_bos(self, ids: list[int], conversational: bool) -> list[int]:
+        # A chat template renders its own BOS, or none (what apply_chat_template(tokenize=True) gives);
+        # `--chat-bos tokenizer` adds the tokenizer's where the template omits it.
+        add = self.add_bos and (not conversational or self.args.chat_bos == "tokenizer")
+        return [self.bos] + ids if add and ids[:1] != [self.bos] else ids
 
     def _with_eos(self, ids: list[int], conversational: bool) -> list[int]:
-        # Chat templates close each turn themselves; an EOS among the completion tokens is enough.
-        has = (self.eos in ids) if conversational else ids[-1:] == [self.eos]
-        return ids if has else ids + [self.eos]
+        # A chat template closes the turn itself (with its end-of-turn token, an EOS or not): nothing is added.
+        return ids if conversational or ids[-1:] == [self.eos] else ids + [self.eos]
 
     def _truncate(self, prompt, completions):
         a = self.args
@@ -403,7 +463,8 @@ class RowTokenizer:
         n = len(indices)
         wrong = batch.get("__fastdpo_wrong_type__", [False] * n)
         out = {"id": list(indices), "prompt_ids": [[] for _ in range(n)], "chosen_ids": [[] for _ in range(n)],
-               "rejected_ids": [[] for _ in range(n)], "skip": [""] * n, "boundary_merge": [False] * n}
+               "rejected_ids": [[] for _ in range(n)], "skip": [""] * n, "boundary_merge": [False] * n,
+               "turn_apart": [False] * n}
         texts, kinds, where = [], [], []
         width = 1 + len(self.targets)
         for i in range(n):
@@ -412,23 +473,33 @@ class RowTokenizer:
                 out["skip"][i] = norm
                 continue
             try:
-                texts.extend(self._render(*norm))
+                rendered = self._render(*norm)
             except Exception:  # jinja raises its own exception types for template errors
-                out["skip"][i] = "chat_template_error"
+                rendered = "chat_template_error"
+            if isinstance(rendered, str):
+                out["skip"][i] = rendered
                 continue
+            texts.extend(rendered[0])
+            out["turn_apart"][i] = rendered[1]
             kinds.append(norm[0])
             where.append(i)
         if not where:
             return out
         ids = self.tok(texts, add_special_tokens=False)["input_ids"]
         for j, i in enumerate(where):
-            p, *fulls = (self._with_bos(list(x)) for x in ids[width * j: width * (j + 1)])
+            conv = kinds[j] == "messages"
+            p, *fulls = (self._with_bos(list(x), conv) for x in ids[width * j: width * (j + 1)])
             k = min(_lcp(p, f) for f in fulls)
             out["boundary_merge"][i] = k < len(p)
-            conv = kinds[j] == "messages"
             prompt, completions = p[:k], [self._with_eos(f[k:], conv) for f in fulls]
             if not prompt:
                 out["skip"][i] = "empty_prompt"
+                continue
+            if not all(completions):
+                out["skip"][i] = "empty_completion"
+                continue
+            if len(completions) == 2 and completions[0] == completions[1]:
+                out["skip"][i] = "identical_after_rendering"
                 continue
             cut = self._truncate(prompt, completions)
             if isinstance(cut, str):
@@ -538,7 +609,7 @@ def tokenized_features():
 
     ids = List(Value("int32"))
     return Features({"id": Value("int64"), "prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids,
-                     "skip": Value("string"), "boundary_merge": Value("bool")})
+                     "skip": Value("string"), "boundary_merge": Value("bool"), "turn_apart": Value("bool")})
 
 
 def check_chat_template(ds, tokenizer, columns: list[str]) -> None:
@@ -589,7 +660,11 @@ def _map_rows(ds, fn: RowTokenizer, args: DataArgs, fingerprint: str | None):
     out = ds.map(fn, batched=True, batch_size=256, with_indices=True, remove_columns=ds.column_names,
                  features=tokenized_features(), desc="Tokenizing", **kw)
     skips = collections.Counter(s for s in out["skip"] if s)
-    stats = {"rows_read": len(ds), "boundary_merges": int(sum(out["boundary_merge"]))}
+    kept_rows = [not s for s in out["skip"]]
+    stats = {"rows_read": len(ds),  # and among the kept rows, those whose prompt lost a straddling token and those
+             # whose completion is the assistant turn rendered on its own (`RowTokenizer._render`)
+             "boundary_merges": sum(k and m for k, m in zip(kept_rows, out["boundary_merge"])),
+             "turns_rendered_apart": sum(k and t for k, t in zip(kept_rows, out["turn_apart"]))}
     if skips and args.strict:
         first = next(i for i, s in enumerate(out["skip"]) if s)
         reason = out[first]["skip"]
@@ -597,7 +672,7 @@ def _map_rows(ds, fn: RowTokenizer, args: DataArgs, fingerprint: str | None):
                         "--strict stops at the first skipped row")
     kept = out.filter(lambda s: not s, input_columns="skip", desc="Dropping skipped rows",
                       **({"new_fingerprint": fingerprint + "-kept"} if fingerprint else {}))
-    kept = kept.remove_columns(["skip", "boundary_merge"])
+    kept = kept.remove_columns(["skip", "boundary_merge", "turn_apart"])
     return kept, skips, stats
 
 
@@ -616,5 +691,5 @@ def keep_rows(tokenized, args: DataArgs, is_main: bool = True):
 def summarise_skips(skips: collections.Counter, total: int) -> str | None:
     if not skips:
         return None
-    parts = ", ".join(f"{k}={v}" for k, v in sorted(skips.items(), key=lambda kv: -kv[1]))
+    parts = "; ".join(f"{k}={v} ({SKIP_REASONS.get(k, '?')})" for k, v in sorted(skips.items(), key=lambda kv: -kv[1]))
     return f"skipped {sum(skips.values())} of {total} rows: {parts}"

@@ -59,20 +59,33 @@ def test_boundary_tokens_split_from_joint_tokenization(tiny_tokenizer):
     assert tok.decode(row["chosen_ids"][:-1]).endswith("world")  # " world" moved to the completion
 
 
-def test_conversational_uses_chat_template(tiny_tokenizer):
+def chat_ids(tok, messages, **kw):
+    return list(tok.apply_chat_template(messages, tokenize=True, **kw)["input_ids"])
+
+
+def test_conversational_equals_apply_chat_template(tiny_tokenizer):
+    """The prompt is what inference feeds the model, the sequence what the template renders for the whole
+    conversation: the template's own BOS (none in this one) and end of turn, nothing added."""
     tok = tiny_tokenizer
     prompt = [{"role": "user", "content": "What is the capital of France?"}]
     chosen = [{"role": "assistant", "content": "Paris"}]
     rejected = [{"role": "assistant", "content": "Berlin"}]
-    kept, skips, _ = tokenize_rows(tok, [{"prompt": prompt, "chosen": chosen, "rejected": rejected}])
+    kept, skips, stats = tokenize_rows(tok, [{"prompt": prompt, "chosen": chosen, "rejected": rejected}])
     row = kept[0]
-    rendered_prompt = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full = tok.apply_chat_template(prompt + chosen, tokenize=False)
-    assert tok.decode(row["prompt_ids"], skip_special_tokens=False) == "<s>" + rendered_prompt
-    completion = tok.decode(row["chosen_ids"], skip_special_tokens=False)
-    assert completion.startswith("Paris<|im_end|>") and "<|im_start|>" not in completion
-    assert row["prompt_ids"] + row["chosen_ids"][: len(ids(tok, full)) + 1 - len(row["prompt_ids"])] == [
-        tok.bos_token_id] + ids(tok, full)
+    assert row["prompt_ids"] == chat_ids(tok, prompt, add_generation_prompt=True)
+    assert row["prompt_ids"] + row["chosen_ids"] == chat_ids(tok, prompt + chosen)
+    assert row["prompt_ids"] + row["rejected_ids"] == chat_ids(tok, prompt + rejected)
+    assert tok.decode(row["chosen_ids"]) == "Paris<|im_end|>\n" and tok.bos_token_id not in row["prompt_ids"]
+    assert stats["turns_rendered_apart"] == 0 and stats["boundary_merges"] == 0
+
+
+def test_chat_bos_tokenizer_adds_the_bos_the_template_omits(tiny_tokenizer):
+    tok = tiny_tokenizer
+    row = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
+           "rejected": [{"role": "assistant", "content": "b"}]}
+    kept, _, _ = tokenize_rows(tok, [row], chat_bos="tokenizer")
+    assert kept[0]["prompt_ids"] == [tok.bos_token_id] + chat_ids(tok, row["prompt"], add_generation_prompt=True)
+    assert kept[0]["chosen_ids"] == chat_ids(tok, row["prompt"] + row["chosen"])[len(kept[0]["prompt_ids"]) - 1:]
 
 
 def test_conversational_string_prompt_and_completions_are_wrapped(tiny_tokenizer):
@@ -107,9 +120,8 @@ def test_implicit_prompt_conversations(tiny_tokenizer):
     kept, _, _ = tokenize_rows(tok, [{"chosen": shared + [{"role": "assistant", "content": "Paris"}],
                                       "rejected": shared + [{"role": "assistant", "content": "Rome"}]}])
     row = kept[0]
-    assert tok.decode(row["prompt_ids"], skip_special_tokens=False) == "<s>" + tok.apply_chat_template(
-        shared, tokenize=False, add_generation_prompt=True)
-    assert tok.decode(row["chosen_ids"], skip_special_tokens=False).startswith("Paris<|im_end|>")
+    assert row["prompt_ids"] == chat_ids(tok, shared, add_generation_prompt=True)
+    assert tok.decode(row["chosen_ids"], skip_special_tokens=False) == "Paris<|im_end|>\n"
 
 
 def test_implicit_prompt_without_marker_is_skipped(tiny_tokenizer):
@@ -176,6 +188,14 @@ def test_identical_after_truncation_is_skipped(tiny_tokenizer):
     p = len(full[0]["prompt_ids"])
     _, skips, _ = tokenize_rows(tiny_tokenizer, [row], max_length=p + 1)
     assert skips == {"identical_after_truncation": 1}
+
+
+def test_identical_after_rendering_is_not_called_truncation(tiny_tokenizer):
+    """Chosen " world</s>" and rejected " world" differ as text, but are one sequence once EOS is appended to the
+    second: nothing was cut, so the reason says so."""
+    row = {"prompt": "Hello", "chosen": " world</s>", "rejected": " world"}
+    _, skips, _ = tokenize_rows(tiny_tokenizer, [row], max_length=None)
+    assert skips == {"identical_after_rendering": 1}
 
 
 # ---------------------------------------------------------------- skips and bad input

@@ -117,7 +117,8 @@ def _manifest(cfg: PrecomputeConfig, setup, fingerprint: str, hashes: dict, stat
                    "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id},
         dataset={"name": cfg.dataset, "config": cfg.dataset_config, "split": cfg.split, "fingerprint": hashes["data"],
                  "rows_read": stats["rows_read"], "rows_written": n_rows, "rows_skipped": dict(sorted(skips.items())),
-                 "boundary_merges": stats["boundary_merges"], "columns": {
+                 "boundary_merges": stats["boundary_merges"], "turns_rendered_apart": stats["turns_rendered_apart"],
+                 "columns": {
                      "prompt": cfg.prompt_column, "chosen": cfg.chosen_column, "rejected": cfg.rejected_column}},
         settings={**cfg.settings(), "resolved_dtype": str(setup.dtype).replace("torch.", ""),
                   "resolved_device": str(modeling.resolve_device(cfg.device)),

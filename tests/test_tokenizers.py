@@ -93,45 +93,10 @@ MISTRAL_V3 = """{%- if messages[0]["role"] == "system" %}
     {%- endif %}
 {%- endfor %}"""  # noqa: E501
 
-# Mistral-Nemo-Instruct-2407 (tekken): v0.3's structure without the spaces after [INST] and before the answer, and
-# without the trim.
-MISTRAL_NEMO = """{%- if messages[0]["role"] == "system" %}
-    {%- set system_message = messages[0]["content"] %}
-    {%- set loop_messages = messages[1:] %}
-{%- else %}
-    {%- set loop_messages = messages %}
-{%- endif %}
-{%- if not tools is defined %}
-    {%- set tools = none %}
-{%- endif %}
-{%- set user_messages = loop_messages | selectattr("role", "equalto", "user") | list %}
-
-{#- This block checks for alternating user/assistant messages, skipping tool calling messages #}
-{%- set ns = namespace() %}
-{%- set ns.index = 0 %}
-{%- for message in loop_messages %}
-    {%- if not (message.role == "tool" or message.role == "tool_results" or (message.tool_calls is defined and message.tool_calls is not none)) %}
-        {%- if (message["role"] == "user") != (ns.index % 2 == 0) %}
-            {{- raise_exception("After the optional system message, conversation roles must alternate user/assistant/user/assistant/...") }}
-        {%- endif %}
-        {%- set ns.index = ns.index + 1 %}
-    {%- endif %}
-{%- endfor %}
-
-{{- bos_token }}
-{%- for message in loop_messages %}
-    {%- if message["role"] == "user" %}
-        {%- if loop.last and system_message is defined %}
-            {{- "[INST]" + system_message + "\\n\\n" + message["content"] + "[/INST]" }}
-        {%- else %}
-            {{- "[INST]" + message["content"] + "[/INST]" }}
-        {%- endif %}
-    {%- elif message["role"] == "assistant" %}
-        {{- message["content"] + eos_token}}
-    {%- else %}
-        {{- raise_exception("Only user and assistant roles are supported, with the exception of an initial optional system message!") }}
-    {%- endif %}
-{%- endfor %}"""  # noqa: E501
+# Mistral-Nemo-Instruct-2407 (tekken): v0.3's template without the space after [INST], the space before the answer
+# and the trim.
+MISTRAL_NEMO = MISTRAL_V3.replace('"[INST] "', '"[INST]"').replace('" " + message["content"]|trim + eos_token',
+                                                                    'message["content"] + eos_token')
 
 # Meta-Llama-3-8B-Instruct: BOS rendered by the template, content trimmed, <|eot_id|> ends every turn.
 LLAMA3 = (
@@ -196,8 +161,8 @@ GEMMA3 = """{{ bos_token }}
 {%- endif -%}
 """
 
-# Phi-3-mini-4k-instruct: no BOS in the template (its tokenizer adds one to plain text), EOS after a finished
-# conversation.
+# Phi-3-mini-4k-instruct: no BOS in the template, EOS after a finished conversation (given here a tokenizer that adds
+# BOS to plain text, for --chat-bos).
 PHI3 = (
     "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
     "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
@@ -453,7 +418,7 @@ def test_trimmed_answers_that_render_alike_are_named_so(tokenizer_of):
 
 
 def test_chat_bos_tokenizer_on_a_template_without_bos(tokenizer_of):
-    """Phi-3's template renders no BOS though its tokenizer adds one to plain text: the default keeps the
+    """Phi-3's template renders no BOS, on a tokenizer that adds one to plain text: the default keeps the
     template's sequence, `--chat-bos tokenizer` puts the BOS in front, once."""
     tok = tokenizer_of("phi3")
     row = {"prompt": [user("Capital of Japan?")], "chosen": [bot("Tokyo.")], "rejected": [bot("Kyoto.")]}
@@ -585,3 +550,32 @@ def test_precompute_cli_keeps_the_system_prompt(tmp_path, tokenizer_of):
         assert tok.decode(r["prompt_ids"]) == f"<s>[INST] You are terse.\n\nCapital of country {i}?[/INST]"
         assert tok.decode(r["chosen_ids"]) == f"City {i}.</s>" and tok.decode(r["rejected_ids"]) == "I do not know.</s>"
         assert len(r["ref_chosen_token_logps"]) == len(r["chosen_ids"])
+
+
+# ---------------------------------------------------------------- the README's comparison with TRL
+
+
+def test_trl_differences_stated_in_the_readme(tokenizer_of):
+    """What TRL 1.16's DPOTrainer._prepare_dataset does with the rows the README's table names: the prompt cut
+    at the common token prefix of the rendered prompt and conversation (`common_prefix_length`), string rows
+    tokenized with the tokenizer's special tokens, implicit string prompts cut at the first differing
+    character (`extract_prompt`)."""
+    data_utils = pytest.importorskip("trl.data_utils")
+    tok = tokenizer_of("mistral-v3")
+    prompt, answer = [system("You are terse."), user("Capital of Japan?")], [bot("Tokyo.")]
+    p, pc = chat_ids(tok, prompt, add_generation_prompt=True), chat_ids(tok, prompt + answer)
+    k = data_utils.common_prefix_length(p, pc)
+    assert tok.decode(p[:k]) == "<s>[INST]" and tok.decode(pc[k:]) == "Capital of Japan?[/INST] Tokyo.</s>"
+    kept, _, _ = tokenize(tok, [{"prompt": prompt, "chosen": answer, "rejected": [bot("Kyoto.")]}])
+    assert tok.decode(kept[0]["chosen_ids"]) == "Tokyo.</s>"  # fastdpo: the system prompt stays in the prompt
+
+    rendered = tok.apply_chat_template([user("Hi")], tokenize=False, add_generation_prompt=True)
+    assert text_ids(tok, rendered, special=True)[:2] == [tok.bos_token_id] * 2  # TRL's string path: BOS twice
+    kept, _, _ = tokenize(tok, [{"prompt": rendered, "chosen": " Hello.", "rejected": " Bye."}])
+    assert kept[0]["prompt_ids"].count(tok.bos_token_id) == 1
+
+    hh = "\n\nHuman: Name a pet.\n\nAssistant: The "
+    trl = data_utils.extract_prompt({"chosen": hh + "cat", "rejected": hh + "dog"})
+    assert trl == {"prompt": hh.rstrip(" "), "chosen": " cat", "rejected": " dog"}  # "The" is in TRL's prompt
+    kept, _, _ = tokenize(tok, [{"chosen": hh + "cat", "rejected": hh + "dog"}])
+    assert tok.decode(kept[0]["chosen_ids"], skip_special_tokens=True).strip() == "The cat"

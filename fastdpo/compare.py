@@ -287,7 +287,8 @@ def prompts_from_dataset(cfg: CompareConfig, setups: dict) -> Prompts:
         check_chat_template(ds, setup.tokenizer, [cfg.prompt_column])
     n = min(len(ds), cfg.limit or len(ds))
     values = ds.select(range(n))[cfg.prompt_column]
-    limits = types.SimpleNamespace(max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation, max_length=None)
+    limits = types.SimpleNamespace(max_prompt_length=cfg.max_prompt_length, truncation=cfg.truncation, max_length=None,
+                                   chat_bos="template")
     row_tokenizers = {side: RowTokenizer(s.tokenizer, limits) for side, s in setups.items()}
     skipped = collections.Counter()
     ids, for_judge, tokens = [], [], {side: [] for side in setups}
@@ -299,14 +300,10 @@ def prompts_from_dataset(cfg: CompareConfig, setups: dict) -> Prompts:
             skipped[kind] += 1
             continue
         try:
-            rendered = {side: rt._render(kind, value, [])[0] for side, rt in row_tokenizers.items()}
+            row = {side: rt.prompt_ids(kind, value) for side, rt in row_tokenizers.items()}
         except Exception:  # jinja's own exception types, or no chat template
             skipped["chat_template_error"] += 1
             continue
-        row = {}
-        for side, rt in row_tokenizers.items():
-            ids_ = rt._with_bos(rt.tok(rendered[side], add_special_tokens=False)["input_ids"])
-            row[side] = rt._truncate(ids_, [])[0]
         ids.append(i)
         for_judge.append(value)
         for side in setups:

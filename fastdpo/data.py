@@ -438,6 +438,16 @@ class RowTokenizer:
         add = self.add_bos and (not conversational or self.args.chat_bos == "tokenizer")
         return [self.bos] + ids if add and ids[:1] != [self.bos] else ids
 
+    def encode(self, text: str, conversational: bool) -> list[int]:
+        """A rendered text's ids with BOS by the format's rule (`_with_bos`)."""
+        return self._with_bos(self.tok(text, add_special_tokens=False)["input_ids"], conversational)
+
+    def prompt_ids(self, kind: str, prompt) -> list[int]:
+        """One prompt (kind "text" or "messages") alone, as precompute tokenizes prompts: rendered with the
+        generation prompt, BOS by the format's rule, cut to --max-prompt-length. What generation starts from."""
+        texts, _ = self._render(kind, prompt, [])
+        return self._truncate(self.encode(texts[0], kind == "messages"), [])[0]
+
     def _with_eos(self, ids: list[int], conversational: bool) -> list[int]:
         # A chat template closes the turn itself (with its end-of-turn token, an EOS or not): nothing is added.
         return ids if conversational or ids[-1:] == [self.eos] else ids + [self.eos]

@@ -111,13 +111,22 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig
                                                                                        cfg, device)]
 
 
+def stop_ids(model, tokenizer) -> list[int]:
+    """The ids that end an answer: the tokenizer's EOS and the model's generation_config EOS ids (a chat model
+    lists its end-of-turn token there, e.g. Llama 3's <|eot_id|>; a conversation is trained to end with it)."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return list(dict.fromkeys([tokenizer.eos_token_id] + ids))
+
+
 def generate_tokens(model, tokenizer, prompts: list[list[int]], cfg, device) -> list[list[int]]:
     """Left-padded batched generation from the exact prompt tokens (`cfg`: batch_size, max_new_tokens,
-    temperature); returns each answer's new token ids, cut at its first EOS (EOS and padding excluded)."""
+    temperature); returns each answer's new token ids, cut at its first stop id (`stop_ids`; that id and padding
+    excluded)."""
     import torch
 
     answers = []
-    pad = tokenizer.pad_token_id
+    pad, stop = tokenizer.pad_token_id, stop_ids(model, tokenizer)
     for lo in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[lo:lo + cfg.batch_size]
         width = max(map(len, chunk))
@@ -127,7 +136,7 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], cfg, device) -> 
             ids[i, width - len(p):] = torch.as_tensor(p)
             mask[i, width - len(p):] = 1
         kw = dict(do_sample=cfg.temperature > 0, max_new_tokens=cfg.max_new_tokens, pad_token_id=pad,
-                  eos_token_id=tokenizer.eos_token_id)
+                  eos_token_id=stop)
         if cfg.temperature > 0:
             kw.update(temperature=cfg.temperature, top_k=0, top_p=1.0)
         else:
@@ -135,8 +144,8 @@ def generate_tokens(model, tokenizer, prompts: list[list[int]], cfg, device) -> 
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)
         for row in out[:, width:].tolist():
-            if tokenizer.eos_token_id in row:  # generate pads a finished answer after its EOS
-                row = row[:row.index(tokenizer.eos_token_id)]
+            end = next((k for k, t in enumerate(row) if t in stop), None)  # generate pads a finished answer
+            row = row if end is None else row[:end]
             answers.append(row)
     return answers
 

@@ -187,7 +187,7 @@ class LLMJudge:
         tok = self.setup.tokenizer
         self.chat = bool(getattr(tok, "chat_template", None))
         self.labels = ("A", "B") if self.chat else (" A", " B")
-        self.with_bos = RowTokenizer(tok, types.SimpleNamespace())._with_bos  # BOS once where the tokenizer uses one
+        self.rows = RowTokenizer(tok, types.SimpleNamespace(chat_bos="template"))  # BOS by the format's rule
         self.scorer = None
         self._settings = {"llm_judge": self.name, "dtype": str(dtype), "logps_backend": cfg.logps_backend,
                           "weights": modeling.weights_hash(self.name), "template": LLM_JUDGE_TEMPLATE}
@@ -211,8 +211,7 @@ class LLMJudge:
                                            add_generation_prompt=True)
         else:
             text += "\nAnswer:"
-        p, *fulls = (self.with_bos(ids) for ids in tok([text] + [text + label for label in self.labels],
-                                             add_special_tokens=False)["input_ids"])
+        p, *fulls = (self.rows.encode(t, self.chat) for t in [text] + [text + label for label in self.labels])
         k = min(_lcp(p, f) for f in fulls)
         return p[:k], fulls[0][k:], fulls[1][k:]
 

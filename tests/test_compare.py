@@ -212,7 +212,7 @@ def test_llm_judge_reads_label_logprobs(tiny_model, other_model, small_cache, tm
                                              answer_b=p[second]["text"])
             text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                            add_generation_prompt=True)
-            ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+            ids = tok(text, add_special_tokens=False)["input_ids"]  # a chat text: the template's BOS, none here
             with torch.no_grad():
                 logp = judge(torch.tensor([ids])).logits[0, -1].double().log_softmax(-1)
             la, lb = (logp[tok(x, add_special_tokens=False)["input_ids"][0]].item() for x in ("A", "B"))
@@ -339,8 +339,9 @@ def test_prompts_from_a_dataset(tiny_model, judges, tmp_path, monkeypatch):
     assert [p["id"] for p in r["pairs"]] == [0, 2]
     # the judge sees the dataset's own prompts, a string and a list of messages, in both orders
     assert cmp_judges.SEEN == [rows[0]["prompt"], rows[2]["prompt"]] * 2
-    # both models saw them as precompute renders prompts: BOS + text, and the chat template for messages
+    # both models saw them as precompute renders prompts: BOS + text, and the chat template (with its own BOS, none
+    # here: what apply_chat_template(tokenize=True) gives) for messages
     tok = load_tokenizer(tiny_model)
-    chat = tok.apply_chat_template(rows[2]["prompt"], tokenize=False, add_generation_prompt=True)
-    expect = [[tok.bos_token_id] + tok(x, add_special_tokens=False)["input_ids"] for x in (rows[0]["prompt"], chat)]
+    chat = tok.apply_chat_template(rows[2]["prompt"], tokenize=True, add_generation_prompt=True, return_dict=False)
+    expect = [[tok.bos_token_id] + tok(rows[0]["prompt"], add_special_tokens=False)["input_ids"], list(chat)]
     assert seen_ids == [expect, expect]

@@ -76,3 +76,24 @@ def test_generate_with_judge(tiny_model, tmp_path, monkeypatch):
 def test_bad_judge(tiny_model, tmp_path):
     code, err = run_cli("eval", "--model", tiny_model, "--ref-cache", tmp_path, "--generate", "--judge", "nojudge")
     assert code == 2 and "module:function" in err
+
+
+def test_answers_stop_at_the_models_end_of_turn_too(tiny_model):
+    """Generation stops at the tokenizer's EOS and at every EOS id of the model's generation config (a chat model's
+    end-of-turn token, which conversations are trained to end with), and cuts the answer there."""
+    import types
+
+    from fastdpo.eval import generate_tokens, stop_ids
+    from fastdpo.modeling import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    chat = types.SimpleNamespace(generation_config=types.SimpleNamespace(eos_token_id=[7, tok.eos_token_id, 9]))
+    assert stop_ids(chat, tok) == [tok.eos_token_id, 7, 9]
+    assert stop_ids(types.SimpleNamespace(), tok) == [tok.eos_token_id]
+    model = load_model(tiny_model)
+    cfg = types.SimpleNamespace(batch_size=2, max_new_tokens=8, temperature=0.0)
+    free = generate_tokens(model, tok, [[5, 6, 7], [8]], cfg, "cpu")
+    assert all(free) and all(len(a) <= 8 for a in free)
+    model.generation_config.eos_token_id = [tok.eos_token_id, free[0][1]]  # its second token now ends the turn
+    cut = generate_tokens(model, tok, [[5, 6, 7], [8]], cfg, "cpu")
+    assert cut[0] == free[0][:1] and free[0][1] not in cut[1]

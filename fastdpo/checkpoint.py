@@ -14,7 +14,14 @@
 A run directory is guarded like a cache (`check_run_dir`): a run goes only into an empty directory,
 continues its own (`--resume`), or replaces one with `--overwrite`, which removes the old run's files
 so that nothing stale (an old checkpoint a later `--resume latest` would pick) survives; it never
-lies inside its model, reference or cache directories.
+lies inside its model, reference or cache directories. One command at a time writes it: the main
+process holds `OUT/.fastdpo.lock` (`io.DirLock`) from its first write to its end (`claim_run_dir`).
+
+A resume continues the checkpoint's run (`check_resume`): options that change the trajectory are
+compared with the checkpoint's config; those the checkpoint's state is built for (model, optimizer,
+data and plan, precision, LoRA adapter) cannot change, the others (`CHANGEABLE_KEYS`) only with
+`--allow-changes`, and only logging, saving and how the same numbers are computed (`FREE_KEYS`)
+change freely.
 
 Every save goes to a hidden temporary directory first (`.checkpoint-STEP.tmp`, `.NAME.tmp-PID`) and
 is renamed into place, so a crash never leaves a directory that looks complete; temporaries a crash
@@ -36,7 +43,17 @@ import numpy as np
 from . import __version__, modeling, sharding
 from .config import to_dict
 from .errors import UserError, first_line
-from .io import atomic_write_json, check_output_apart, fsync_dir, writing
+from .io import (
+    DirLock,
+    atomic_write_json,
+    check_output_apart,
+    describe_holder,
+    ensure_dir,
+    fsync_dir,
+    is_lock_file,
+    lock_holder,
+    writing,
+)
 
 SHARDED = "sharded"  # a checkpoint's DCP directory under --fsdp
 DEEPSPEED = "deepspeed"  # a checkpoint's DeepSpeed directory (engine.save_checkpoint's tag)
@@ -44,6 +61,21 @@ DEEPSPEED = "deepspeed"  # a checkpoint's DeepSpeed directory (engine.save_check
 # Settings that decide which pairs form each step: a resume must keep them.
 PLAN_KEYS = ("batch_size", "grad_accum", "seed", "shuffle", "group_by_length", "ref_cache", "dataset")
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")  # the adapter a checkpoint holds
+# Options a resume may change freely: what is logged, saved or shown, when the run stops early, and how the same
+# numbers are computed (layout, kernels, attention, sharding details), never which numbers
+FREE_KEYS = frozenset({
+    "output", "resume", "overwrite", "allow_changes", "progress", "log_every", "report_to", "save_steps",
+    "save_total_limit", "kl_warn", "early_stop_kl", "max_bad_steps", "merge_lora", "gradient_checkpointing",
+    "attn_implementation", "logps_backend", "packing", "prefix_sharing", "max_tokens_per_batch", "fsdp_lm_head",
+    "fsdp_reshard_after_forward", "fsdp_cpu_offload", "trust_remote_code", "strict",
+    "max_steps", "epochs"})  # the run's length: compared as the schedule's length (`check_resume`)
+# Options that change the trajectory from the step where they change: refused on resume unless --allow-changes,
+# then honoured from the next step (the optimizer's hyperparameters and the schedule are rebuilt from them)
+CHANGEABLE_KEYS = ("loss", "loss_weights", "beta", "label_smoothing", "simpo_gamma", "discopop_tau", "ld_alpha",
+                   "lr", "lr_scheduler", "warmup_steps", "warmup_ratio", "weight_decay", "momentum", "max_grad_norm",
+                   "disable_dropout", "ref_model")
+# Every other option (model, revision, dtype, data settings, ...) cannot change: the checkpoint's state is built
+# for it
 
 
 # What a run writes into OUT (besides checkpoint-*/ and hidden temporaries): removed by --overwrite
@@ -56,13 +88,17 @@ RUN_DIRS = ("fastdpo",)  # accelerate's tracker logs (project_dir/OUT/fastdpo)
 
 def _is_run_file(p: Path) -> bool:
     name = p.name
+    if is_lock_file(name):
+        return False
     if p.is_dir():
         return name in RUN_DIRS or name.startswith("checkpoint-") or (name.startswith(".") and ".tmp" in name)
     return name in RUN_FILES or (name.startswith("model-") and name.endswith(".safetensors"))
 
 
-def check_run_dir(out: str, inputs: dict[str, str | None], resume: str | None, overwrite: bool) -> None:
-    """Refuse, before anything is written, an output directory that would lose or mix data.
+def check_run_dir(out: str, inputs: dict[str, str | None], resume: str | None, overwrite: bool,
+                  locked: bool = False) -> None:
+    """Refuse, before anything is written, an output directory that would lose or mix data, or that another
+    command writes now (`locked`: this process holds its lock).
 
     inputs: flag -> local path the run reads (--model, --ref-cache, ...); OUT may not be or lie inside one,
     and with --overwrite none of them may lie inside OUT.
@@ -72,9 +108,14 @@ def check_run_dir(out: str, inputs: dict[str, str | None], resume: str | None, o
     for flag, other in inputs.items():
         if overwrite and other and Path(other).exists() and path in Path(other).resolve().parents:
             raise UserError(f"--overwrite would delete {flag} {other}, which lies inside --output {out}")
-    if not path.is_dir() or resume:
+    if not path.is_dir():
         return
-    entries = list(path.iterdir())
+    holder, gone = (None, True) if locked else lock_holder(path)
+    if holder is not None and not gone:
+        raise UserError(describe_holder(out, "--output", holder))
+    if resume:
+        return
+    entries = [p for p in path.iterdir() if not is_lock_file(p.name)]
     ours = [p for p in entries if _is_run_file(p)]
     if not entries or overwrite:
         return
@@ -85,6 +126,55 @@ def check_run_dir(out: str, inputs: dict[str, str | None], resume: str | None, o
         "a run with checkpoints" if list_checkpoints(path) else "a run")
     raise UserError(f"--output {out} holds {what}; pass --resume latest to continue it, --overwrite to start over, "
                     "or choose another directory")
+
+
+def on_main(state, fn):
+    """`fn()` on the main process only; a UserError it raises is raised on every process, with the same line, so
+    that all stop alike (none waits at a barrier for a peer that has left). state: accelerate's (Partial)State or
+    Accelerator. Returns fn's result on the main process, None elsewhere."""
+    result, error = None, None
+    if state.is_main_process:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def claim_run_dir(state, out: str, command: str, inputs: dict[str, str | None], resume: str | None,
+                  overwrite: bool) -> DirLock | None:
+    """Lock OUT for this command (the main process holds the lock), then check it again under the lock: between
+    the first check and now another run may have written there. Every process raises the same refusal."""
+    def claim():
+        path = Path(out)
+        created = not path.exists()
+        ensure_dir(path)
+        lock = DirLock(path, command).acquire()
+        try:
+            check_run_dir(out, inputs, resume, overwrite, locked=True)
+        except BaseException:
+            release_run_dir(lock, created)
+            raise
+        lock.created = created
+        return lock
+
+    return on_main(state, claim)
+
+
+def release_run_dir(lock: DirLock | None, created: bool | None = None) -> None:
+    """Release the lock; a directory this command created and left empty is removed."""
+    if lock is None:
+        return
+    lock.release()
+    created = getattr(lock, "created", False) if created is None else created
+    if created and lock.dir.is_dir() and not any(lock.dir.iterdir()):
+        lock.dir.rmdir()
 
 
 def clear_run_dir(out: Path) -> None:
@@ -102,34 +192,48 @@ def unwrapped_policy(accelerator, model):
 
 
 def save_pretrained_atomic(accelerator, model, tokenizer, target: Path, merge_lora: bool = False) -> None:
-    """save_pretrained into a temporary directory, then move the files in; config.json goes last."""
+    """save_pretrained into a temporary directory, then move the files in; config.json goes last. A failed write
+    (a full disk) is one line on every process, and nothing of it is left."""
     policy, sharded = unwrapped_policy(accelerator, model), sharding.is_sharded(model)
     # gathers sharded weights onto the main process; keys carry the wrapper's prefix
     state_dict = sharding.full_state_dict(model) if sharded else accelerator.get_state_dict(model)
-    if not accelerator.is_main_process:
-        return
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with writing(target, cleanup=tmp), _removed_on_interrupt(tmp):
-        tmp.mkdir(parents=True)
-        sd = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
-        if merge_lora and hasattr(policy, "peft_config"):
-            # the unsharded state dict shares the live weights, which merging would change: a copy in CPU memory
-            # (a second copy on a full GPU would not fit at the very end of a run)
-            owned = sd if sharded else {k: v.to("cpu", copy=True) for k, v in sd.items()}
-            merged_lora(policy, owned).save_pretrained(tmp, safe_serialization=True)
-        else:  # a PeftModel keeps the adapter's entries of it
-            policy.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        for name in os.listdir(tmp):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        target.mkdir(parents=True, exist_ok=True)
-        # config.json last: until it is in place, the directory does not load as a model
-        for name in sorted(os.listdir(tmp), key=lambda n: n in ("config.json", "adapter_config.json")):
-            os.replace(tmp / name, target / name)
-        fsync_dir(target)
-        tmp.rmdir()
+
+    def write():
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with writing(target, cleanup=tmp, need=lambda: state_bytes(state_dict)), _removed_on_interrupt(tmp):
+            tmp.mkdir(parents=True)
+            sd = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+            if merge_lora and hasattr(policy, "peft_config"):
+                # the unsharded state dict shares the live weights, which merging would change: a copy in CPU memory
+                # (a second copy on a full GPU would not fit at the very end of a run)
+                owned = sd if sharded else {k: v.to("cpu", copy=True) for k, v in sd.items()}
+                merged_lora(policy, owned).save_pretrained(tmp, safe_serialization=True)
+            else:  # a PeftModel keeps the adapter's entries of it
+                policy.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            for name in os.listdir(tmp):
+                with open(tmp / name, "rb") as f:
+                    os.fsync(f.fileno())
+            target.mkdir(parents=True, exist_ok=True)
+            # config.json last: until it is in place, the directory does not load as a model
+            for name in sorted(os.listdir(tmp), key=lambda n: n in ("config.json", "adapter_config.json")):
+                os.replace(tmp / name, target / name)
+            fsync_dir(target)
+            tmp.rmdir()
+
+    on_main(accelerator, write)
+
+
+def state_bytes(obj) -> int:
+    """The bytes of the tensors in a (nested) state dict: about what saving it writes."""
+    if hasattr(obj, "element_size") and hasattr(obj, "numel"):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(state_bytes(v) for v in obj)
+    return 0
 
 
 def merged_lora(policy, state_dict: dict):
@@ -195,7 +299,8 @@ def _set_rng_state(state: dict) -> None:
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, out: Path, progress: dict, cfg,
                     keep: int | None = None) -> Path:
-    """OUT/checkpoint-STEP: weights, optimizer, scheduler, RNG, data position (`progress`). Atomic.
+    """OUT/checkpoint-STEP: weights, optimizer, scheduler, RNG, data position (`progress`). Atomic: a failed write
+    (a full disk) is one line on every process, leaves nothing of this checkpoint, and the previous ones intact.
 
     `keep`: afterwards keep only the newest `keep` complete checkpoints.
     """
@@ -208,19 +313,26 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, out: Pa
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     files = {"scheduler.pt": scheduler.state_dict(), "rng_state.pt": _rng_state()}
+
+    def need() -> int:  # the weights and optimizer state, counted on failure only
+        return state_bytes(model.state_dict()) + state_bytes(optimizer.state_dict())
+
     if sharding.is_sharded(model):  # every process writes its own shards; nothing is gathered
-        sharding.save(model, optimizer, tmp / SHARDED)
+        with writing(final, cleanup=tmp, need=need):  # DCP raises a failed write on every process
+            sharding.save(model, optimizer, tmp / SHARDED)
         if accelerator.is_main_process:
             tokenizer.save_pretrained(tmp)
     else:
         save_pretrained_atomic(accelerator, model, tokenizer, tmp, merge_lora=False)
         if modeling.deepspeed_launched():  # a collective: every process writes its partition
-            model.save_checkpoint(str(tmp), tag=DEEPSPEED, save_latest=False)
+            with writing(final, cleanup=tmp, need=need):
+                model.save_checkpoint(str(tmp), tag=DEEPSPEED, save_latest=False)
         else:
             files["optimizer.pt"] = optimizer.state_dict()
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with writing(final, cleanup=tmp), _removed_on_interrupt(tmp):
+
+    def finish():
+        with writing(final, cleanup=tmp, need=need), _removed_on_interrupt(tmp):
             for name, obj in files.items():
                 torch.save(obj, tmp / name)
                 with open(tmp / name, "rb") as f:
@@ -233,10 +345,11 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, out: Pa
                 shutil.rmtree(final)
             os.replace(tmp, final)
             fsync_dir(out)
-        if keep:
+        if keep:  # only once this one is complete
             for old in list_checkpoints(out)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+
+    on_main(accelerator, finish)  # every process learns whether it worked
     return final
 
 
@@ -280,8 +393,28 @@ def read_trainer_state(path: Path) -> dict:
     return state
 
 
-def check_resume(path: Path, cfg, num_processes: int) -> dict:
-    """The checkpoint's trainer state, if `cfg` may continue it: same model, data settings and processes."""
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+
+def describe_changes(changes: dict) -> str:
+    """"--lr 1e-06 -> 0.001, --loss sigmoid -> ipo" from `check_resume`'s `changed`."""
+    return ", ".join(f"{_flag(k) if k != 'total_steps' else 'the schedule length (--max-steps/--epochs)'} "
+                     f"{_shown(c['from'])} -> {_shown(c['to'])}" for k, c in changes.items())
+
+
+def schedule_uses_length(cfg) -> bool:
+    """Whether the learning rate at a step depends on the run's length (decay to its end, warm-up as a ratio)."""
+    return cfg.lr_scheduler != "constant" or (cfg.warmup_ratio > 0 and not cfg.warmup_steps)
+
+
+def check_resume(path: Path, cfg, num_processes: int, total_steps: int | None = None) -> dict:
+    """The checkpoint's trainer state, if `cfg` may continue it, with `changed`: {option: {"from", "to"}}, the
+    options --allow-changes accepted (empty without changes). total_steps: this run's length, when known."""
     state = read_trainer_state(path)
     saved = state.get("config", {})
     if "model" in saved and saved["model"] != cfg.model:
@@ -308,13 +441,35 @@ def check_resume(path: Path, cfg, num_processes: int) -> dict:
     if changed:
         raise UserError(f"--resume {path}: the checkpoint was made with other data settings ({', '.join(changed)}); "
                         "resume with the same settings")
-    return state
+    ours = to_dict(cfg)
+    differs = [k for k in ours if k in saved and saved[k] != ours[k] and k not in FREE_KEYS]
+    fixed = [k for k in differs if k not in CHANGEABLE_KEYS]
+    if fixed:
+        was = ", ".join(f"{_flag(k)} {_shown(saved[k])}" for k in fixed)
+        raise UserError(f"--resume {path}: the checkpoint's run has {was}, which cannot change on resume; resume "
+                        "with the same")
+    step = state["step"]
+    length = total_steps if total_steps is not None else cfg.max_steps
+    if length is not None and length < step:
+        raise UserError(f"--resume {path}: this run ends at step {length} (--max-steps/--epochs), before the "
+                        f"checkpoint's step {step}; give a --max-steps of at least {step}")
+    changes = {k: {"from": saved[k], "to": ours[k]} for k in differs}
+    before = state.get("total_steps")
+    if total_steps is not None and before is not None and before != total_steps and schedule_uses_length(cfg):
+        changes["total_steps"] = {"from": before, "to": total_steps}
+    if changes and not getattr(cfg, "allow_changes", False):
+        raise UserError(f"--resume {path}: options differ from the checkpoint's: {describe_changes(changes)}; resume "
+                        f"with the checkpoint's values, or pass --allow-changes to train with the new ones from step "
+                        f"{step + 1}")
+    return {**state, "changed": changes}
 
 
-def load_checkpoint(path: Path, cfg, accelerator, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, cfg, accelerator, model, optimizer, scheduler, total_steps: int | None = None) -> dict:
     """Restore optimizer, scheduler and RNG from `path` (and a sharded model's weights: the others were loaded from
-    the checkpoint with the model); returns its trainer state (see `check_resume`)."""
-    state = check_resume(path, cfg, accelerator.num_processes)
+    the checkpoint with the model); returns its trainer state (see `check_resume`). Options --allow-changes
+    accepted take effect: the optimizer's hyperparameters are this run's, and so is the schedule from here on."""
+    state = check_resume(path, cfg, accelerator.num_processes, total_steps)
+    fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     if sharding.is_sharded(model):
         sharding.load(model, optimizer, path / SHARDED)
     elif modeling.deepspeed_launched():
@@ -325,7 +480,22 @@ def load_checkpoint(path: Path, cfg, accelerator, model, optimizer, scheduler) -
         optimizer.load_state_dict(_load_state(path / "optimizer.pt"))
     scheduler.load_state_dict(_load_state(path / "scheduler.pt"))
     _set_rng_state(_load_state(path / "rng_state.pt"))
+    if state["changed"]:
+        _rebuild_schedule(optimizer, scheduler, fresh)
     return state
+
+
+def _rebuild_schedule(optimizer, scheduler, fresh: list[dict]) -> None:
+    """After loading a checkpoint's optimizer and scheduler, which carry its hyperparameters and base learning
+    rates: this run's (`fresh`, the groups as built from its config), and the learning rate of this run's
+    schedule (its lambdas, built from this run's config) at the checkpoint's step."""
+    for group, ours in zip(optimizer.param_groups, fresh):
+        group.update({k: v for k, v in ours.items() if k != "lr"})  # initial_lr: the schedule's base
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def _load_state(path: Path):

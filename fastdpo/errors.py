@@ -23,3 +23,13 @@ def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (libraries' messages run to many lines), or its type."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class Interrupted(TrainingStopped):
+    """A command stopped by SIGTERM or SIGINT at a safe point (its work so far saved, resumable); the message says
+    where. Exit code 128 + the signal's number, as a shell reports a process the signal ended: 143 for SIGTERM,
+    130 for SIGINT."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

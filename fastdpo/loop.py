@@ -20,15 +20,18 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__, batching, checkpoint, metrics, modeling, optim, sharding
 from .config import format_config, opt, to_dict
-from .errors import TrainingStopped, UserError
-from .io import atomic_write_bytes, atomic_write_json, ensure_dir, writing
+from .errors import Interrupted, TrainingStopped, UserError
+from .io import atomic_write_bytes, atomic_write_json, writing
 
 
 @dataclass
@@ -72,6 +75,9 @@ class RunArgs(modeling.ModelArgs):
                                        group="logging and checkpoints")
     resume: str | None = opt(None, "continue from OUT/checkpoint-STEP, or 'latest' for the newest complete one",
                              group="logging and checkpoints")
+    allow_changes: bool = opt(False, "with --resume: train on with options that differ from the checkpoint's (loss, "
+                                     "beta, lr, schedule, ...; README: Reliability), from the next step; "
+                                     "metrics.jsonl records the change", group="logging and checkpoints")
     progress: bool = opt(True, "show a progress bar with ETA", group="logging and checkpoints")
     overwrite: bool = opt(False, "start over in an --output that holds a run (its checkpoints, logs and model are "
                                  "removed)", group="logging and checkpoints")
@@ -95,6 +101,10 @@ class RunArgs(modeling.ModelArgs):
     def check(self):
         if self.overwrite and self.resume:
             raise UserError("--resume continues the run in --output and --overwrite would delete it; give one")
+        if self.allow_changes and not self.resume:
+            raise UserError("--allow-changes accepts changed options on --resume; without --resume there is nothing "
+                            "to change")
+        check_tracker(self.report_to)
         if self.merge_lora and self.lora_r is None:
             raise UserError("--merge-lora needs --lora-r")
         if not self.fsdp:
@@ -105,6 +115,56 @@ class RunArgs(modeling.ModelArgs):
         if self.dtype == "float16":
             raise UserError("--dtype float16 cannot train here (fp16 needs loss scaling); use bf16-mixed or bfloat16 "
                             "on a GPU, float32 on CPU")
+
+
+TRACKERS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb")}
+
+
+def check_tracker(name: str) -> None:
+    """--report-to X is refused, before anything loads, when X's library is not installed (accelerate would only
+    warn, and the run would log nothing)."""
+    import importlib.util
+
+    if name not in TRACKERS:
+        return
+    modules, package = TRACKERS[name]
+    if not any(importlib.util.find_spec(m) is not None for m in modules):
+        raise UserError(f"--report-to {name} needs {package}, which is not installed: pip install {package}")
+
+
+class StopSignals:
+    """SIGTERM (a cluster preempting the job, `kill`, `scancel`) and SIGINT (Ctrl-C) ask a command to stop at its
+    next safe point (training: the end of the optimizer step, then a checkpoint; precompute: the end of the
+    batch) instead of at once. Ctrl-C again, a second or more later, stops at once (KeyboardInterrupt); more
+    SIGTERMs change nothing (torchrun forwards its own SIGTERM to workers that have one already, as it forwards
+    a terminal's Ctrl-C within milliseconds). Handlers are installed only in the main thread, and put back on
+    exit."""
+
+    def __init__(self, announce: bool = True):
+        self.signum, self.at, self.announce, self.previous = None, 0.0, announce, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum, self.at = signum, time.monotonic()
+            if signum == signal.SIGINT and self.announce:  # someone at a terminal: say that it was heard
+                os.write(2, b"\nCtrl-C: stopping at the next safe point (Ctrl-C again to stop at once)\n")
+        elif signum == signal.SIGINT and time.monotonic() - self.at > 1.0:
+            raise KeyboardInterrupt
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a signal"
 
 
 class Objective:
@@ -255,9 +315,9 @@ class Trainer:
         self.is_main, self.device = self.accelerator.is_main_process, self.accelerator.device
         modeling.set_library_progress(cfg.progress and self.is_main)
         self.bar = None  # the progress bar, while `fit` runs
-        inputs = {flag: getattr(cfg, flag[2:].replace("-", "_"), None)
-                  for flag in ("--model", "--ref-model", "--ref-cache", "--dataset")}
-        checkpoint.check_run_dir(cfg.output, inputs, cfg.resume, cfg.overwrite)
+        self.inputs = {flag: getattr(cfg, flag[2:].replace("-", "_"), None)
+                       for flag in ("--model", "--ref-model", "--ref-cache", "--dataset")}
+        checkpoint.check_run_dir(cfg.output, self.inputs, cfg.resume, cfg.overwrite)
         if self.resume_dir is not None:
             checkpoint.check_resume(self.resume_dir, cfg, self.accelerator.num_processes)
         if self.is_main:
@@ -294,7 +354,16 @@ class Trainer:
         self.setup.print_notes(self.is_main)
 
     def fit(self, source: batching.Source, objective: Objective) -> dict:
-        """Train until --max-steps (or --epochs); save the model; return the last step's metrics."""
+        """Train until --max-steps (or --epochs); save the model; return the last step's metrics. SIGTERM or Ctrl-C:
+        a checkpoint at the end of the step, then `Interrupted` (every process stops at the same step)."""
+        self.lock = None
+        try:
+            with StopSignals(announce=self.is_main) as stop:
+                return self._fit(source, objective, stop)
+        finally:
+            checkpoint.release_run_dir(self.lock)
+
+    def _fit(self, source: batching.Source, objective: Objective, stop: StopSignals) -> dict:
         import torch
 
         cfg, acc = self.cfg, self.accelerator
@@ -317,7 +386,10 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=self.device) * weight
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = self._clip(max_norm)  # clip (DeepSpeed clips inside its engine's step, which runs here)
+            # a stop request travels with the step's sums, so that every process stops after the same step
+            sums["stop"] = torch.tensor(float(stop.signum is not None), dtype=torch.float64, device=self.device)
             sums = self._reduce(sums)
+            stopping = sums.pop("stop") > 0 or (acc.num_processes == 1 and stop.signum is not None)
             finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in sums.values())
             lr = self._optimizer_step(finite, state)  # step
             step += 1
@@ -326,8 +398,11 @@ class Trainer:
                 break
             if state["consecutive_bad_steps"] >= cfg.max_bad_steps:
                 self._stop_on_bad_steps(step, state)
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < plan.total_steps:
+            saved = cfg.save_steps and step % cfg.save_steps == 0 and step < plan.total_steps
+            if saved:
                 self._save(step, plan, state, m)
+            if stopping and step < plan.total_steps:  # (after the last step: the run finishes, as it would)
+                self._stop_on_signal(step, plan, state, m, stop, saved)
         return self._finish(step, source, objective, m, state)
 
     # -- the pieces of a step ------------------------------------------------------------------
@@ -399,8 +474,10 @@ class Trainer:
         """metrics.jsonl, the console line, the tracker and the objective's guard; True to stop the run."""
         step = m["step"]
         if self.is_main:
+            record = {**m, "changed": self.changed} if self.changed else m
+            self.changed = None  # the options --allow-changes accepted: in the resumed run's first record
             with writing(self.out / "metrics.jsonl"), open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(m) + "\n")
+                f.write(json.dumps(record) + "\n")
             if not finite:
                 self.log(f"warning: step {step}: non-finite loss or gradient; step skipped "
                          f"({self.state['consecutive_bad_steps']} in a row, {m['bad_steps']} in all)")
@@ -423,19 +500,31 @@ class Trainer:
         raise TrainingStopped(f"stopped at step {step}: {state['consecutive_bad_steps']} consecutive steps with a "
                               f"non-finite loss or gradient (--max-bad-steps {self.cfg.max_bad_steps}); {where}")
 
-    def _save(self, step: int, plan: Plan, state: dict, m: dict) -> None:
+    def _stop_on_signal(self, step: int, plan: Plan, state: dict, m: dict, stop: StopSignals, saved: bool):
+        if not saved:
+            self._save(step, plan, state, m, quiet=True)
+        if self.bar is not None:
+            self.bar.close()
+        raise Interrupted(f"stopped by {stop.name} at step {step} of {plan.total_steps}: saved "
+                          f"{state['last_checkpoint']}; continue with --resume latest",
+                          stop.signum or signal.SIGTERM)
+
+    def _save(self, step: int, plan: Plan, state: dict, m: dict, quiet: bool = False) -> None:
         progress = {"step": step, "epoch": (step - 1) // plan.steps_per_epoch,
                     "steps_into_epoch": (step - 1) % plan.steps_per_epoch + 1, "bad_steps": state["bad_steps"],
-                    "consecutive_bad_steps": state["consecutive_bad_steps"], "elapsed_s": m["elapsed_s"]}
+                    "consecutive_bad_steps": state["consecutive_bad_steps"], "elapsed_s": m["elapsed_s"],
+                    "total_steps": plan.total_steps}
         state["last_checkpoint"] = checkpoint.save_checkpoint(self.accelerator, self.model, self.optimizer,
                                                               self.scheduler, self.tokenizer, self.out, progress,
                                                               self.cfg, keep=self.cfg.save_total_limit)
-        self.log(f"saved {state['last_checkpoint']}")
+        if not quiet:
+            self.log(f"saved {state['last_checkpoint']}")
 
     # -- start and finish ----------------------------------------------------------------------
 
     def _start(self, plan: Plan, source, objective: Objective) -> int:
-        """Optimizer, schedule, run directory, resume state (`self.state`) and progress bar; returns the step."""
+        """Optimizer, schedule, run directory (locked), resume state (`self.state`) and progress bar; returns the
+        step."""
         cfg, acc = self.cfg, self.accelerator
         self.optimizer = optim.build_optimizer(self.model.parameters(), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, plan.total_steps)
@@ -445,8 +534,11 @@ class Trainer:
             if self.deepspeed:  # the config from fastdpo's flags, before prepare builds the engine from it
                 self.log(sharding.configure_deepspeed(acc.state.deepspeed_plugin, cfg, self.precision, self.model))
             self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        if self.resume_dir is not None:  # the run's length is known now: refused before anything is written
+            checkpoint.check_resume(self.resume_dir, cfg, acc.num_processes, plan.total_steps)
+        # one writer: from here to the end of the run, this command holds OUT
+        self.lock = checkpoint.claim_run_dir(acc, cfg.output, self.command, self.inputs, cfg.resume, cfg.overwrite)
         if self.is_main:
-            ensure_dir(self.out)
             if cfg.overwrite:
                 checkpoint.clear_run_dir(self.out)
             checkpoint.sweep_temporaries(self.out)
@@ -454,13 +546,15 @@ class Trainer:
                                                                  __version__, **to_dict(cfg)})
         state = {"bad_steps": 0, "consecutive_bad_steps": 0, "elapsed_before": 0.0,
                  "last_checkpoint": (checkpoint.list_checkpoints(self.out) or [None])[-1]}
-        step = 0
+        step, self.changed = 0, None
         if self.resume_dir is not None:
-            saved = checkpoint.load_checkpoint(self.resume_dir, cfg, acc, self.model, self.optimizer, self.scheduler)
-            step = saved["step"]
+            saved = checkpoint.load_checkpoint(self.resume_dir, cfg, acc, self.model, self.optimizer, self.scheduler,
+                                               plan.total_steps)
+            step, self.changed = saved["step"], saved["changed"] or None
             state.update(bad_steps=saved.get("bad_steps", 0), consecutive_bad_steps=saved.get(
                 "consecutive_bad_steps", 0), elapsed_before=saved.get("elapsed_s", 0.0))
-            self.log(f"resumed from {self.resume_dir} at step {step}")
+            changes = f"; from here with {checkpoint.describe_changes(self.changed)}" if self.changed else ""
+            self.log(f"resumed from {self.resume_dir} at step {step}{changes}")
         if self.is_main:
             _truncate_metrics(self.out / "metrics.jsonl", step)  # a fresh run into an old directory starts over
         if self.tracker:

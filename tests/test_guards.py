@@ -162,6 +162,169 @@ def test_interrupted_checkpoint_leaves_no_temporary(tiny_model, cache_dir, tmp_p
     assert not stale.exists()
 
 
+# ---------------------------------------------------------------- one writer per directory
+
+
+@pytest.mark.slow
+def test_two_concurrent_trains_one_is_refused(tiny_model, cache_dir, tmp_path):
+    """Started together into one --output (beta 0.1 and 0.5): one is refused, naming the other; the other's run is
+    whole and its own (every step once, its config)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    out = tmp_path / "r"
+    procs = {beta: subprocess.Popen([sys.executable, "-m", "fastdpo", "train", "--model", tiny_model, "--ref-cache",
+                                     cache_dir, "--output", out, "--max-steps", "12", "--beta", beta, "--no-progress"],
+                                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for beta in ("0.1", "0.5")}
+    results = {beta: (p.wait(timeout=300), p.stderr.read()) for beta, p in procs.items()}
+    codes = sorted(code for code, _ in results.values())
+    assert codes == [0, 2], results
+    (won, _), (lost, (_, err)) = sorted(results.items(), key=lambda kv: kv[1][0])
+    one_line_error(2, err, f"--output {out}")
+    assert "in use by fastdpo train (pid" in err or "holds a" in err, err  # refused at its claim, or after the run
+    assert [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == list(range(1, 13))
+    assert json.loads((out / "fastdpo_config.json").read_text())["beta"] == float(won)
+    assert not (out / ".fastdpo.lock").exists()  # released at the end
+
+
+def _lock_file(out: Path, **fields) -> Path:
+    from fastdpo.io import LOCK, _machine
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / LOCK).write_text(json.dumps({**_machine(), "command": "train", "since": "2026-12-01 10:00:00",
+                                        "token": "x", **fields}))
+    return out / LOCK
+
+
+def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(tiny_model, cache_dir, tmp_path):
+    import os
+    import subprocess
+
+    out = tmp_path / "r"
+    lock = _lock_file(out, pid=os.getppid())  # alive: the process that started these tests
+    one_line_error(*train_cli(tiny_model, cache_dir, out), f"--output {out} is in use by fastdpo train (pid "
+                   f"{os.getppid()} since 2026-12-01 10:00:00)", alone=True)
+    assert sorted(p.name for p in out.iterdir()) == [".fastdpo.lock"]
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    _lock_file(out, pid=dead.pid)  # a run killed with SIGKILL leaves its lock: its pid is gone
+    code, err = train_cli(tiny_model, cache_dir, out)
+    assert code == 0, err
+    assert not lock.exists() and (out / "model.safetensors").is_file()
+
+
+def test_a_lock_held_on_another_host_is_never_broken(tiny_model, cache_dir, tmp_path):
+    out = tmp_path / "r"
+    lock = _lock_file(out, pid=1, host="node-17")
+    one_line_error(*train_cli(tiny_model, cache_dir, out), "in use by fastdpo train (pid 1 on host node-17",
+                   f"if it has ended, remove {lock}")
+    assert lock.exists()
+
+
+def test_lock_file_and_python_api(tmp_path):
+    from fastdpo.errors import UserError
+    from fastdpo.io import LOCK, DirLock
+
+    with DirLock(tmp_path, "precompute") as held:
+        content = json.loads((tmp_path / LOCK).read_text())
+        assert content["pid"] == held.content["pid"] and content["command"] == "precompute"
+        with pytest.raises(UserError, match="in use by fastdpo precompute"):
+            DirLock(tmp_path, "train").acquire()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_to_without_its_library_is_refused(tiny_model, cache_dir, tmp_path, monkeypatch):
+    import sys
+
+    for module in ("tensorboard", "tensorboardX"):
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    one_line_error(*train_cli(tiny_model, cache_dir, tmp_path / "r", "--report-to", "tensorboard"),
+                   "--report-to tensorboard needs tensorboard", "pip install tensorboard", alone=True)
+    assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------- resume: honoured or refused
+
+
+@pytest.fixture
+def stopped_run(finished_run, tmp_path) -> Path:
+    """The finished 2-step run (checkpoint-1, lr 1e-6 decaying linearly) as if it had died after step 1."""
+    out = tmp_path / "r"
+    shutil.copytree(finished_run, out)
+    metrics = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(metrics[0] + "\n")
+    return out
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_with_another_lr_is_refused_or_honoured(tiny_model, cache_dir, stopped_run):
+    ckpt = stopped_run / "checkpoint-1"
+    before = snapshot(stopped_run)
+    one_line_error(*train_cli(tiny_model, cache_dir, stopped_run, "--max-steps", "2", "--resume", ckpt, "--lr",
+                              "1e-3"), "options differ from the checkpoint's: --lr 1e-06 -> 0.001",
+                   "--allow-changes", "from step 2")
+    assert snapshot(stopped_run) == before
+    code, err = train_cli(tiny_model, cache_dir, stopped_run, "--max-steps", "2", "--resume", ckpt, "--lr", "1e-3",
+                          "--allow-changes")
+    assert code == 0, err
+    assert "resumed from" in err and "from here with --lr 1e-06 -> 0.001" in err
+    first, second = _records(stopped_run)
+    assert first["lr"] == 1e-6 and "changed" not in first
+    assert second["lr"] == pytest.approx(5e-4, rel=1e-12)  # the new peak on the linear schedule's step 2 of 2
+    assert second["changed"] == {"lr": {"from": 1e-6, "to": 1e-3}}
+
+
+def test_resume_with_another_loss_is_refused_or_honoured(tiny_model, cache_dir, stopped_run):
+    ckpt = stopped_run / "checkpoint-1"
+    one_line_error(*train_cli(tiny_model, cache_dir, stopped_run, "--max-steps", "2", "--resume", ckpt, "--loss",
+                              "ipo"), "--loss sigmoid -> ipo", "--allow-changes")
+    code, err = train_cli(tiny_model, cache_dir, stopped_run, "--max-steps", "2", "--resume", ckpt, "--loss", "ipo",
+                          "--allow-changes")
+    assert code == 0, err
+    first, second = _records(stopped_run)
+    assert first["loss"] == pytest.approx(0.6931, abs=1e-3)  # sigmoid at a zero margin: ln 2
+    assert second["loss"] == pytest.approx(25.0, rel=1e-2)  # ipo at a near-zero margin: (1 / (2 beta))^2
+    assert second["changed"] == {"loss": {"from": ["sigmoid"], "to": ["ipo"]}}
+    assert json.loads((stopped_run / "fastdpo_config.json").read_text())["loss"] == ["ipo"]
+
+
+def test_resume_refuses_a_run_that_ends_before_the_checkpoint(tiny_model, cache_dir, stopped_run):
+    ckpt = stopped_run / "checkpoint-5"  # a checkpoint of step 5
+    shutil.copytree(stopped_run / "checkpoint-1", ckpt)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    (ckpt / "trainer_state.json").write_text(json.dumps({**state, "step": 5}))
+    before = snapshot(stopped_run)
+    for extra in ((), ("--allow-changes",)):
+        one_line_error(*train_cli(tiny_model, cache_dir, stopped_run, "--max-steps", "3", "--resume", ckpt, *extra),
+                       "ends at step 3", "before the checkpoint's step 5", alone=True)
+    assert snapshot(stopped_run) == before
+
+
+def test_resume_refuses_what_cannot_change_and_allows_what_is_free(tiny_model, cache_dir, stopped_run):
+    ckpt = stopped_run / "checkpoint-1"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    edited = stopped_run / "checkpoint-edited"
+    shutil.copytree(ckpt, edited)
+    (edited / "trainer_state.json").write_text(json.dumps({**state, "config": {**state["config"], "max_length": 64}}))
+    for extra in ((), ("--allow-changes",)):
+        one_line_error(*train_cli(tiny_model, cache_dir, stopped_run, "--max-steps", "2", "--resume", edited, *extra),
+                       "--max-length 64, which cannot change on resume")
+    code, err = train_cli(tiny_model, cache_dir, stopped_run, "--max-steps", "2", "--resume", ckpt, "--log-every",
+                          "7", "--save-steps", "5", "--save-total-limit", "2")
+    assert code == 0, err
+    assert "changed" not in _records(stopped_run)[1]
+    one_line_error(*train_cli(tiny_model, cache_dir, stopped_run, "--allow-changes"), "--allow-changes",
+                   "without --resume", alone=True)
+
+
 # ---------------------------------------------------------------- inputs
 
 

@@ -105,25 +105,60 @@ def test_resume_reproduces_straight_run(tiny_model, sharded_cache, tmp_path):
     assert_same_trajectory(metrics(tmp_path / "straight"), resumed, atol=0)
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_latest(tiny_model, sharded_cache, tmp_path):
-    out = tmp_path / "run"
-    args = ["train", "--model", tiny_model, "--ref-cache", sharded_cache, "--output", str(out), "--max-steps", "40",
-            "--batch-size", "2", "--epochs", "10", "--lr", "1e-3", "--save-steps", "3", "--no-progress"]
+KILL_ARGS = ["--max-steps", "40", "--batch-size", "2", "--epochs", "10", "--lr", "1e-3", "--save-steps", "3",
+             "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def straight_40(tiny_model, sharded_cache, tmp_path_factory):
+    """The uninterrupted run the killed and stopped runs must equal."""
+    out = tmp_path_factory.mktemp("straight") / "r"
+    _train(tiny_model, out, ref_cache=sharded_cache, max_steps=40, batch_size=2, epochs=10)
+    return out
+
+
+def _start_then_signal(tiny_model, sharded_cache, out, sig):
+    """`fastdpo train` as a process, sent `sig` once checkpoint-6 exists; (exit code, stderr)."""
+    args = ["train", "--model", tiny_model, "--ref-cache", sharded_cache, "--output", str(out), *KILL_ARGS]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "fastdpo", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "checkpoint-6").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "model.safetensors").exists(), "killed too late to test anything"
-    code, err = run_cli(*args, "--resume", "latest")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert not (out / "model.safetensors").exists(), "signalled too late to test anything"
+    return proc.returncode, err, args
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_latest(tiny_model, sharded_cache, straight_40, tmp_path):
+    out = tmp_path / "run"
+    _, _, args = _start_then_signal(tiny_model, sharded_cache, out, signal.SIGKILL)
+    code, err = run_cli(*args, "--resume", "latest")  # its lock was left behind: the holder is gone, taken over
     assert code == 0, err
     assert "resumed from" in err
-    _train(tiny_model, tmp_path / "straight", ref_cache=sharded_cache, max_steps=40, batch_size=2, epochs=10)
-    assert_same_trajectory(metrics(tmp_path / "straight"), metrics(out), atol=0)
+    assert_same_trajectory(metrics(straight_40), metrics(out), atol=0)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_then_resume_latest(tiny_model, sharded_cache, straight_40, tmp_path):
+    """SIGTERM (a cluster preempting the job): a checkpoint at the end of the step, one line, exit 143; resuming
+    from it equals the uninterrupted run."""
+    out = tmp_path / "run"
+    code, err, args = _start_then_signal(tiny_model, sharded_cache, out, signal.SIGTERM)
+    assert code == 143, err
+    lines = [ln for ln in err.splitlines() if "stopped by SIGTERM" in ln]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    step = int(lines[0].split("at step ")[1].split()[0])
+    assert step >= 6 and f"saved {out / f'checkpoint-{step}'}; continue with --resume latest" in lines[0]
+    assert [m["step"] for m in metrics(out)] == list(range(1, step + 1))
+    assert not (out / ".fastdpo.lock").exists() and not list(out.glob(".*.tmp*"))
+    code, err = run_cli(*args, "--resume", "latest")
+    assert code == 0, err
+    assert f"resumed from {out / f'checkpoint-{step}'} at step {step}" in err
+    assert_same_trajectory(metrics(straight_40), metrics(out), atol=0)
 
 
 def test_learns_a_synthetic_preference(tiny_model, tmp_path):

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,8 +37,8 @@ import numpy as np
 import pyarrow as pa
 
 from .batching import Source
-from .errors import UserError
-from .io import atomic_write_bytes, atomic_write_json, ensure_dir, sha256_bytes, sha256_file
+from .errors import UserError, first_line
+from .io import DirLock, atomic_write_bytes, atomic_write_json, ensure_dir, is_lock_file, sha256_bytes, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -93,38 +96,108 @@ class Manifest:
         return dataclasses.asdict(self)
 
 
-_REQUIRED_KEYS = {"tokenizer": ("sha256",), "model": ("name_or_path",), "settings": ()}
+MAX_BYTES = 2**63 - 1  # no file is larger (a file size is a signed 64-bit number)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:24]}... ({len(text)} characters)"
+
+
+def _is_int(value, lo: int = 0, hi: int = MAX_BYTES) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+_OPT_STR = (str, type(None))
+_OPT_INT = (int, type(None))
+# section -> {field: (types, required)}: the fields fastdpo writes and reads; a hand-edited or damaged one is named
+_SECTIONS = {
+    "model": {"name_or_path": (str, True), "revision": (_OPT_STR, False), "weights_sha256": (_OPT_STR, False),
+              "external": (bool, False)},
+    "tokenizer": {"sha256": (str, True), "name_or_path": (_OPT_STR, False), "pad_token_id": (_OPT_INT, False),
+                  "bos_token_id": (_OPT_INT, False), "eos_token_id": (_OPT_INT, False)},
+    "dataset": {"name": (_OPT_STR, False), "rows_read": (int, True), "rows_written": (int, True),
+                "rows_skipped": (dict, True), "boundary_merges": (int, False), "columns": (dict, False)},
+    "settings": {"resolved_dtype": (_OPT_STR, False), "resolved_device": (_OPT_STR, False),
+                 "resolved_layout": ((dict, type(None)), False), "max_prompt_length": (_OPT_INT, False),
+                 "max_length": (_OPT_INT, False), "truncation": (_OPT_STR, False),
+                 "logps_backend": (_OPT_STR, False)},
+}
+
+
+def manifest_problems(data) -> list[str]:
+    """Every field of a parsed manifest that is missing, of the wrong type or out of range, one line each (empty:
+    the manifest is well-formed)."""
+    if not isinstance(data, dict):
+        return ["not a fastdpo manifest (not a JSON object)"]
+    if data.get("format_version") != FORMAT_VERSION or isinstance(data.get("format_version"), bool):
+        return [f"cache format version {_shown(data.get('format_version'))}; this fastdpo reads version "
+                f"{FORMAT_VERSION}"]
+    problems = []
+    for name in ("fastdpo_version", "fingerprint"):
+        if name in data and not isinstance(data[name], str):
+            problems.append(f"field {name!r} must be a string, got {_shown(data[name])}")
+    for section, fields in _SECTIONS.items():
+        value = data.get(section)
+        if not isinstance(value, dict):
+            needs = ", ".join(k for k, (_, required) in fields.items() if required) or "an object"
+            problems.append(f"field {section!r} is missing or incomplete (needs {needs})")
+            continue
+        for key, (types, required) in fields.items():
+            if key not in value:
+                if required:
+                    problems.append(f"field {section}.{key} is missing")
+                continue
+            v = value[key]
+            allowed = types if isinstance(types, tuple) else (types,)
+            if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):  # (a bool is an int)
+                problems.append(f"field {section}.{key} has the wrong type ({_shown(v)})")
+            elif isinstance(v, int) and not isinstance(v, bool) and not _is_int(v):
+                problems.append(f"field {section}.{key} is out of range ({_shown(v)})")
+    skipped = data.get("dataset", {}).get("rows_skipped") if isinstance(data.get("dataset"), dict) else None
+    if isinstance(skipped, dict) and not all(isinstance(k, str) and _is_int(v) for k, v in skipped.items()):
+        problems.append("field dataset.rows_skipped must map reasons to counts")
+    timings = data.get("timings", {})
+    if not isinstance(timings, dict) or not all(_is_number(v) for v in timings.values()):
+        problems.append(f"field 'timings' must map names to seconds, got {_shown(timings)}")
+    if "config" in data and not isinstance(data["config"], dict):
+        problems.append("field 'config' must be an object")
+    if "num_processes" in data and not _is_int(data["num_processes"], 1, 2**31):
+        problems.append(f"field 'num_processes' must be a positive integer, got {_shown(data['num_processes'])}")
+    shards = data.get("shards")
+    if not isinstance(shards, list) or not shards:
+        return problems + ["field 'shards' must be a non-empty list"]
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict) or any(k not in entry for k in ("file", "rows", "sha256", "bytes")):
+            problems.append(f"shards[{i}] needs file, rows, sha256 and bytes")
+            continue
+        file = entry["file"]
+        if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+            problems.append(f"shards[{i}].file {_shown(file)} must be a file name inside the cache directory")
+        if not _is_int(entry["rows"], 1):
+            problems.append(f"shards[{i}].rows {_shown(entry['rows'])} is not a row count")
+        if not _is_int(entry["bytes"], 1):
+            problems.append(f"shards[{i}].bytes {_shown(entry['bytes'])} is not a file size")
+        if not (isinstance(entry["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
+            problems.append(f"shards[{i}].sha256 {_shown(entry['sha256'])} is not a sha256 digest")
+    return problems
 
 
 def parse_manifest(data, path: Path) -> Manifest:
-    """A Manifest from parsed JSON, or a UserError naming the file and the field that is wrong."""
-    if not isinstance(data, dict):
-        raise UserError(f"{path} is not a fastdpo manifest (not a JSON object)")
-    if data.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path} has cache format version {data.get('format_version')}; this fastdpo reads version "
-                        f"{FORMAT_VERSION}")
-    for name, keys in _REQUIRED_KEYS.items():
-        if not isinstance(data.get(name), dict) or any(k not in data[name] for k in keys):
-            raise UserError(f"{path}: field {name!r} is missing or incomplete (needs {', '.join(keys) or 'an object'})")
-    shards = data.get("shards")
-    if not isinstance(shards, list) or not shards:
-        raise UserError(f"{path}: field 'shards' must be a non-empty list")
-    entries = []
-    for i, s in enumerate(shards):
-        try:
-            entry = ShardEntry(**{k: s[k] for k in ("file", "rows", "sha256", "bytes")})
-        except (KeyError, TypeError):
-            raise UserError(f"{path}: shards[{i}] needs file, rows, sha256 and bytes") from None
-        if not isinstance(entry.file, str) or Path(entry.file).name != entry.file or entry.file in ("", ".", ".."):
-            raise UserError(f"{path}: shards[{i}].file {entry.file!r} must be a file name inside the cache directory")
-        if not (isinstance(entry.rows, int) and isinstance(entry.bytes, int) and isinstance(entry.sha256, str)):
-            raise UserError(f"{path}: shards[{i}] has a rows, bytes or sha256 of the wrong type")
-        entries.append(entry)
+    """A Manifest from parsed JSON, or a UserError naming the file and the (first) field that is wrong."""
+    problems = manifest_problems(data)
+    if problems:
+        more = f" (and {len(problems) - 1} more: fastdpo cache info lists them)" if len(problems) > 1 else ""
+        raise UserError(f"{path}: {problems[0]}{more}")
+    entries = [ShardEntry(**{k: s[k] for k in ("file", "rows", "sha256", "bytes")}) for s in data["shards"]]
     known = {f.name for f in dataclasses.fields(Manifest)}
     values = {k: v for k, v in data.items() if k in known}
     values.setdefault("fastdpo_version", "unknown")
     values.setdefault("fingerprint", "")
-    values.setdefault("dataset", {})
     values.setdefault("config", {})
     values.setdefault("num_processes", 1)
     return Manifest(**{**values, "shards": entries})
@@ -132,6 +205,11 @@ def parse_manifest(data, path: Path) -> Manifest:
 
 def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
     """The manifest of a finished cache, or a UserError saying what is wrong with DIR."""
+    return parse_manifest(read_manifest_json(cache_dir), Path(cache_dir) / MANIFEST)
+
+
+def read_manifest_json(cache_dir: str | os.PathLike):
+    """DIR/manifest.json parsed as JSON (unchecked), or a UserError: no such cache, unreadable, not JSON."""
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
         raise UserError(f"reference cache not found: {cache_dir} (no such directory)")
@@ -141,11 +219,11 @@ def load_manifest(cache_dir: str | os.PathLike) -> Manifest:
         raise UserError(f"{cache_dir} is not a fastdpo cache: no {MANIFEST}{hint}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is damaged: {e}") from None
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, a number past Python's digit limit, nesting
+        raise UserError(f"{path} is damaged: {first_line(e)}") from None
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
-    return parse_manifest(data, path)
+    return data
 
 
 def write_manifest(out: Path, manifest: Manifest) -> None:
@@ -161,18 +239,32 @@ def shard_name(index: int) -> str:
 
 
 def _our_files(out: Path) -> list[Path]:
-    return [p for p in out.iterdir() if p.name in (MANIFEST, STATE)
-            or p.name.startswith(("shard-", ".shard-", ".manifest.json.", f"{STATE}."))]
+    return [p for p in out.iterdir() if p.is_file() and (p.name in (MANIFEST, STATE)
+            or p.name.startswith(("shard-", ".shard-", ".manifest.json.", f"{STATE}.")))]
 
 
-def prepare_output(out: Path, fingerprint: str, settings: dict, overwrite: bool, is_main: bool) -> bool:
-    """Claim `out` for a precompute with these settings: fresh, resumable (same fingerprint) or refused.
-    Returns whether the directory was created here."""
-    created = not out.exists()
+def prepare_output(out: Path, fingerprint: str, settings: dict, overwrite: bool, is_main: bool,
+                   command: str = "precompute") -> DirLock | None:
+    """Claim `out` for a cache with these settings: fresh, resumable (same fingerprint) or refused. The main
+    process locks it first (one writer at a time) and returns the lock, whose `created` says whether the directory
+    was made here; the others only check."""
+    lock = None
     if is_main:
+        created = not out.exists()
         ensure_dir(out)
+        lock = DirLock(out, command).acquire()
+        lock.created = created
+    try:
+        _claim(out, fingerprint, settings, overwrite, is_main)
+    except BaseException:
+        release_output(out, lock)
+        raise
+    return lock
+
+
+def _claim(out: Path, fingerprint: str, settings: dict, overwrite: bool, is_main: bool) -> None:
     state_path = out / STATE
-    entries = list(out.iterdir()) if out.is_dir() else []
+    entries = [p for p in out.iterdir() if not is_lock_file(p.name)] if out.is_dir() else []
     if entries:
         previous = None
         if state_path.is_file():
@@ -180,14 +272,14 @@ def prepare_output(out: Path, fingerprint: str, settings: dict, overwrite: bool,
                 previous = json.loads(state_path.read_text())
             except (OSError, ValueError):
                 previous = None
-        if previous is not None and previous.get("fingerprint") == fingerprint:
+        if isinstance(previous, dict) and previous.get("fingerprint") == fingerprint:
             return  # resume
         if not overwrite:
-            if previous is None:
+            if not isinstance(previous, dict):
                 raise UserError(f"--output {out} is not empty and holds no fastdpo precompute; choose an empty "
                                 "directory or pass --overwrite")
-            diff = sorted(k for k in set(settings) | set(previous.get("settings", {}))
-                          if settings.get(k) != previous.get("settings", {}).get(k))
+            theirs = previous.get("settings") if isinstance(previous.get("settings"), dict) else {}
+            diff = sorted(k for k in set(settings) | set(theirs) if settings.get(k) != theirs.get(k))
             what = ", ".join(diff) if diff else "model, tokenizer or data contents"
             raise UserError(f"--output {out} holds a cache made with other settings (differs in: {what}); "
                             "pass --overwrite to replace it or choose another --output")
@@ -196,7 +288,6 @@ def prepare_output(out: Path, fingerprint: str, settings: dict, overwrite: bool,
                 p.unlink()
     if is_main:
         atomic_write_json(state_path, {"fingerprint": fingerprint, "settings": settings})
-    return created
 
 
 def claim_visible(out: Path) -> bool:
@@ -205,14 +296,16 @@ def claim_visible(out: Path) -> bool:
     return (out / STATE).is_file()
 
 
-def release_output(out: Path, created: bool) -> None:
+def release_output(out: Path, lock: DirLock | None) -> None:
     """Undo a claim that produced nothing (the run failed before its first shard), so that it cannot block
-    the retry with other settings, e.g. a fixed model; a claim with finished shards stays to be resumed."""
-    if not out.is_dir() or any(out.glob(".shard-*.done.json")):
-        return
-    (out / STATE).unlink(missing_ok=True)
-    if created and not any(out.iterdir()):
-        out.rmdir()
+    the retry with other settings, e.g. a fixed model; a claim with finished shards stays to be resumed. The lock
+    is released either way, and a directory the claim created and left empty removed."""
+    if out.is_dir() and not any(out.glob(".shard-*.done.json")):
+        (out / STATE).unlink(missing_ok=True)
+    if lock is not None:
+        lock.release()
+        if lock.created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
 
 
 def _list_array(values: list, np_dtype, pa_type) -> pa.Array:
@@ -224,7 +317,8 @@ def _list_array(values: list, np_dtype, pa_type) -> pa.Array:
 
 
 def build_table(rows: dict, metadata: dict | None = None) -> pa.Table:
-    """rows: column name -> list (one entry per row), in SCHEMA's columns."""
+    """rows: column name -> list (one entry per row), in SCHEMA's columns. metadata: the shard's own record
+    (`SHARD_META`), to which its row count and first and last row ids are added."""
     arrays = [
         pa.array(rows["id"], type=pa.int64()),
         _list_array(rows["prompt_ids"], np.int32, ids_type),
@@ -235,8 +329,40 @@ def build_table(rows: dict, metadata: dict | None = None) -> pa.Table:
         _list_array(rows["ref_chosen_token_logps"], np.float32, logps_type),
         _list_array(rows["ref_rejected_token_logps"], np.float32, logps_type),
     ]
-    meta = {b"fastdpo": json.dumps(metadata or {}, sort_keys=True).encode()}
+    ids = [int(i) for i in rows["id"]]
+    record = {**(metadata or {}), "rows": len(ids), "ids": [ids[0], ids[-1]] if ids else []}
+    meta = {b"fastdpo": json.dumps(record, sort_keys=True).encode()}
     return pa.Table.from_arrays(arrays, schema=SCHEMA.with_metadata(meta))
+
+
+# What each shard says of itself (its schema's b"fastdpo" metadata): the cache it belongs to, its place in it, its
+# rows. Checked against the manifest when a cache is opened, so a shard from another cache or another place, with
+# the manifest's sha256 and sizes edited to match it, is refused.
+SHARD_META = ("fingerprint", "shard", "num_shards", "rows", "ids")
+
+
+def shard_problem(table: pa.Table, index: int, manifest: Manifest) -> str | None:
+    """What contradicts the manifest in shard `index`'s own metadata and ids, or None (older caches carry fewer
+    fields: those they carry are checked)."""
+    try:
+        meta = json.loads(table.schema.metadata[b"fastdpo"])
+        if not isinstance(meta, dict):
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        return "carries no fastdpo metadata (not a shard fastdpo wrote)"
+    if manifest.fingerprint and meta.get("fingerprint") != manifest.fingerprint:
+        return (f"belongs to another cache: its metadata names fingerprint {str(meta.get('fingerprint'))[:12]}..., "
+                f"the manifest {manifest.fingerprint[:12]}...")
+    if meta.get("shard") != index:
+        return f"is shard {meta.get('shard')!r} of its cache but listed as shard {index}"
+    if "num_shards" in meta and meta["num_shards"] != len(manifest.shards):
+        return f"belongs to a cache of {meta['num_shards']} shards; the manifest lists {len(manifest.shards)}"
+    if "rows" in meta and meta["rows"] != table.num_rows:
+        return f"holds {table.num_rows} rows; its metadata says {meta['rows']}"
+    ids = table.column("id")
+    if "ids" in meta and table.num_rows and meta["ids"] != [ids[0].as_py(), ids[-1].as_py()]:
+        return f"holds rows {ids[0].as_py()}..{ids[-1].as_py()}; its metadata says {meta['ids']}"
+    return None
 
 
 def serialize(table: pa.Table) -> pa.Buffer:
@@ -329,12 +455,21 @@ class CacheSource(Source):
                             f"{', ...' if len(unlisted) > 3 else ''}); the cache is inconsistent: re-run precompute "
                             "into a new directory")
         self.tables = []
-        for entry in self.manifest.shards:
+        for index, entry in enumerate(self.manifest.shards):
             table = read_shard(verify_shard(self.dir, entry))
             if table.num_rows != entry.rows or table.schema.remove_metadata() != SCHEMA:
                 raise UserError(f"cache shard {self.dir / entry.file} does not match the manifest (rows or columns "
                                 "differ)")
+            problem = shard_problem(table, index, self.manifest)
+            if problem:
+                raise UserError(f"cache shard {self.dir / entry.file} {problem}; the cache is inconsistent: re-run "
+                                "precompute into a new directory")
             self.tables.append(table)
+        ids = np.concatenate([t.column("id").to_numpy() for t in self.tables])
+        unique, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise UserError(f"{self.dir}: row id {int(unique[counts > 1][0])} appears in more than one row; the cache "
+                            "is inconsistent: re-run precompute into a new directory")
         self.shard_bounds = np.concatenate([[0], np.cumsum([t.num_rows for t in self.tables])]).tolist()
         self._set_lengths(*(np.concatenate([pc.list_value_length(t.column(c)).to_numpy(zero_copy_only=False)
                                             for t in self.tables]).astype(np.int64)
@@ -402,10 +537,15 @@ def describe(cache_dir: str | os.PathLike) -> dict:
     cache_dir = Path(cache_dir)
     info: dict = {"cache": str(cache_dir), "problems": []}
     try:
-        m = load_manifest(cache_dir)
+        data = read_manifest_json(cache_dir)
     except UserError as e:
         info["problems"].append(str(e))
         return info
+    problems = manifest_problems(data)
+    if problems:  # every damaged or hand-edited field, by name
+        info["problems"] = [f"{MANIFEST}: {p}" for p in problems]
+        return info
+    m = parse_manifest(data, cache_dir / MANIFEST)
     info.update(format_version=m.format_version, fastdpo_version=m.fastdpo_version, rows=m.num_rows,
                 shards=len(m.shards), bytes=sum(s.bytes for s in m.shards), model=m.model, tokenizer=m.tokenizer,
                 dataset={k: v for k, v in m.dataset.items() if k != "columns"}, timings=m.timings,
@@ -428,6 +568,9 @@ def describe(cache_dir: str | os.PathLike) -> dict:
         except (OSError, pa.ArrowException) as e:
             info["problems"].append(f"{s.file}: unreadable ({str(e).splitlines()[0]})")
             continue
+        problem = shard_problem(table, m.shards.index(s), m)
+        if problem:
+            info["problems"].append(f"{s.file}: {problem}")
         for k in lengths:
             lengths[k].append(pc.list_value_length(table.column(f"{k}_ids")).to_numpy(zero_copy_only=False))
     arrays = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in lengths.items()}
@@ -530,34 +673,71 @@ def write(rows, output: str | os.PathLike, *, tokenizer, reference: str, shard_r
     from .io import sha256_json
     from .modeling import load_tokenizer, tokenizer_hash
 
+    if isinstance(shard_rows, bool) or not isinstance(shard_rows, numbers.Integral) or shard_rows < 1:
+        raise UserError(f"shard_rows must be an integer >= 1, got {shard_rows!r}")
+    shard_rows = int(shard_rows)
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     vocab, tok_hash = len(tok), tokenizer_hash(tok)
-    checked, content = [], hashlib.sha256()
+    checked, content, seen = [], hashlib.sha256(), {}
     for i, r in enumerate(rows):
         checked.append(_checked_row(i, r, vocab))
+        if seen.setdefault(checked[-1]["id"], i) != i:
+            raise UserError(f"row {i}: id {checked[-1]['id']} is also row {seen[checked[-1]['id']]}'s; a row id names "
+                            "one row")
         content.update(json.dumps(checked[-1], sort_keys=True).encode())
     if not checked:
         raise UserError("no rows to write")
     out = Path(output)
     settings = {"external_reference": reference, "shard_rows": shard_rows}
     fingerprint = sha256_json({"rows": content.hexdigest(), "tokenizer": tok_hash, "settings": settings})
-    prepare_output(out, fingerprint, settings, overwrite, True)
-    shards = []
-    for s, lo in enumerate(range(0, len(checked), shard_rows)):
-        part = checked[lo:lo + shard_rows]
-        columns = {k: [r[k] for r in part] for k in part[0]}
-        shards.append(write_finished_shard(out, s, build_table(columns, {"fingerprint": fingerprint, "shard": s}),
-                                           fingerprint))
-    manifest = Manifest(
-        format_version=FORMAT_VERSION, fastdpo_version=__version__, fingerprint=fingerprint,
-        model={"name_or_path": reference, "revision": None, "weights_sha256": None, "external": True},
-        tokenizer={"sha256": tok_hash, "name_or_path": getattr(tok, "name_or_path", None),
-                   "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
-                   "eos_token_id": tok.eos_token_id},
-        dataset={"name": "external", "rows_read": len(checked), "rows_written": len(checked), "rows_skipped": {}},
-        settings=settings, config={}, num_processes=1, shards=shards)
-    write_manifest(out, manifest)
+    n_shards = (len(checked) + shard_rows - 1) // shard_rows
+    lock = prepare_output(out, fingerprint, settings, overwrite, True, command="cache.write")
+    try:
+        shards = []
+        for s in range(n_shards):
+            part = checked[s * shard_rows:(s + 1) * shard_rows]
+            columns = {k: [r[k] for r in part] for k in part[0]}
+            meta = {"fingerprint": fingerprint, "shard": s, "num_shards": n_shards}
+            shards.append(write_finished_shard(out, s, build_table(columns, meta), fingerprint))
+        manifest = Manifest(
+            format_version=FORMAT_VERSION, fastdpo_version=__version__, fingerprint=fingerprint,
+            model={"name_or_path": reference, "revision": None, "weights_sha256": None, "external": True},
+            tokenizer={"sha256": tok_hash, "name_or_path": getattr(tok, "name_or_path", None),
+                       "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+                       "eos_token_id": tok.eos_token_id},
+            dataset={"name": "external", "rows_read": len(checked), "rows_written": len(checked),
+                     "rows_skipped": {}},
+            settings=settings, config={}, num_processes=1, shards=shards)
+        write_manifest(out, manifest)
+    except BaseException:  # nothing of a failed write stays to refuse the retry: it is fast to redo
+        for f in _our_files(out):
+            f.unlink(missing_ok=True)
+        release_output(out, lock)
+        raise
+    lock.release()
     return manifest
+
+
+def _token_ids(values, what: str, bad) -> list[int]:
+    """A list of integer token ids, or `bad(...)`: a fractional, boolean or non-numeric id is refused, never
+    rounded."""
+    try:
+        arr = np.asarray(values)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise bad(f"{what} is not a list of token ids ({e})") from None
+    if arr.ndim != 1:
+        raise bad(f"{what} must be a flat list of token ids")
+    if arr.size == 0:
+        return []
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64).tolist()
+    wrong = next((v for v in arr.tolist() if isinstance(v, bool) or not isinstance(v, numbers.Integral)),
+                 None) if arr.dtype.kind == "O" else (arr[0].item() if arr.size else None)
+    if arr.dtype.kind == "O" and wrong is None:
+        return [int(v) for v in arr.tolist()]
+    if arr.dtype.kind == "f":  # name the first fractional one, else the first
+        wrong = next((v for v in arr.tolist() if not float(v).is_integer()), arr[0].item())
+    raise bad(f"{what} holds {wrong!r}: token ids are integers")
 
 
 def _checked_row(i: int, row, vocab: int) -> dict:
@@ -565,10 +745,12 @@ def _checked_row(i: int, row, vocab: int) -> dict:
         return UserError(f"row {i}: {what}")
 
     try:
-        ids = {k: [int(t) for t in row[k]] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+        ids = {k: _token_ids(row[k], k, bad) for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
         logps = {k: np.asarray(row[f"ref_{k}_token_logps"], dtype=np.float32) for k in ("chosen", "rejected")}
     except KeyError as e:
         raise bad(f"missing {e.args[0]}") from None
+    except UserError:
+        raise
     except (TypeError, ValueError) as e:
         raise bad(f"not a list of numbers ({e})") from None
     if not ids["prompt_ids"] or not ids["chosen_ids"] or not ids["rejected_ids"]:
@@ -576,7 +758,10 @@ def _checked_row(i: int, row, vocab: int) -> dict:
     for k, v in ids.items():
         if min(v) < 0 or max(v) >= vocab:
             raise bad(f"{k} holds a token id outside the tokenizer's {vocab} ids")
-    out = {"id": int(row.get("id", i)), **ids}
+    row_id = row.get("id", i)
+    if isinstance(row_id, bool) or not isinstance(row_id, numbers.Integral):
+        raise bad(f"id {row_id!r} is not an integer")
+    out = {"id": int(row_id), **ids}
     for k in ("chosen", "rejected"):
         lp = logps[k]
         if lp.ndim != 1 or len(lp) != len(ids[f"{k}_ids"]):

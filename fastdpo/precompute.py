@@ -22,9 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__, cache, data, modeling
+from .checkpoint import on_main
 from .config import format_config, make, opt, to_dict
-from .errors import UserError
+from .errors import Interrupted, UserError
 from .io import check_output_apart, sha256_file, sha256_json
+from .loop import StopSignals
 
 
 @dataclass
@@ -129,9 +131,10 @@ def _manifest(cfg: PrecomputeConfig, setup, fingerprint: str, hashes: dict, stat
 
 
 def _compute_shards(cfg: PrecomputeConfig, setup, rows, out: Path, fingerprint: str, n_shards: int,
-                    device) -> tuple[int, int]:
+                    device, stop) -> tuple[int, int]:
     """This process's unfinished shards (r, r + N, ...), each written with its done-marker; returns the pairs
-    computed and the tokens run through the model, summed over processes."""
+    computed and the tokens run through the model, summed over processes. `stop` (`loop.StopSignals`): a
+    SIGTERM or Ctrl-C stops at the end of the batch, with the finished shards kept for the re-run."""
     state = modeling.process_state()
     mine = list(range(state.process_index, n_shards, state.num_processes))
     todo = [(i, i * cfg.shard_rows, min((i + 1) * cfg.shard_rows, len(rows))) for i in mine
@@ -142,11 +145,20 @@ def _compute_shards(cfg: PrecomputeConfig, setup, rows, out: Path, fingerprint: 
     scorer = setup.scorer(setup.load(device=device).eval()) if todo else None
     setup.print_notes(state.is_main_process)
     progress = _Progress(sum(hi - lo for _, lo, hi in todo), cfg.progress and state.is_main_process)
+
+    def on_batch(pairs: int, tokens: int):
+        progress.update(pairs, tokens)
+        if stop.signum is not None:  # the shard in progress is dropped; the finished ones stay
+            progress.close()
+            done = len(list(out.glob(".shard-*.done.json")))
+            raise Interrupted(f"stopped by {stop.name}: {done} of {n_shards} shards complete in {out}; run the same "
+                              "command again to resume", stop.signum)
+
     for i, lo, hi in todo:
         columns = compute_shard(scorer, rows[lo:hi], cfg, setup.layout, device, setup.tokenizer.pad_token_id,
-                                on_batch=progress.update)
-        cache.write_finished_shard(out, i, cache.build_table(columns, {"fingerprint": fingerprint, "shard": i}),
-                                   fingerprint)
+                                on_batch=on_batch)
+        meta = {"fingerprint": fingerprint, "shard": i, "num_shards": n_shards}
+        cache.write_finished_shard(out, i, cache.build_table(columns, meta), fingerprint)
     progress.close()
     return _sum_over_processes(sum(hi - lo for _, lo, hi in todo)), _sum_over_processes(progress.tokens)
 
@@ -186,41 +198,44 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
     settings = cfg.settings()
     fingerprint = sha256_json({"settings": settings, **hashes, "resolved_dtype": str(dtype),
                                "format": cache.FORMAT_VERSION})
-    created = cache.prepare_output(out, fingerprint, settings, cfg.overwrite, True) if is_main else False
-    state.wait_for_everyone()
-    # every process must see the claim (one filesystem): all agree, so that all stop with the same line
-    blind = _sum_over_processes(0 if is_main or cache.claim_visible(out) else 1)
-    if blind:
-        if is_main:
-            cache.release_output(out, created)
-        raise UserError(f"--output {out}: {blind} of {state.num_processes} processes cannot see the main process's "
-                        "claim there; over several nodes, --output must be on a filesystem all nodes share")
-    if not is_main:
-        cache.prepare_output(out, fingerprint, settings, False, False)
-    n_shards = (len(rows) + cfg.shard_rows - 1) // cfg.shard_rows
+    # the main process claims and locks --output; a refusal stops every process with its line
+    lock = on_main(state, lambda: cache.prepare_output(out, fingerprint, settings, cfg.overwrite, True))
     try:
-        computed, tokens = _compute_shards(cfg, setup, rows, out, fingerprint, n_shards, device)
-    except BaseException:
-        if is_main:  # nothing finished: leave no claim that would refuse the retry
-            cache.release_output(out, created)
+        # every process must see the claim (one filesystem): all agree, so that all stop with the same line
+        blind = _sum_over_processes(0 if is_main or cache.claim_visible(out) else 1)
+        if blind:
+            raise UserError(f"--output {out}: {blind} of {state.num_processes} processes cannot see the main "
+                            "process's claim there; over several nodes, --output must be on a filesystem all nodes "
+                            "share")
+        if not is_main:
+            cache.prepare_output(out, fingerprint, settings, False, False)
+        n_shards = (len(rows) + cfg.shard_rows - 1) // cfg.shard_rows
+        with StopSignals(announce=is_main) as stop:
+            computed, tokens = _compute_shards(cfg, setup, rows, out, fingerprint, n_shards, device, stop)
+    except BaseException:  # nothing finished: leave no claim that would refuse the retry
+        if is_main:
+            cache.release_output(out, lock)
         raise
     t_fwd = time.perf_counter()
 
     if is_main:
-        shards = [cache.finished_shard(out, i, fingerprint) for i in range(n_shards)]
-        if any(s is None for s in shards):  # a shard damaged between its write and now
-            bad = [cache.shard_name(i) for i, s in enumerate(shards) if s is None]
-            raise UserError(f"shard(s) {', '.join(bad)} in {out} failed their checksum after writing; re-run to "
-                            "recompute them")
-        cache.write_manifest(out, _manifest(cfg, setup, fingerprint, hashes, stats, skips, len(rows), shards,
-                                            state.num_processes, [t0, t_tok, t_fwd]))
-        skipped = data.summarise_skips(skips, stats["rows_read"])
-        if skipped:
-            print(skipped, file=sys.stderr)
-        elapsed = time.perf_counter() - t0
-        print(f"precompute: {len(rows)} pairs in {n_shards} shard(s) -> {out} "
-              f"({computed} computed, {len(rows) - computed} resumed) in {elapsed:.1f}s, "
-              f"{computed / max(t_fwd - t_tok, 1e-9):.1f} pairs/s, {tokens / max(t_fwd - t_tok, 1e-9):.0f} "
-              f"tokens/s over {state.num_processes} process(es)", file=sys.stderr)
+        try:
+            shards = [cache.finished_shard(out, i, fingerprint) for i in range(n_shards)]
+            if any(s is None for s in shards):  # a shard damaged between its write and now
+                bad = [cache.shard_name(i) for i, s in enumerate(shards) if s is None]
+                raise UserError(f"shard(s) {', '.join(bad)} in {out} failed their checksum after writing; re-run to "
+                                "recompute them")
+            cache.write_manifest(out, _manifest(cfg, setup, fingerprint, hashes, stats, skips, len(rows), shards,
+                                                state.num_processes, [t0, t_tok, t_fwd]))
+            skipped = data.summarise_skips(skips, stats["rows_read"])
+            if skipped:
+                print(skipped, file=sys.stderr)
+            elapsed = time.perf_counter() - t0
+            print(f"precompute: {len(rows)} pairs in {n_shards} shard(s) -> {out} "
+                  f"({computed} computed, {len(rows) - computed} resumed) in {elapsed:.1f}s, "
+                  f"{computed / max(t_fwd - t_tok, 1e-9):.1f} pairs/s, {tokens / max(t_fwd - t_tok, 1e-9):.0f} "
+                  f"tokens/s over {state.num_processes} process(es)", file=sys.stderr)
+        finally:
+            lock.release()
     state.wait_for_everyone()
     return cache.load_manifest(out).to_dict()

@@ -97,6 +97,68 @@ def test_verify_fails_on_a_flipped_byte(cache_dir, tmp_path, capsys):
     assert code == 1 and "FAILED" in err and "shard-00002.arrow is damaged" in err and "Traceback" not in err
 
 
+def _swap_in(copy, index: int, shard_path):
+    """Put another shard file in place of shard `index`, with the manifest's sha256, bytes and rows edited to match
+    (what the bytes-only check cannot tell apart)."""
+    from fastdpo.io import sha256_file
+
+    target = copy / cache.shard_name(index)
+    shutil.copy(shard_path, target)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][index].update(sha256=sha256_file(target), bytes=target.stat().st_size,
+                                     rows=cache.read_shard(target).num_rows)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("source,needle", [
+    ("other", "belongs to another cache: its metadata names fingerprint"),
+    ("shard-00000.arrow", "is shard 0 of its cache but listed as shard 1"),
+])
+def test_verify_and_train_read_each_shards_own_metadata(cache_dir, tiny_model, tiny_tokenizer, tmp_path, source,
+                                                        needle, capsys):
+    copy = tmp_path / "c"
+    shutil.copytree(cache_dir, copy)
+    if source == "other":  # shard 1's rows, in a cache of their own (another fingerprint)
+        rows = cache.read_shard(cache_dir / "shard-00001.arrow").to_pylist()
+        cache.write(rows, tmp_path / "other", tokenizer=tiny_tokenizer, reference="elsewhere", shard_rows=len(rows))
+        _swap_in(copy, 1, tmp_path / "other" / "shard-00000.arrow")
+    else:
+        _swap_in(copy, 1, cache_dir / source)
+    code, err = run_cli("cache", "verify", copy)
+    assert code == 1 and "FAILED" in err and "shard-00001.arrow" in err and needle in err, err
+    assert "Traceback" not in err
+    from conftest import one_line_error
+
+    one_line_error(*run_cli("train", "--model", tiny_model, "--ref-cache", copy, "--output", tmp_path / "r",
+                            "--no-progress"), needle)
+    run_cli("cache", "info", copy)
+    assert needle in capsys.readouterr().out
+    assert not (tmp_path / "r").exists()
+
+
+def test_info_reports_hand_edited_fields_one_line_each(cache_dir, tiny_model, tmp_path, capsys):
+    copy = tmp_path / "c"
+    shutil.copytree(cache_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["dataset"]["rows_read"]
+    manifest["timings"] = {"total_s": "fast"}
+    manifest["shards"][0]["bytes"] = 10**400  # a 10^400-byte shard
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    code, err = run_cli("cache", "info", copy)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 1 and "Traceback" not in err, err
+    assert len(lines) == 3 and all(ln.startswith(f"{copy}: damaged: manifest.json: ") for ln in lines), lines
+    assert "dataset.rows_read is missing" in lines[0] and "'timings'" in lines[1]
+    assert "shards[0].bytes 1000000000" in lines[2] and "(401 characters) is not a file size" in lines[2]
+    code, _ = run_cli("cache", "info", copy, "--json")
+    assert code == 1 and len(json.loads(capsys.readouterr().out)["problems"]) == 3
+    code, err = run_cli("cache", "verify", copy)
+    assert code == 1 and "dataset.rows_read is missing (and 2 more: fastdpo cache info lists them)" in err
+    (copy / "manifest.json").write_text('{"format_version": 1, "shards": [{"bytes": 1' + "0" * 5000 + "}]}")
+    code, err = run_cli("cache", "info", copy)  # past Python's digit limit for int()
+    assert code == 1 and "is damaged" in capsys.readouterr().out and "Traceback" not in err
+
+
 # ---------------------------------------------------------------- bring your own reference log-probs
 
 
@@ -153,6 +215,51 @@ def test_external_rows_are_checked(tiny_tokenizer, tmp_path, edit, needle):
     with pytest.raises(UserError, match=f"row 2: .*{needle}"):
         cache.write(rows, tmp_path / "ext", tokenizer=tiny_tokenizer, reference="x")
     assert not (tmp_path / "ext" / "manifest.json").exists()
+
+
+def _rows(n: int) -> list[dict]:
+    return [{"prompt_ids": [5, 6], "chosen_ids": [7, 8], "rejected_ids": [9], "ref_chosen_token_logps": [-1.0, -2.0],
+             "ref_rejected_token_logps": [-0.5]} for _ in range(n)]
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda r: r.update(prompt_ids=[5, 7.9]), "prompt_ids holds 7.9: token ids are integers"),
+    (lambda r: r.update(chosen_ids=[7.0, 8.0]), "chosen_ids holds 7.0: token ids are integers"),
+    (lambda r: r.update(rejected_ids=[True]), "rejected_ids holds True"),
+    (lambda r: r.update(chosen_ids=["7", "8"]), "chosen_ids holds '7'"),
+    (lambda r: r.update(id=2.5), "id 2.5 is not an integer"),
+    (lambda r: r.update(id=0), "id 0 is also row 0's"),
+])
+def test_external_ids_must_be_integers(tiny_tokenizer, tmp_path, edit, needle):
+    rows = _rows(3)
+    edit(rows[2])
+    with pytest.raises(UserError, match=f"row 2: {needle}"):
+        cache.write(rows, tmp_path / "ext", tokenizer=tiny_tokenizer, reference="x")
+    assert not (tmp_path / "ext").exists()
+
+
+def test_write_refuses_bad_shard_rows_and_a_failed_write_blocks_no_retry(tiny_tokenizer, tmp_path, monkeypatch):
+    out = tmp_path / "ext"
+    for bad in (0, -1, 2.5, True, "8"):
+        with pytest.raises(UserError, match=f"shard_rows must be an integer >= 1, got {bad!r}"):
+            cache.write(_rows(3), out, tokenizer=tiny_tokenizer, reference="x", shard_rows=bad)
+        assert not out.exists()
+    real = cache.write_shard
+
+    def full_disk(path, table):  # the second shard: the disk is full
+        if path.name == cache.shard_name(1):
+            raise UserError(f"cannot write {path}: no space left on device")
+        return real(path, table)
+
+    monkeypatch.setattr(cache, "write_shard", full_disk)
+    with pytest.raises(UserError, match="no space left"):
+        cache.write(_rows(3), out, tokenizer=tiny_tokenizer, reference="x", shard_rows=2)
+    assert not out.exists()  # nothing of it is left
+    monkeypatch.setattr(cache, "write_shard", real)
+    manifest = cache.write(_rows(5), out, tokenizer=tiny_tokenizer, reference="x", shard_rows=2)  # other rows
+    assert manifest.num_rows == 5 and [s.rows for s in manifest.shards] == [2, 2, 1]
+    assert cache.verify(out)["ok"] and sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "manifest.json", "shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow"]
 
 
 # ---------------------------------------------------------------- console

@@ -42,9 +42,9 @@ def _size(n: int) -> str:
 
 
 def format_info(info: dict) -> str:
-    """One screen: what the cache holds, how it was made, and anything wrong with it."""
-    if "rows" not in info:
-        return f"{info['cache']}: cannot be read: {info['problems'][0]}"
+    """One screen: what the cache holds, how it was made, and anything wrong with it (one line per problem)."""
+    if "rows" not in info:  # the manifest itself is damaged: what is wrong with it, field by field
+        return "\n".join(f"{info['cache']}: damaged: {p}" for p in info["problems"])
     model, tok, data, st = info["model"], info["tokenizer"], info["dataset"], info["settings"]
     ref = f"external ({model['name_or_path']})" if model.get("external") else model["name_or_path"]
     weights = (model.get("weights_sha256") or "not hashed")[:12]
@@ -68,8 +68,8 @@ def format_info(info: dict) -> str:
     t = info.get("timings") or {}
     if t:
         lines.append("timings    " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in t.items()))
-    found = "; ".join(info["problems"]) or "none found (sizes checked; fastdpo cache verify checks contents)"
-    lines.append(f"problems   {found}")
+    found = info["problems"] or ["none found (sizes checked; fastdpo cache verify checks contents)"]
+    lines += [f"problem    {p}" for p in found] if info["problems"] else [f"problems   {found[0]}"]
     return "\n".join(lines)
 
 

@@ -213,7 +213,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def load_config_file(path: str) -> dict:
-    """Parse a YAML or JSON config file as plain data (never executes anything)."""
+    """Parse a YAML or JSON config file as plain data (never executes anything). A key given twice (also as
+    `max-steps` and `max_steps`) is refused naming it and its lines: one of the two would be dropped."""
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
     try:
@@ -224,12 +225,9 @@ def load_config_file(path: str) -> dict:
     except OSError as e:
         raise UserError(f"cannot read config file {path}: {e.strerror}") from None
     try:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+        data = _load_yaml(text, path) if path.endswith((".yaml", ".yml")) else _load_json(text, path)
+    except UserError:
+        raise
     except Exception as e:  # yaml and json raise different types
         from .errors import first_line
 
@@ -239,6 +237,54 @@ def load_config_file(path: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of option: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _given_twice(path: str, key, first: int, second: int) -> UserError:
+    return UserError(f"config file {path}: {key!s} is given twice (lines {first} and {second}); keep one")
+
+
+def _load_yaml(text: str, path: str):
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """safe_load's loader, refusing a mapping that repeats a key (PyYAML keeps the last one)."""
+
+    def mapping(loader, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: overriding a merged key is the point
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            name = str(key).replace("-", "_")
+            if name in seen:
+                raise _given_twice(path, key, seen[name], line)
+            seen[name] = line
+        return loader.construct_mapping(node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader)
+
+
+def _load_json(text: str, path: str):
+    def pairs(items):
+        seen = {}
+        for key, _ in items:
+            name = key.replace("-", "_")
+            if name in seen:  # json keeps the last; the decoder gives no positions: find the key's lines
+                lines = sorted(set(_json_key_lines(text, seen[name]) + _json_key_lines(text, key)))
+                raise _given_twice(path, key, *(lines + ["?", "?"])[:2])
+            seen[name] = key
+        return dict(items)
+
+    return json.loads(text, object_pairs_hook=pairs)
+
+
+def _json_key_lines(text: str, key: str) -> list[int]:
+    """The lines where `key` appears as a JSON object key."""
+    import re
+
+    return [text.count("\n", 0, m.start()) + 1 for m in re.finditer(re.escape(json.dumps(key)) + r"\s*:", text)]
 
 
 def _from_file(kind: Kind, value):

@@ -167,6 +167,12 @@ class StopSignals:
         return signal.Signals(self.signum).name if self.signum else "a signal"
 
 
+def run_inputs(cfg) -> dict[str, str | None]:
+    """flag -> path of what a run reads, which its --output may not hold or lie in (`checkpoint.check_run_dir`)."""
+    return {flag: getattr(cfg, flag[2:].replace("-", "_"), None)
+            for flag in ("--model", "--ref-model", "--ref-cache", "--dataset")}
+
+
 class Objective:
     """What a training command optimises: the loop's one plug-in."""
 
@@ -315,8 +321,7 @@ class Trainer:
         self.is_main, self.device = self.accelerator.is_main_process, self.accelerator.device
         modeling.set_library_progress(cfg.progress and self.is_main)
         self.bar = None  # the progress bar, while `fit` runs
-        self.inputs = {flag: getattr(cfg, flag[2:].replace("-", "_"), None)
-                       for flag in ("--model", "--ref-model", "--ref-cache", "--dataset")}
+        self.inputs = run_inputs(cfg)
         checkpoint.check_run_dir(cfg.output, self.inputs, cfg.resume, cfg.overwrite)
         if self.resume_dir is not None:
             checkpoint.check_resume(self.resume_dir, cfg, self.accelerator.num_processes)

@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import batching, data, loop, metrics, modeling
+from . import batching, checkpoint, data, loop, metrics, modeling
 from .config import make, opt
 from .errors import UserError
 
@@ -69,7 +69,17 @@ class TrainConfig(data.DataArgs, loop.RunArgs, modeling.LayoutArgs):
                                 "its tokenized data); set it when running fastdpo precompute, or train from --dataset")
         from . import losses  # torch: not needed to build the CLI or its --help
 
-        for beta in self.beta if isinstance(self.beta, list) else [self.beta]:
+        names = losses.parse_loss_types(self.loss)
+        twice = next((n for n in names if names.count(n) > 1), None)
+        if twice:  # preference_loss would add the term twice
+            raise UserError(f"--loss names {twice} twice; a mixture names each loss once (--loss-weights say how "
+                            "much of each)")
+        betas = self.beta if isinstance(self.beta, list) else [self.beta]
+        runs = [sweep_dir(".", b).name for b in betas]
+        twice = next((b for b, r in zip(betas, runs) if runs.count(r) > 1), None)
+        if twice is not None:  # before anything trains: the second run would find the first's directory
+            raise UserError(f"--beta lists {twice:g} twice; a sweep trains each value once (into OUT/beta-{twice:g})")
+        for beta in betas:
             try:
                 losses.validate_loss_config(self.loss, self.loss_weights, beta, self.label_smoothing,
                                             has_reference=True, batch_size=self.batch_size,
@@ -299,12 +309,20 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
     return trainer.fit(source, PreferenceObjective(cfg, trainer.setup, trainer.device, reference, fused))
 
 
+def sweep_dir(output: str, beta: float) -> Path:
+    """Where a sweep trains `beta`: OUT/beta-B."""
+    return Path(output) / f"beta-{beta:g}"
+
+
 def sweep(config: TrainConfig, plot: bool = True) -> list[tuple[Path, dict]]:
     """Train once per beta of `config.beta` from one cache, into OUT/beta-B; then overlay their curves in
     OUT/sweep/*.png. The cache is computed once and each run is policy-only, so k betas cost k trainings."""
+    for beta in config.beta:  # every run's directory is checked before the first trains
+        checkpoint.check_run_dir(str(sweep_dir(config.output, beta)), loop.run_inputs(config), config.resume,
+                                 config.overwrite)
     runs = []
     for beta in config.beta:
-        run_dir = Path(config.output) / f"beta-{beta:g}"
+        run_dir = sweep_dir(config.output, beta)
         runs.append((run_dir, train(dataclasses.replace(config, beta=beta, output=str(run_dir)))))
     if plot:
         try:

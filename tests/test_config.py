@@ -128,6 +128,40 @@ def test_config_file_errors_are_one_line(tmp_path):
     _one_line(*run_cli("train", "--config", typed), "shuffle must be true or false")
 
 
+def test_a_key_given_twice_is_refused_naming_it_and_its_lines(tmp_path):
+    """PyYAML and json keep the last of two equal keys: the first value would vanish without a word."""
+    twice = _yaml(tmp_path, f"model: {MISSING_MODEL}\nlr: 1e-5\nref_cache: c\nlr: 2e-5\n")
+    _one_line(*run_cli("train", "--config", twice), f"config file {twice}: lr is given twice (lines 2 and 4)")
+    spelled = _yaml(tmp_path, f"model: {MISSING_MODEL}\nmax-steps: 3\nmax_steps: 4\n")  # one option, two spellings
+    _one_line(*run_cli("train", "--config", spelled), "max_steps is given twice (lines 2 and 3)")
+    as_json = tmp_path / "run.json"
+    as_json.write_text(f'{{"model": "{MISSING_MODEL}",\n "beta": 0.1,\n "output": "r",\n "beta": 0.5}}\n')
+    _one_line(*run_cli("train", "--config", as_json), f"config file {as_json}: beta is given twice (lines 2 and 4)")
+    merged = _yaml(tmp_path, "base: &b\n  lr: 1e-5\nrun:\n  <<: *b\n  lr: 2e-5\n")  # YAML merge: an override
+    from fastdpo.config import load_config_file
+
+    assert load_config_file(str(merged))["run"] == {"lr": "2e-5"}  # (YAML 1.1 reads 2e-5 as a string)
+
+
+def test_a_loss_or_a_sweep_value_given_twice_is_refused_before_anything_trains(tmp_path):
+    args = ("train", "--model", MISSING_MODEL, "--ref-cache", "c", "--output", tmp_path / "r")
+    _one_line(*run_cli(*args, "--loss", "sigmoid,sigmoid"), "--loss names sigmoid twice", "--loss-weights")
+    _one_line(*run_cli(*args, "--loss", "sigmoid,sft,sigmoid", "--loss-weights", "1,1,1"), "names sigmoid twice")
+    _one_line(*run_cli(*args, "--beta", "0.1,0.1"), "--beta lists 0.1 twice")
+    _one_line(*run_cli(*args, "--beta", "0.1,0.5,0.1000000001"), "--beta lists 0.1 twice")  # one OUT/beta-0.1
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_sweep_checks_every_run_directory_before_the_first_trains(tiny_model, small_cache, tmp_path):
+    taken = tmp_path / "s" / "beta-0.5"
+    taken.mkdir(parents=True)
+    (taken / "notes.txt").write_text("mine")
+    one_line_error(*run_cli("train", "--model", tiny_model, "--ref-cache", small_cache, "--output", tmp_path / "s",
+                            "--beta", "0.1,0.5", "--max-steps", "1", "--no-progress"),
+                   f"--output {taken} is not empty and holds no fastdpo run")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["beta-0.5"]
+
+
 def test_required_and_cross_field_rules(tmp_path):
     _one_line(*run_cli("train", "--ref-cache", "c", "--output", tmp_path / "r"), "missing required option --model")
     _one_line(*run_cli("train", "--model", MISSING_MODEL, "--output", tmp_path / "r"), "--ref-cache")

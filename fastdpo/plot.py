@@ -18,6 +18,9 @@ one of the pairs ``rewards`` (``rewards/chosen`` solid, ``rewards/rejected`` das
 (``logps/chosen`` solid, ``logps/rejected`` dashed). The default panels are ``DEFAULT_METRICS``.
 Runs keep one colour across panels. Files are written atomically. Matplotlib (the ``plot`` extra) is
 used through its Agg canvas only, so the caller's pyplot backend and state are left alone.
+
+A file of one of these names that ``fastdpo plot`` did not write is never replaced (without
+``--overwrite``): the output directory's ``.fastdpo-plot.json`` lists the files plot wrote there.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ DISTINGUISHING_KEYS = ("loss_weights", "label_smoothing", "lr", "lr_scheduler", 
                        "max_steps", "epochs", "seed", "simpo_gamma", "ld_alpha", "lora_r", "model", "ref_cache",
                        "dataset")
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RECORD = ".fastdpo-plot.json"  # in the output directory: the files plot wrote there, which it may replace
 
 
 @dataclass
@@ -69,6 +73,7 @@ class PlotConfig(Args):
                                     metavar="M1,M2,...")
     smooth: float = opt(0.0, "exponential moving average weight, drawn over the faint raw curves (0: raw curves "
                              "only)", ge=0, lt=1, metavar="W")
+    overwrite: bool = opt(False, "replace curves*.png in --output that fastdpo plot did not write")
 
     def check(self):
         if not self.runs:
@@ -261,13 +266,35 @@ def parse_metrics(metrics: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(panels))
 
 
+def _ours(out: Path) -> set[str]:
+    """The files a previous `fastdpo plot` wrote into `out` (its record)."""
+    try:
+        files = json.loads((out / RECORD).read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {f for f in files if isinstance(f, str)} if isinstance(files, list) else set()
+
+
+def _claim(out: Path, names: list[str], overwrite: bool) -> None:
+    """Refuse to replace a file plot did not write; record the names before writing, so that a crash between the
+    two leaves them ours."""
+    ours = _ours(out)
+    theirs = [n for n in names if (out / n).exists() and n not in ours]
+    if theirs and not overwrite:
+        raise UserError(f"--output {out} holds {theirs[0]}{f' (and {len(theirs) - 1} more)' if len(theirs) > 1 else ''}"
+                        ", which fastdpo plot did not write; choose another --output, or pass --overwrite to "
+                        "replace it")
+    atomic_write_bytes(out / RECORD, (json.dumps({"files": sorted(ours | set(names))}, indent=2) + "\n").encode())
+
+
 def plot_runs(run_dirs: Sequence[str | os.PathLike], output_dir: str | os.PathLike | None = None,
-              metrics: str | Sequence[str] | None = None, smooth: float = 0.0) -> list[Path]:
+              metrics: str | Sequence[str] | None = None, smooth: float = 0.0, overwrite: bool = False) -> list[Path]:
     """Plot the runs' curves overlaid; returns the written PNGs (``curves.png`` first, then one per panel).
 
     `metrics`: panels to draw (names or a comma-separated string; default ``DEFAULT_METRICS``).
     `output_dir` defaults to the first run directory. `smooth` in [0, 1): exponential moving average
-    weight (0: raw curves; otherwise raw curves faint, smoothed ones on top).
+    weight (0: raw curves; otherwise raw curves faint, smoothed ones on top). A file there of the same name that
+    plot did not write is refused, unless `overwrite`.
     """
     if not run_dirs:
         raise UserError("give at least one run directory")
@@ -287,6 +314,7 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], output_dir: str | os.PathLi
     Figure, canvas_cls = _matplotlib()
     labels = run_labels(run_dirs)
     out = ensure_dir(output_dir if output_dir is not None else run_dirs[0])
+    _claim(out, ["curves.png"] + [panel_filename(p) for p in panels], overwrite)  # before anything is drawn
     import matplotlib
     from matplotlib.lines import Line2D
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fastdpo.errors import UserError
-from fastdpo.plot import DEFAULT_METRICS, SIGNATURE, panel_filename, plot_runs, read_metrics, run_labels
+from fastdpo.plot import DEFAULT_METRICS, RECORD, SIGNATURE, panel_filename, plot_runs, read_metrics, run_labels
 
 MIN_PNG_BYTES = 4000
 
@@ -68,7 +68,26 @@ def test_plot_runs_writes_valid_pngs(runs, tmp_path):
                                          "curves-logps.png"}
     for p in written:
         assert_png(p)
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in written)  # no temporary files left
+    # no temporary files left; the record of what plot wrote there
+    assert sorted(p.name for p in out.iterdir()) == sorted([RECORD] + [p.name for p in written])
+
+
+def test_a_users_file_is_never_replaced(runs, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from fastdpo import cli
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "curves.png").write_bytes(SIGNATURE + b"my own figure")
+    assert cli.main(["plot", str(runs[0]), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--output {out} holds curves.png, which fastdpo plot did not write" in err[0], err
+    assert (out / "curves.png").read_bytes() == SIGNATURE + b"my own figure" and len(list(out.iterdir())) == 1
+    assert cli.main(["plot", str(runs[0]), "--output", str(out), "--overwrite"]) == 0
+    assert_png(out / "curves.png")
+    before = (out / "curves.png").read_bytes()
+    assert cli.main(["plot", str(runs[1]), "--output", str(out)]) == 0  # its own files: replaced without a flag
+    assert (out / "curves.png").read_bytes() != before
 
 
 def test_default_output_is_first_run_and_custom_metrics(runs):

@@ -12,6 +12,11 @@ count one half) and `generation_accuracy` (greedy answers judged correct by `dem
 Then `fastdpo compare` gives the headline figure of a DPO workflow, the win rate of the DPO model's
 answers over the SFT model's (`demo_task.judge_pair`, both orders; the SFT model against itself is
 0.5 by construction: the same answers tie).
+
+The output directory is the demo's when it holds `.fastdpo-demo.json`, which the demo writes into
+a new or empty one before anything else; any other non-empty directory is refused without
+`--overwrite` (the demo would write base/, sft/, dpo/, ... over what is there). One demo at a time
+writes it (`io.DirLock`).
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from pathlib import Path
 
 from . import demo_task
 from .errors import UserError
-from .io import atomic_write_json, ensure_dir
+from .io import DirLock, atomic_write_json, ensure_dir, is_lock_file
 
 JUDGE = "fastdpo.demo_task:judge"
 PAIR_JUDGE = "fastdpo.demo_task:judge_pair"
+MARKER = ".fastdpo-demo.json"  # what makes a directory a demo's own
 
 
 class _Stages:
@@ -98,31 +104,43 @@ def _bar_chart(before: dict, after: dict, path: Path) -> Path | None:
     return path
 
 
-def demo(output: str = "fastdpo-demo", reduced: bool = False, progress: bool = True) -> dict:
+def claim(output: str, overwrite: bool) -> DirLock:
+    """Lock the demo's directory: new, empty, a demo's own (its marker), or anything with `overwrite`."""
+    from . import __version__
+
+    out = ensure_dir(output)
+    lock = DirLock(out, "demo").acquire()
+    if not (out / MARKER).is_file() and not overwrite and any(not is_lock_file(p.name) for p in out.iterdir()):
+        lock.release()
+        raise UserError(f"--output {out} is not empty and is not a fastdpo demo's directory (it has no {MARKER}); "
+                        "choose another, or pass --overwrite to write the demo's files into it")
+    atomic_write_json(out / MARKER, {"fastdpo_version": __version__})
+    return lock
+
+
+def demo(output: str = "fastdpo-demo", reduced: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
     """Run the demo; returns the report written to OUTPUT/demo_report.json."""
     import torch
 
     recipe = demo_task.REDUCED_RECIPE if reduced else demo_task.DEMO_RECIPE
+    lock = claim(output, overwrite)
     threads = torch.get_num_threads()
     # a 100k-parameter model: one thread beats a thread pool, by 30x on a busy 2-core machine
     torch.set_num_threads(recipe.get("torch_threads", threads))
     try:
-        return _run(output, recipe, reduced, progress)
+        return _run(Path(output), recipe, reduced, progress, overwrite)
     finally:
         torch.set_num_threads(threads)
+        lock.release()
 
 
-def _run(output, recipe: dict, reduced: bool, progress: bool) -> dict:
+def _run(out: Path, recipe: dict, reduced: bool, progress: bool, overwrite: bool) -> dict:
+    from . import modeling
     from .compare import compare
     from .eval import evaluate
     from .precompute import precompute
     from .sft import sft
     from .train import train
-
-    out = ensure_dir(output)
-    if any(out.iterdir()) and not (out / "demo_report.json").exists() and not (out / "base").exists():
-        raise UserError(f"--output {out} is not empty and is not a demo directory; choose another")
-    from . import modeling
 
     modeling.set_library_progress(False)
     timings = {}
@@ -163,7 +181,7 @@ def _run(output, recipe: dict, reduced: bool, progress: bool) -> dict:
     try:
         from .plot import plot_runs
 
-        plots = [str(p) for p in plot_runs([out / "dpo"], out / "plots")]
+        plots = [str(p) for p in plot_runs([out / "dpo"], out / "plots", overwrite=overwrite)]
         chart = _bar_chart(b, a, out / "plots" / "before_after.png")
         if chart:
             plots.insert(0, str(chart))

@@ -48,10 +48,34 @@ def test_demo_end_to_end_shows_improvement(tmp_path):
     for p in pngs:
         data = open(p, "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert (out / ".fastdpo-demo.json").is_file() and not (out / ".fastdpo.lock").exists()
     # the pieces a user can reuse: models load, caches verify
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "dpo")
+
+
+def test_output_is_the_demos_only_by_its_marker(tmp_path, monkeypatch):
+    """A directory holding a `base` of the user's is not the demo's: refused, untouched, unless --overwrite."""
+    from conftest import one_line_error
+
+    from fastdpo import demo
+
+    out = tmp_path / "work"
+    (out / "base").mkdir(parents=True)
+    (out / "base" / "config.json").write_text('{"mine": true}')
+    one_line_error(*run_cli("demo", "--output", out, "--no-progress"), "is not a fastdpo demo's directory",
+                   "--overwrite", alone=True)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["base", "base/config.json"]
+
+    def reached(*a, **k):  # past the claim: the demo would build its model now
+        raise RuntimeError("the demo started")
+
+    monkeypatch.setattr(demo.demo_task, "build_model", reached)
+    for args in (["--overwrite"], []):  # --overwrite: the user asked; then the marker makes it the demo's
+        with pytest.raises(RuntimeError, match="the demo started"):
+            run_cli("demo", "--output", out, "--no-progress", *args)
+        assert (out / ".fastdpo-demo.json").is_file() and not (out / ".fastdpo.lock").exists()
 
 
 def test_judge():

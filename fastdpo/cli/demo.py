@@ -21,10 +21,11 @@ class CONFIG(Args):
     output: str = opt("fastdpo-demo", "directory for everything the demo writes")
     reduced: bool = opt(False, "fewer steps and eval rows (for smoke tests)")
     progress: bool = opt(True, "show progress bars")
+    overwrite: bool = opt(False, "write into a non-empty --output that is not a demo's (its files are replaced)")
 
 
 def run(config):
     from ..demo import demo
 
-    demo(config.output, reduced=config.reduced, progress=config.progress)
+    demo(config.output, reduced=config.reduced, progress=config.progress, overwrite=config.overwrite)
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 from . import __version__, cache, metrics, modeling
 from .config import format_config, make, opt, to_dict
-from .errors import UserError
+from .errors import UserError, first_line
 from .io import atomic_write_json
 
 
@@ -82,6 +83,22 @@ def load_judge(spec: str, params: tuple[str, ...] = ("prompt", "completion")):
     except ValueError:
         pass  # builtins without a signature: called as asked
     return fn
+
+
+def judge_score(judge, spec: str, index: int, prompt: str, completion: str) -> float:
+    """The judge's score of one answer as a float; a judge that raises, or returns anything but a bool or a finite
+    number, is a UserError naming the judge, the prompt and what it returned."""
+    import numbers
+
+    try:
+        score = judge(prompt, completion)
+    except Exception as e:  # the user's code
+        raise UserError(f"--judge {spec} raised {type(e).__name__} on prompt {index}: {first_line(e)}") from None
+    if isinstance(score, numbers.Real) and math.isfinite(float(score)):  # bool, int, float, numpy scalars
+        return float(score)
+    shown = repr(score) if len(repr(score)) <= 60 else repr(score)[:60] + "..."
+    raise UserError(f"--judge {spec} returned {shown} ({type(score).__name__}) on prompt {index}; a judge returns a "
+                    "bool or a finite number")
 
 
 def preference_results(tok_c, tok_r, rows, beta: float) -> dict:
@@ -161,7 +178,7 @@ def judged_samples(model, tokenizer, rows, cfg: EvalConfig, device, judge) -> di
     samples = [{"id": rows["id"][i], "prompt": prompt_texts[i], "completion": answers[i]} for i in range(m)]
     out = {}
     if judge is not None:
-        scores = [float(judge(p, a)) for p, a in zip(prompt_texts, answers)]
+        scores = [judge_score(judge, cfg.judge, i, p, a) for i, (p, a) in enumerate(zip(prompt_texts, answers))]
         for s, score in zip(samples, scores):
             s["score"] = score
         out = {"generation_accuracy": float(np.mean(scores)) if scores else float("nan"), "judge": cfg.judge}

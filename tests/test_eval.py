@@ -7,8 +7,9 @@ import math
 import sys
 
 import numpy as np
+import pytest
 import torch
-from conftest import make_pairs, run_cli, write_jsonl
+from conftest import make_pairs, one_line_error, run_cli, write_jsonl
 
 from fastdpo.eval import evaluate
 from fastdpo.precompute import PrecomputeConfig, precompute
@@ -97,3 +98,22 @@ def test_answers_stop_at_the_models_end_of_turn_too(tiny_model):
     model.generation_config.eos_token_id = [tok.eos_token_id, free[0][1]]  # its second token now ends the turn
     cut = generate_tokens(model, tok, [[5, 6, 7], [8]], cfg, "cpu")
     assert cut[0] == free[0][:1] and free[0][1] not in cut[1]
+
+
+@pytest.mark.parametrize("body,needle", [
+    ("    if 'Q1:' in prompt:\n        raise KeyError('answer')\n    return 1.0",
+     "raised KeyError on prompt 1: 'answer'"),
+    ("    return None", "returned None (NoneType) on prompt 0; a judge returns a bool or a finite number"),
+    ("    return 'yes'", "returned 'yes' (str) on prompt 0"),
+    ("    return float('nan')", "returned nan (float) on prompt 0"),
+])
+def test_a_failing_judge_is_one_line_naming_it_the_prompt_and_the_value(tiny_model, small_cache, tmp_path,
+                                                                         monkeypatch, body, needle):
+    (tmp_path / "badjudge.py").write_text(f"def judge(prompt, completion):\n{body}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("badjudge", None)
+    code, err = run_cli("eval", "--model", tiny_model, "--ref-cache", small_cache, "--generate", "--judge",
+                        "badjudge:judge", "--generate-limit", "3", "--max-new-tokens", "2", "--no-progress",
+                        "--output", tmp_path / "e.json")
+    line = one_line_error(code, err, "--judge badjudge:judge", needle)
+    assert line.startswith("fastdpo eval: error:") and not (tmp_path / "e.json").exists()

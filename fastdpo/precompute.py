@@ -174,7 +174,6 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
     state = modeling.process_state()
     is_main = state.is_main_process
     t0 = time.perf_counter()
-    out = Path(cfg.output)
     modeling.set_library_progress(cfg.progress and is_main)
     if is_main:
         print(f"fastdpo {__version__} precompute\n{format_config(cfg)}", file=sys.stderr)
@@ -198,6 +197,17 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
     settings = cfg.settings()
     fingerprint = sha256_json({"settings": settings, **hashes, "resolved_dtype": str(dtype),
                                "format": cache.FORMAT_VERSION})
+    # SIGTERM or Ctrl-C from here: while shards are computed, the run stops at the end of the batch; after, the
+    # cache is finished
+    with StopSignals(announce=is_main) as stop:
+        return _write_cache(cfg, setup, device, (rows, skips, stats), hashes, fingerprint, stop, [t0, t_tok])
+
+
+def _write_cache(cfg: PrecomputeConfig, setup, device, tokenized, hashes: dict, fingerprint: str, stop,
+                 times: list[float]) -> dict:
+    """Claim and lock --output, compute this process's shards, and (the main process) write the manifest."""
+    state, out, (rows, skips, stats), (t0, t_tok) = modeling.process_state(), Path(cfg.output), tokenized, times
+    is_main, settings = state.is_main_process, cfg.settings()
     # the main process claims and locks --output; a refusal stops every process with its line
     lock = on_main(state, lambda: cache.prepare_output(out, fingerprint, settings, cfg.overwrite, True))
     try:
@@ -210,8 +220,7 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
         if not is_main:
             cache.prepare_output(out, fingerprint, settings, False, False)
         n_shards = (len(rows) + cfg.shard_rows - 1) // cfg.shard_rows
-        with StopSignals(announce=is_main) as stop:
-            computed, tokens = _compute_shards(cfg, setup, rows, out, fingerprint, n_shards, device, stop)
+        computed, tokens = _compute_shards(cfg, setup, rows, out, fingerprint, n_shards, device, stop)
     except BaseException:  # nothing finished: leave no claim that would refuse the retry
         if is_main:
             cache.release_output(out, lock)

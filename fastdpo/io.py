@@ -55,9 +55,13 @@ def free_bytes(path) -> int | None:
         return None
 
 
+TORCH_WRITE_FAILED = r"PytorchStreamWriter|inline_container|file write failed|iostream error"
+
+
 def failed_write(exc: BaseException) -> tuple[int | None, str] | None:
     """(errno or None, what happened) if `exc` is a failed write, else None. Besides OSError: torch.save's zip
-    writer reports a full disk as a RuntimeError ("unexpected pos 576 vs 534", "file write failed"), and
+    writer reports a full disk as a RuntimeError ("unexpected pos 576 vs 534", "file write failed", or from its C++
+    stream "basic_ios::clear: iostream error"), and
     safetensors as a SafetensorError ("I/O error: No space left on device (os error 28)")."""
     if isinstance(exc, OSError):
         return exc.errno, _REASONS.get(exc.errno, exc.strerror or str(exc))
@@ -69,7 +73,7 @@ def failed_write(exc: BaseException) -> tuple[int | None, str] | None:
     if code and type(exc).__name__ == "SafetensorError":
         n = int(code.group(1))
         return n, _REASONS.get(n, os.strerror(n))
-    if isinstance(exc, RuntimeError) and re.search(r"PytorchStreamWriter|inline_container|file write failed", text):
+    if isinstance(exc, RuntimeError) and re.search(TORCH_WRITE_FAILED, text):
         return None, f"torch's writer failed ({first_line(exc)})"
     return None
 

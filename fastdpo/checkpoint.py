@@ -19,7 +19,7 @@ process holds `OUT/.fastdpo.lock` (`io.DirLock`) from its first write to its end
 
 A resume continues the checkpoint's run (`check_resume`): options that change the trajectory are
 compared with the checkpoint's config; those the checkpoint's state is built for (model, optimizer,
-data and plan, precision, LoRA adapter) cannot change, the others (`CHANGEABLE_KEYS`) only with
+data and plan, LoRA adapter, sharding, processes) cannot change, the others (`CHANGEABLE_KEYS`) only with
 `--allow-changes`, and only logging, saving and how the same numbers are computed (`FREE_KEYS`)
 change freely.
 
@@ -73,8 +73,8 @@ FREE_KEYS = frozenset({
 # then honoured from the next step (the optimizer's hyperparameters and the schedule are rebuilt from them)
 CHANGEABLE_KEYS = ("loss", "loss_weights", "beta", "label_smoothing", "simpo_gamma", "discopop_tau", "ld_alpha",
                    "lr", "lr_scheduler", "warmup_steps", "warmup_ratio", "weight_decay", "momentum", "max_grad_norm",
-                   "disable_dropout", "ref_model")
-# Every other option (model, revision, dtype, data settings, ...) cannot change: the checkpoint's state is built
+                   "disable_dropout", "ref_model", "dtype")  # dtype: weights and optimizer state are cast on load
+# Every other option (model, revision, data settings, ...) cannot change: the checkpoint's state is built
 # for it
 
 

@@ -79,15 +79,7 @@ def test_two_process_training_matches_one_process(tiny_model, setup, tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(m["step"], pytest.approx(m["loss"])) for m in two]
     assert (tmp_path / "two" / "checkpoint-2" / "trainer_state.json").exists()
 
-    # resume with the same world size continues exactly
-    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[:2]
-    (tmp_path / "two" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    torchrun("train", *common, "--output", tmp_path / "two", "--resume", tmp_path / "two" / "checkpoint-2")
-    resumed = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
-    for a, b in zip(two, resumed):
-        for f in FIELDS:
-            assert math.isclose(a[f], b[f], abs_tol=1e-6), (a["step"], f)
+    # a resume with the same world size: test_two_process_sigterm_saves_then_resume_equals_one_process
 
 
 def two_nodes(tiny_model, data_file, outputs) -> tuple[list[int], list[str]]:
@@ -129,3 +121,41 @@ def test_two_nodes_without_a_shared_output_stop_alike(tiny_model, setup, tmp_pat
         line = f"fastdpo precompute: error: --output {tmp_path / 'ab'[node]}: 1 of 2 processes cannot see the main "
         assert line in err and "Connection" not in err, err[-2000:]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_two_process_sigterm_saves_then_resume_equals_one_process(tiny_model, setup, tmp_path):
+    """SIGTERM to torchrun and its workers (what `scancel` or a preempting cluster sends): every rank stops after
+    the same step, the checkpoint is written and each says so in one line (torchrun forwards its own SIGTERM too:
+    harmless); `--resume latest` then continues to the 1-process run's numbers."""
+    import signal
+    import time
+
+    root, _ = setup
+    out = tmp_path / "two"
+    args = ["train", "--model", tiny_model, "--ref-cache", root / "c1", "--batch-size", "2", "--max-steps", "8",
+            "--epochs", "2", "--lr", "1e-3", "--save-steps", "3", "--no-progress", "--output", out]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           "-m", "fastdpo", *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-3").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert not (out / "model.safetensors").exists(), "signalled too late to test anything"
+    lines = [ln for ln in err.splitlines() if "fastdpo train: stopped by SIGTERM at step" in ln]
+    assert len(lines) == 2 and len({ln.split("at step ")[1] for ln in lines}) == 1, err[-3000:]  # both, one step
+    step = int(lines[0].split("at step ")[1].split()[0])
+    assert (out / f"checkpoint-{step}" / "trainer_state.json").is_file() and not (out / ".fastdpo.lock").exists()
+    assert proc.returncode != 0  # torchrun's own report of a signal
+    proc = torchrun(*args, "--resume", "latest")
+    assert f"resumed from {out / f'checkpoint-{step}'} at step {step}" in proc.stderr
+    train(model=tiny_model, ref_cache=str(root / "c1"), output=str(tmp_path / "one"), batch_size=2, grad_accum=2,
+          max_steps=8, epochs=2, lr=1e-3, progress=False)
+    one = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
+    two = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in two] == list(range(1, 9))
+    for a, b in zip(one, two):
+        for f in FIELDS:
+            assert math.isclose(a[f], b[f], abs_tol=1e-5), (a["step"], f, a[f], b[f])

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, make_pairs, run_cli, write_jsonl
+from conftest import REPO, make_pairs, one_line_error, run_cli, write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,29 +42,37 @@ def _looks_complete(out) -> list[str]:
 
 
 @pytest.mark.slow
-def test_precompute_sigkill_at_random_points(tiny_model, data_file, clean_cache, tmp_path):
+def test_precompute_sigkill_and_sigterm_at_random_points(tiny_model, data_file, clean_cache, tmp_path):
+    """SIGKILL: whatever is on disk is whole, and the re-run gives the clean cache. SIGTERM (a cluster preempting the
+    job): the same, and the process stops at the end of its batch with one line and exit 143."""
     rng = random.Random(1234)
     args = ["precompute", "--model", tiny_model, "--dataset", str(data_file), "--shard-rows", "4",
             "--batch-size", "2", "--no-progress"]
     n_shards = len(list(clean_cache.glob("shard-*.arrow")))
-    for trial in range(3):
+    for trial, sig in enumerate((signal.SIGKILL, signal.SIGTERM, signal.SIGKILL)):
         out = tmp_path / f"run{trial}"
         kill_after = rng.randint(1, n_shards - 1)  # shards on disk before the kill: somewhere in the middle
         proc = subprocess.Popen([sys.executable, "-m", "fastdpo", *args, "--output", str(out)], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         while (len(list(out.glob("shard-*.arrow"))) < kill_after and proc.poll() is None
                and time.time() < deadline):
             time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        if sig == signal.SIGTERM and proc.returncode != 0:  # (0: it had finished before the signal landed)
+            assert proc.returncode == 143, err
+            lines = [ln for ln in err.splitlines() if "stopped by SIGTERM" in ln]
+            assert len(lines) == 1 and "Traceback" not in err, err
+            assert f"of {n_shards} shards complete in {out}; run the same command again to resume" in lines[0]
+            assert not (out / "manifest.json").exists() and not (out / ".fastdpo.lock").exists()
         if (out / "manifest.json").exists():  # the run got to its end before the kill landed: it must be whole
             for entry in json.loads((out / "manifest.json").read_text())["shards"]:
                 cache.verify_shard(out, entry)
         for name in _looks_complete(out):  # a file under its final name is always a whole, valid shard
             if name != "manifest.json":
                 cache.read_shard(out / name)
-        code, err = run_cli(*args, "--output", out)
+        code, err = run_cli(*args, "--output", out)  # a SIGKILL leaves its lock: the holder is gone, taken over
         assert code == 0, err
         for name in _looks_complete(clean_cache):
             if name.startswith("shard-"):
@@ -122,19 +130,78 @@ def test_precompute_write_failure_is_one_line(tiny_model, data_file, tmp_path, m
         cache.read_shard(out / name)  # what is there is whole
 
 
-def test_checkpoint_write_failure_is_one_line(tiny_model, clean_cache, tmp_path, monkeypatch):
+def test_full_disk_in_a_checkpoint_write_keeps_the_previous_one(tiny_model, clean_cache, tmp_path, monkeypatch):
+    """torch.save into /dev/full: the kernel's own ENOSPC, through torch's zip writer (which reports it as
+    "unexpected pos"). One line naming the checkpoint; nothing of it left; the previous checkpoint, which
+    --save-total-limit 1 would have deleted after a good save, intact and resumable."""
     import torch
+    from transformers import AutoModelForCausalLM
 
-    def full_disk(*a, **k):
-        raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file "
-                           "data/0: file write failed")
+    from fastdpo import checkpoint
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    real = torch.save
+
+    def to_full_disk(obj, f, *a, **k):
+        if ".checkpoint-4.tmp" in str(f):
+            os.symlink("/dev/full", f)
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", to_full_disk)
     out = tmp_path / "r"
-    code, msg = run_cli("train", "--model", tiny_model, "--ref-cache", clean_cache, "--output", out, "--max-steps",
-                        "4", "--save-steps", "2", "--no-progress")
-    assert code == 2 and "cannot write" in msg and "checkpoint-2" in msg and "Traceback" not in msg
-    assert not list(out.glob("checkpoint-*")) and not list(out.glob(".checkpoint-*"))
+    args = ["train", "--model", tiny_model, "--ref-cache", clean_cache, "--output", out, "--max-steps", "6",
+            "--save-steps", "2", "--save-total-limit", "1", "--no-progress"]
+    code, msg = run_cli(*args)
+    line = one_line_error(code, msg, f"cannot write {out / 'checkpoint-4'}: torch's writer failed", "free there")
+    assert "it needs about" in line
+    assert checkpoint.list_checkpoints(out) == [out / "checkpoint-2"] and not list(out.glob(".checkpoint-*"))
+    assert not (out / "model.safetensors").exists()
+    AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")
+    monkeypatch.setattr(torch, "save", real)
+    code, msg = run_cli(*args, "--resume", "latest")
+    assert code == 0 and f"resumed from {out / 'checkpoint-2'} at step 2" in msg, msg
+
+
+def _can_mount_tmpfs(where) -> bool:
+    """Whether this machine lets an unprivileged user namespace mount a tmpfs (`unshare -rm`)."""
+    where.mkdir()
+    try:
+        probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {where}"],
+                               capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_keeps_the_previous_checkpoint(tiny_model, clean_cache, tmp_path):
+    """`fastdpo train` on a tmpfs with room for one checkpoint (a private mount namespace): the second checkpoint
+    fails with one line saying the disk is full, and the first is left whole."""
+    import shlex
+
+    from transformers import AutoModelForCausalLM
+
+    from fastdpo import checkpoint
+
+    disk = tmp_path / "disk"
+    if not _can_mount_tmpfs(disk):
+        pytest.skip("no tmpfs can be mounted here (unshare -rm)")
+    one = 3 * os.path.getsize(os.path.join(tiny_model, "model.safetensors")) + 64_000  # weights + AdamW state
+    train_cmd = shlex.join([sys.executable, "-m", "fastdpo", "train", "--model", tiny_model, "--ref-cache",
+                            str(clean_cache), "--output", str(disk / "r"), "--max-steps", "6", "--save-steps", "2",
+                            "--no-progress"])
+    copy = tmp_path / "copy"
+    script = (f"mount -t tmpfs -o size={int(1.5 * one)} tmpfs {disk} && {{ {train_cmd}; echo $? > {tmp_path / 'rc'}; "
+              f"cp -a {disk / 'r'} {copy}; }}")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
+    code = int((tmp_path / "rc").read_text())
+    one_line_error(code, proc.stderr, f"cannot write {disk / 'r' / 'checkpoint-4'}: no space left on device",
+                   "free there, it needs about")
+    assert checkpoint.list_checkpoints(copy) == [copy / "checkpoint-2"] and not list(copy.glob(".*.tmp*"))
+    assert not (copy / "model.safetensors").exists() and not (copy / ".fastdpo.lock").exists()
+    AutoModelForCausalLM.from_pretrained(copy / "checkpoint-2")
 
 
 def _nan_from(step_from, step_to=10**9):

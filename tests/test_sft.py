@@ -96,3 +96,41 @@ def test_unknown_columns_error(tiny_model, tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [{"question": "a", "answer": "b"}])
     code, err = run_cli("sft", "--model", tiny_model, "--dataset", f, "--output", tmp_path / "r")
     assert code == 2 and "columns found: question, answer" in err
+
+
+@pytest.mark.parametrize("sig,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_saves_a_checkpoint_and_resume_equals_the_straight_run(tiny_model, tmp_path, monkeypatch, sig, code):
+    """SIGTERM (preemption) or one Ctrl-C during step 2: the step finishes, checkpoint-2 is saved, one line, exit
+    128 + the signal; --resume latest then gives the uninterrupted run's numbers exactly."""
+    import os
+    import signal
+
+    from fastdpo.sft import SFTObjective
+
+    f = write_jsonl(tmp_path / "d.jsonl", make_pairs(16))
+    args = ["sft", "--model", tiny_model, "--dataset", f, "--output", tmp_path / "r", "--batch-size", "4",
+            "--max-steps", "4", "--lr", "1e-3", "--no-progress"]
+    _sft(tiny_model, f, tmp_path / "straight", batch_size=4, max_steps=4, lr=1e-3)
+    real, calls = SFTObjective.step, []
+
+    def step(self, model, batch):
+        calls.append(1)
+        if len(calls) == 2:  # mid-step 2, as a scheduler's SIGTERM would land
+            os.kill(os.getpid(), getattr(signal, sig))
+        return real(self, model, batch)
+
+    monkeypatch.setattr(SFTObjective, "step", step)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    got, err = run_cli(*args)
+    assert got == code, err
+    lines = [ln for ln in err.splitlines() if f"stopped by {sig}" in ln]
+    assert lines == [f"fastdpo sft: stopped by {sig} at step 2 of 4: saved {tmp_path / 'r' / 'checkpoint-2'}; "
+                     "continue with --resume latest"], err
+    assert not (tmp_path / "r" / "model.safetensors").exists() and len(metrics(tmp_path / "r")) == 2
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # the handlers are put back
+    monkeypatch.setattr(SFTObjective, "step", real)
+    got, err = run_cli(*args, "--resume", "latest")
+    assert got == 0, err
+    keys = ("loss", "grad_norm", "lr", "logps/chosen")
+    assert [[m[k] for k in keys] for m in metrics(tmp_path / "r")] == [[m[k] for k in keys]
+                                                                       for m in metrics(tmp_path / "straight")]

@@ -412,9 +412,11 @@ def schedule_uses_length(cfg) -> bool:
     return cfg.lr_scheduler != "constant" or (cfg.warmup_ratio > 0 and not cfg.warmup_steps)
 
 
-def check_resume(path: Path, cfg, num_processes: int, total_steps: int | None = None) -> dict:
+def check_resume(path: Path, cfg, num_processes: int, total_steps: int | None = None,
+                 data_fingerprint: str | None = None) -> dict:
     """The checkpoint's trainer state, if `cfg` may continue it, with `changed`: {option: {"from", "to"}}, the
-    options --allow-changes accepted (empty without changes). total_steps: this run's length, when known."""
+    options --allow-changes accepted (empty without changes). total_steps: this run's length, and
+    data_fingerprint: what it trains on, by content (`loop.Trainer.data_fingerprint`), when known."""
     state = read_trainer_state(path)
     saved = state.get("config", {})
     if "model" in saved and saved["model"] != cfg.model:
@@ -441,6 +443,11 @@ def check_resume(path: Path, cfg, num_processes: int, total_steps: int | None = 
     if changed:
         raise UserError(f"--resume {path}: the checkpoint was made with other data settings ({', '.join(changed)}); "
                         "resume with the same settings")
+    theirs = state.get("data_fingerprint")
+    if data_fingerprint and theirs and theirs != data_fingerprint:  # the same path, other contents
+        where = f"--ref-cache {cfg.ref_cache}" if getattr(cfg, "ref_cache", None) else f"--dataset {cfg.dataset}"
+        raise UserError(f"--resume {path}: {where} holds other data than the checkpoint was trained on (fingerprint "
+                        f"{str(theirs)[:12]} then, {data_fingerprint[:12]} now); resume on the same data")
     ours = to_dict(cfg)
     differs = [k for k in ours if k in saved and saved[k] != ours[k] and k not in FREE_KEYS]
     fixed = [k for k in differs if k not in CHANGEABLE_KEYS]
@@ -464,11 +471,12 @@ def check_resume(path: Path, cfg, num_processes: int, total_steps: int | None = 
     return {**state, "changed": changes}
 
 
-def load_checkpoint(path: Path, cfg, accelerator, model, optimizer, scheduler, total_steps: int | None = None) -> dict:
+def load_checkpoint(path: Path, cfg, accelerator, model, optimizer, scheduler, total_steps: int | None = None,
+                    data_fingerprint: str | None = None) -> dict:
     """Restore optimizer, scheduler and RNG from `path` (and a sharded model's weights: the others were loaded from
     the checkpoint with the model); returns its trainer state (see `check_resume`). Options --allow-changes
     accepted take effect: the optimizer's hyperparameters are this run's, and so is the schedule from here on."""
-    state = check_resume(path, cfg, accelerator.num_processes, total_steps)
+    state = check_resume(path, cfg, accelerator.num_processes, total_steps, data_fingerprint)
     fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     if sharding.is_sharded(model):
         sharding.load(model, optimizer, path / SHARDED)

@@ -514,11 +514,27 @@ class Trainer:
                           f"{state['last_checkpoint']}; continue with --resume latest",
                           stop.signum or signal.SIGTERM)
 
+    def data_fingerprint(self, source) -> str | None:
+        """What the run trains on, by content (a checkpoint records it: a resume onto other data is refused): the
+        cache's fingerprint, or the hash of local data files (computed once); None for Hub data."""
+        if not hasattr(self, "_data_fingerprint"):
+            manifest = getattr(source, "manifest", None)
+            dataset = getattr(self.cfg, "dataset", None)
+            if manifest is not None:
+                self._data_fingerprint = manifest.fingerprint or None
+            elif dataset and Path(dataset).exists():
+                from .precompute import dataset_fingerprint
+
+                self._data_fingerprint = dataset_fingerprint(None, self.cfg)
+            else:
+                self._data_fingerprint = None
+        return self._data_fingerprint
+
     def _save(self, step: int, plan: Plan, state: dict, m: dict, quiet: bool = False) -> None:
         progress = {"step": step, "epoch": (step - 1) // plan.steps_per_epoch,
                     "steps_into_epoch": (step - 1) % plan.steps_per_epoch + 1, "bad_steps": state["bad_steps"],
                     "consecutive_bad_steps": state["consecutive_bad_steps"], "elapsed_s": m["elapsed_s"],
-                    "total_steps": plan.total_steps}
+                    "total_steps": plan.total_steps, "data_fingerprint": self.data_fingerprint(plan.source)}
         state["last_checkpoint"] = checkpoint.save_checkpoint(self.accelerator, self.model, self.optimizer,
                                                               self.scheduler, self.tokenizer, self.out, progress,
                                                               self.cfg, keep=self.cfg.save_total_limit)
@@ -539,8 +555,9 @@ class Trainer:
             if self.deepspeed:  # the config from fastdpo's flags, before prepare builds the engine from it
                 self.log(sharding.configure_deepspeed(acc.state.deepspeed_plugin, cfg, self.precision, self.model))
             self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
-        if self.resume_dir is not None:  # the run's length is known now: refused before anything is written
-            checkpoint.check_resume(self.resume_dir, cfg, acc.num_processes, plan.total_steps)
+        if self.resume_dir is not None:  # the run's length and data are known now: refused before anything is written
+            checkpoint.check_resume(self.resume_dir, cfg, acc.num_processes, plan.total_steps,
+                                    self.data_fingerprint(source))
         # one writer: from here to the end of the run, this command holds OUT
         self.lock = checkpoint.claim_run_dir(acc, cfg.output, self.command, self.inputs, cfg.resume, cfg.overwrite)
         if self.is_main:
@@ -554,7 +571,7 @@ class Trainer:
         step, self.changed = 0, None
         if self.resume_dir is not None:
             saved = checkpoint.load_checkpoint(self.resume_dir, cfg, acc, self.model, self.optimizer, self.scheduler,
-                                               plan.total_steps)
+                                               plan.total_steps, self.data_fingerprint(source))
             step, self.changed = saved["step"], saved["changed"] or None
             state.update(bad_steps=saved.get("bad_steps", 0), consecutive_bad_steps=saved.get(
                 "consecutive_bad_steps", 0), elapsed_before=saved.get("elapsed_s", 0.0))

@@ -218,6 +218,19 @@ def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(tiny_model, cache_dir
     assert not lock.exists() and (out / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("command", ["sft", "precompute", "demo"])
+def test_every_writing_command_respects_a_live_lock(tiny_model, data_file, tmp_path, command):
+    import os
+
+    out = tmp_path / "r"
+    _lock_file(out, pid=os.getppid())
+    args = {"sft": ["sft", "--model", tiny_model, "--dataset", data_file, "--max-steps", "1"],
+            "precompute": ["precompute", "--model", tiny_model, "--dataset", data_file], "demo": ["demo"]}[command]
+    one_line_error(*run_cli(*args, "--output", out, "--no-progress"),
+                   f"--output {out} is in use by fastdpo train (pid {os.getppid()}")
+    assert sorted(p.name for p in out.iterdir()) == [".fastdpo.lock"]
+
+
 def test_a_lock_held_on_another_host_is_never_broken(tiny_model, cache_dir, tmp_path):
     out = tmp_path / "r"
     lock = _lock_file(out, pid=1, host="node-17")
@@ -294,6 +307,22 @@ def test_resume_with_another_loss_is_refused_or_honoured(tiny_model, cache_dir, 
     assert second["loss"] == pytest.approx(25.0, rel=1e-2)  # ipo at a near-zero margin: (1 / (2 beta))^2
     assert second["changed"] == {"loss": {"from": ["sigmoid"], "to": ["ipo"]}}
     assert json.loads((stopped_run / "fastdpo_config.json").read_text())["loss"] == ["ipo"]
+
+
+def test_resume_refuses_other_data_under_the_same_path(tiny_model, cache_dir, tiny_tokenizer, tmp_path):
+    """--ref-cache names the same directory, which now holds another cache: not the data the checkpoint was on."""
+    from fastdpo import cache
+
+    c = tmp_path / "c"
+    shutil.copytree(cache_dir, c)
+    out = tmp_path / "r"
+    code, err = train_cli(tiny_model, c, out, "--max-steps", "2", "--save-steps", "1")
+    assert code == 0, err
+    rows = [r for shard in sorted(c.glob("shard-*.arrow")) for r in cache.read_shard(shard).to_pylist()]
+    shutil.rmtree(c)
+    cache.write(rows, c, tokenizer=tiny_tokenizer, reference="elsewhere", shard_rows=8)  # the same rows, remade
+    one_line_error(*train_cli(tiny_model, c, out, "--max-steps", "2", "--resume", out / "checkpoint-1"),
+                   f"--ref-cache {c} holds other data than the checkpoint was trained on")
 
 
 def test_resume_refuses_a_run_that_ends_before_the_checkpoint(tiny_model, cache_dir, stopped_run):

@@ -193,12 +193,17 @@ def test_two_concurrent_trains_one_is_refused(tiny_model, cache_dir, tmp_path):
 
 
 def _lock_file(out: Path, **fields) -> Path:
-    from fastdpo.io import LOCK, _machine
+    """OUT/.fastdpo.lock as a command running on this machine writes it (its host, boot and pid namespace)."""
+    import os
+    import socket
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / LOCK).write_text(json.dumps({**_machine(), "command": "train", "since": "2026-12-01 10:00:00",
-                                        "token": "x", **fields}))
-    return out / LOCK
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    machine = {"host": socket.gethostname(), "boot_id": boot.read_text().strip() if boot.exists() else None,
+               "pid_ns": os.readlink("/proc/self/ns/pid") if os.path.exists("/proc/self/ns/pid") else None}
+    (out / ".fastdpo.lock").write_text(json.dumps({**machine, "command": "train", "since": "2026-12-01 10:00:00",
+                                                   "token": "x", **fields}))
+    return out / ".fastdpo.lock"
 
 
 def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(tiny_model, cache_dir, tmp_path):

@@ -81,7 +81,7 @@ class Manifest:
     model: dict  # name_or_path, revision, weights_sha256 (None when the weights are not local files)
     tokenizer: dict  # sha256 (modeling.tokenizer_hash), name_or_path, pad_token_id, bos_token_id, eos_token_id
     dataset: dict  # name, config, split, fingerprint, rows_read, rows_written, rows_skipped {reason: n},
-    #                boundary_merges, columns {prompt, chosen, rejected}
+    #                boundary_merges, turns_rendered_apart, columns {prompt, chosen, rejected}
     settings: dict  # PrecomputeConfig.settings() + resolved_dtype, resolved_device, resolved_layout
     config: dict  # the full PrecomputeConfig
     num_processes: int
@@ -121,7 +121,8 @@ _SECTIONS = {
     "tokenizer": {"sha256": (str, True), "name_or_path": (_OPT_STR, False), "pad_token_id": (_OPT_INT, False),
                   "bos_token_id": (_OPT_INT, False), "eos_token_id": (_OPT_INT, False)},
     "dataset": {"name": (_OPT_STR, False), "rows_read": (int, True), "rows_written": (int, True),
-                "rows_skipped": (dict, True), "boundary_merges": (int, False), "columns": (dict, False)},
+                "rows_skipped": (dict, True), "boundary_merges": (int, False),
+                "turns_rendered_apart": (int, False), "columns": (dict, False)},
     "settings": {"resolved_dtype": (_OPT_STR, False), "resolved_device": (_OPT_STR, False),
                  "resolved_layout": ((dict, type(None)), False), "max_prompt_length": (_OPT_INT, False),
                  "max_length": (_OPT_INT, False), "truncation": (_OPT_STR, False),

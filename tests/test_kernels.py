@@ -587,21 +587,15 @@ def test_every_triton_launch_runs_under_its_tensors_device():
     assert launches >= 2
 
 
-def _pair_loss_of_logps(logps, pair_of, side_of, beta=0.7):
-    """A DPO-shaped loss of per-token log-probs: sum over pairs of -logsigmoid(beta * (chosen sum - rejected sum))."""
-    n_pairs = int(pair_of.max()) + 1
-    sums = torch.zeros(n_pairs, 2, dtype=logps.dtype).index_put((pair_of, side_of), logps, accumulate=True)
-    return -torch.nn.functional.logsigmoid(beta * (sums[:, 0] - sums[:, 1])).sum()
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("transform", [(1.0, None), (0.5, 4.0)], ids=["plain", "scale+cap"])
-def test_linear_token_loss_matches_reference(backend, dtype, bias, transform):
-    """The fused loss (gradients formed in the chunk loop, 3 GEMMs) against linear_token_logps_ref + the same loss,
-    values and every gradient, on an ugly shape: 7 pairs of uneven lengths in chunks of whole pairs."""
-    from fastdpo.kernels import linear_token_loss
+def test_linear_pair_loss_matches_reference(backend, dtype, bias, transform):
+    """The fused pair loss (the loss an explicit input, gradients formed in the chunk loop, 3 GEMMs) against
+    linear_token_logps_ref + the same loss on the whole batch: loss, log-probs, the per-pair outputs and every
+    gradient, on an ugly shape: 7 pairs of uneven lengths in chunks of 2, 1, 3 and 1 whole pairs."""
+    from fastdpo.kernels import linear_pair_loss, pair_chunks, pair_grids
 
     logit_scale, softcap = transform
     g = torch.Generator().manual_seed(3)
@@ -613,39 +607,53 @@ def test_linear_token_loss_matches_reference(backend, dtype, bias, transform):
     weight = (torch.randn(vocab, h_dim, generator=g) * 0.3).to(dtype).to(DEVICE)
     bvec = (torch.randn(vocab, generator=g) * 0.1).to(dtype).to(DEVICE) if bias else None
     labels = torch.randint(0, vocab, (n,), generator=g).to(DEVICE)
-    starts = [0] + list(torch.cumsum(torch.tensor([c + r for c, r in lens]), 0).tolist())
-    bounds = [0, starts[2], starts[3], starts[6], n]  # chunks of 2, 1, 3 and 1 whole pairs
+    offset = (torch.arange(len(lens), dtype=torch.float64) * 0.25).to(DEVICE)  # a per-pair input, sliced per chunk
+    chunk_tokens = 9  # pairs of 4, 5 | 7 | 4, 2, 9 (alone: longer than the budget) ... as pair_chunks cuts them
+    assert pair_chunks(lens, chunk_tokens) == [(0, 2), (2, 3), (3, 5), (5, 6), (6, 7)]
     kw = dict(logit_scale=logit_scale, softcap=softcap)
 
-    def fused(h, w, b):
-        def token_loss(start, end, lp):
-            lp = lp.detach().requires_grad_()
-            p = pair_of[start:end]
-            loss = _pair_loss_of_logps(lp, p - p.min(), side_of[start:end])
-            return loss.detach(), torch.autograd.grad(loss, lp)[0]
+    def loss_fn(chosen, chosen_mask, rejected, rejected_mask, off):  # a DPO-shaped loss of the grids
+        margin = 0.7 * (chosen.sum(-1) - rejected.sum(-1)) + off.to(chosen.dtype)
+        per_pair = -torch.nn.functional.logsigmoid(margin)
+        return per_pair.sum(), per_pair, chosen_mask.sum(-1) - rejected_mask.sum(-1)
 
-        loss, logps = linear_token_loss(h, w, labels, bounds, token_loss, backend=backend, bias=b, **kw)
-        return loss, logps
+    def fused(h, w, b):
+        loss, logps, per_pair, len_diff = linear_pair_loss(h, w, labels, lens, loss_fn, (offset,), bias=b,
+                                                           chunk_tokens=chunk_tokens, backend=backend, **kw)
+        assert len_diff.tolist() == [c - r for c, r in lens]
+        return loss, logps, per_pair
 
     def reference(h, w, b):
         logps = linear_token_logps_ref(h[None], w, labels[None], torch.ones(1, n, dtype=torch.bool, device=DEVICE),
                                        bias=b, **kw)[0]
-        return _pair_loss_of_logps(logps, pair_of.to(DEVICE), side_of.to(DEVICE)), logps
+        loss, per_pair, _ = loss_fn(*pair_grids(logps, lens), offset)
+        return loss, logps, per_pair
 
     def run(fn, h, w, b):
         h, w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
         b = None if b is None else b.detach().clone().requires_grad_()
-        loss, logps = fn(h, w, b)
+        loss, logps, per_pair = fn(h, w, b)
         (loss * 1.7).backward()  # a non-unit upstream gradient: backward scales the stored gradients
-        return loss.detach(), logps.detach(), h.grad, w.grad, None if b is None else b.grad
+        return loss.detach(), logps.detach(), per_pair.detach(), h.grad, w.grad, None if b is None else b.grad
 
     got = run(fused, hidden, weight, bvec)
     f64 = lambda x: None if x is None else x.double()  # noqa: E731
     ref = run(reference, f64(hidden), f64(weight), f64(bvec))
     eager = run(reference, hidden, weight, bvec)
-    for name, k, e, r in zip(("loss", "logps", "grad_hidden", "grad_weight", "grad_bias"), got, eager, ref):
+    names = ("loss", "logps", "per_pair", "grad_hidden", "grad_weight", "grad_bias")
+    for name, k, e, r in zip(names, got, eager, ref):
         if r is None:
             assert k is None
             continue
         check_vs_eager(f"{name}[{backend},{dtype}]", k, e, r)
     assert got[3].dtype == dtype
+
+
+def test_pair_grids_lays_out_pair_order():
+    """Pair order (c0, r0, c1, r1, ...) -> right-padded (B, T) grids and masks, an empty side included."""
+    from fastdpo.kernels import pair_grids
+
+    values = torch.arange(1.0, 8.0)  # pair 0: chosen 1 2, rejected 3; pair 1: chosen 4 5 6 7, rejected none
+    c, cm, r, rm = pair_grids(values, [(2, 1), (4, 0)])
+    assert c.tolist() == [[1, 2, 0, 0], [4, 5, 6, 7]] and cm.sum(-1).tolist() == [2, 4]
+    assert r.tolist() == [[3], [0]] and rm.tolist() == [[True], [False]]

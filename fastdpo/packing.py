@@ -31,8 +31,10 @@ sequence (the padded width): packing then only fills what padding would have was
 
 Scoring: completion token j is predicted by the hidden state of the token before it *in its own
 sequence*: the last prompt token for the first chosen and the first rejected token alike. Only
-those (source position, label) pairs go through the LM head (`fastdpo.scoring`), in every layout.
-SFT lays out one completion per prompt (`rejecteds=None`).
+those (source position, label) pairs go through the LM head (`fastdpo.scoring`), in every layout,
+in pair order (pair 0's chosen tokens, its rejected tokens, pair 1's chosen, ...: what
+`kernels.pair_grids` and the fused pair loss read). SFT lays out one completion per prompt
+(`rejecteds=None`).
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ class PackedRows:
     position_ids: torch.Tensor  # (N, L)
     seg: torch.Tensor  # (N, L) segment id within the row, -1 on padding
     branch: torch.Tensor  # (N, L) 0 prompt, 1 chosen, 2 rejected
+    # the S scored tokens, in pair order
     src_row: torch.Tensor  # (S,) row of the hidden state that predicts scored token s
     src_pos: torch.Tensor  # (S,) its position in the row
     labels: torch.Tensor  # (S,) the scored token
@@ -222,6 +225,7 @@ def lay_out(prompts, chosens, rejecteds, layout: Layout, pad_id: int) -> PackedR
                     prev[0] = prompt_end
                     scored.append((r, prev, tokens, i, b - 1))
                 o += k
+    scored.sort(key=lambda x: (x[3], x[4]))  # pair order: pair 0's chosen, its rejected, pair 1's chosen, ...
     lens = np.array([len(t) for _, _, t, _, _ in scored], dtype=np.int64)
 
     def per_token(values):  # one value per completion -> one per scored token
@@ -368,41 +372,3 @@ def _block_counts(seg, pos, branch, block: int):
     p, i, j, _, _ = _touches(start[uq], end[uq], start[uk], end[uk], block)
     unknown[row[uq][p], i, j] = True
     return count, unknown
-
-
-def unpack_scores(values: torch.Tensor, packed: PackedRows, chosen_lens, rejected_lens):
-    """Scored values (S,) -> chosen (B, Tc), chosen mask, rejected (B, Tr), rejected mask (differentiable)."""
-    return grids(values, packed.pair, packed.side, packed.index, chosen_lens, rejected_lens)
-
-
-def grids(values, pair, side, index, chosen_lens, rejected_lens):
-    """Per-token values (S,) with their pair, side (0 chosen, 1 rejected) and index in the completion ->
-    chosen (B, Tc), chosen mask, rejected (B, Tr), rejected mask; differentiable w.r.t. `values`."""
-    b = len(chosen_lens)
-    out = []
-    for s, lens in ((0, chosen_lens), (1, rejected_lens)):
-        sel = side == s
-        width = max(lens) if lens else 0
-        grid = values.new_zeros((b, width)).index_put((pair[sel], index[sel]), values[sel])
-        mask = torch.arange(width, device=values.device)[None] < torch.as_tensor(lens, device=values.device)[:, None]
-        out += [grid, mask]
-    return tuple(out)
-
-
-def pair_chunks(pair: torch.Tensor, side: torch.Tensor, index: torch.Tensor, n_pairs: int, budget: int):
-    """Scored tokens in pair order, cut into chunks of whole pairs of at most `budget` tokens each (a longer pair
-    gets a chunk of its own). Returns the order (S,) that sorts tokens by (pair, side, index), the chunks'
-    token edges [0, ..., S] and their pair edges [0, ..., B]."""
-    width = int(index.max()) + 1 if index.numel() else 1
-    order = torch.argsort((pair * 2 + side) * width + index)
-    tokens = torch.bincount(pair, minlength=n_pairs).tolist()
-    token_edges, pair_edges, used = [0], [0], 0
-    for p, t in enumerate(tokens):
-        if used and used + t > budget:
-            token_edges.append(token_edges[-1] + used)
-            pair_edges.append(p)
-            used = 0
-        used += t
-    token_edges.append(token_edges[-1] + used)
-    pair_edges.append(n_pairs)
-    return order, token_edges, pair_edges

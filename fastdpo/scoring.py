@@ -4,10 +4,11 @@
 tokenizer, model config, attention implementation, layout and notes for the user, the same way for
 precompute, train, eval and sft; `Setup.load()` loads the weights and `Setup.scorer()` wraps them.
 
-Precompute, train, eval and SFT all score through `score_pairs`, so a fresh policy scores exactly
-what the reference cache holds (a margin of 0 up to float rounding). A micro-batch is laid out in
-rows by `fastdpo.packing` (padded, packed or prefix-shared); every layout names, per completion
-token s, the row and position of the hidden state that predicts it and its label:
+Precompute, train, eval and SFT all score through `LogpsModel` (`score_pairs`, or the training step
+with the loss fused into the head), so a fresh policy scores exactly what the reference cache holds
+(a margin of 0 up to float rounding). A micro-batch is laid out in rows by `fastdpo.packing`
+(padded, packed or prefix-shared; `lay_out_pairs`); every layout names, per completion token s, in
+pair order, the row and position of the hidden state that predicts it and its label:
 
     input_ids, position_ids   (N, L)   the rows
     src_row, src_pos, labels  (S,)     where completion token s is predicted from, and what it is
@@ -15,14 +16,17 @@ token s, the row and position of the hidden state that predicts it and its label
 `LogpsModel(causal_lm)(input_ids, attention_mask, position_ids, src_row, src_pos, labels)` returns
 the (S,) float32 log-probs. For Llama/Qwen/Mistral/Gemma-style `*ForCausalLM` the backbone's hidden
 states at those positions go through `fastdpo.kernels.linear_token_logps`, chunk by chunk, so the
-[tokens x vocab] logits never exist in full. Other models take their logits
-(`fastdpo.kernels.token_logps` on the selected rows). Backend `eager` is the classic computation,
-the model's full logits and `log_softmax(logits.float()).gather(...)`, kept as the benchmarks'
-baseline. `LogpsModel` is an `nn.Module` so that accelerate's DDP wrapper sees the whole computation.
+[tokens x vocab] logits never exist in full; without `labels` it returns those (S, H) hidden states,
+and the training step forms its loss inside the head (`kernels.linear_pair_loss`, through
+`head_call`). Other models take their logits (`fastdpo.kernels.token_logps` on the selected rows).
+Backend `eager` is the classic computation, the model's full logits and
+`log_softmax(logits.float()).gather(...)`, kept as the benchmarks' baseline. `LogpsModel` is an
+`nn.Module` so that accelerate's DDP wrapper sees the whole computation.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass, field
 
@@ -72,15 +76,20 @@ def _plain_linear(module) -> bool:
     return cls is nn.Linear or (cls.__bases__ == (FSDPModule, nn.Linear))
 
 
-def through_head(lm_head: nn.Linear, hidden, fn):
-    """fn(hidden, weight, bias), run as `lm_head`'s forward. The fused head reads the weight itself, outside
-    `lm_head.forward`; where the head is its own FSDP2 unit its weight is a shard until that unit's hooks gather
-    it, so the call goes through them (`sharding.shard` registers `fused_forward`); under DeepSpeed ZeRO-3 it goes
-    through a module whose hooks gather the head (`sharding.zero3_gather_head`)."""
+def head_call(lm_head: nn.Linear, fn):
+    """`fn(hidden, weight, *args, bias=..., **kw)`, a fused-head kernel, as the LM head runs it. A plain head: `fn`
+    itself (the caller passes the weight and bias). Where the head is its own FSDP2 unit its weight is a shard
+    until that unit's hooks gather it, and under DeepSpeed ZeRO-3 a partition; `sharding` then registers
+    `lm_head.fused_forward(fn, hidden, weight, ...)`, which runs `fn` through those hooks with the gathered weight
+    and bias (and reduce-scatters their gradients as `lm_head(x)` would)."""
     run = getattr(lm_head, "fused_forward", None)
-    if run is None:
-        return fn(hidden, lm_head.weight, lm_head.bias)
-    return run(hidden, fn)
+    return fn if run is None else functools.partial(_through_hooks, run, fn)
+
+
+def _through_hooks(run, fn, hidden, _weight, *args, bias=None, **kw):
+    # the caller's weight and bias are shards (or partitions): `run` passes the gathered ones; the hooks are not
+    # handed the shards either (they would cast them, as they cast every floating input)
+    return run(fn, hidden, *args, **kw)
 
 
 def head_rows(spec: HeadSpec) -> int:
@@ -98,51 +107,42 @@ def fused_head_note(causal_lm: nn.Module) -> str | None:
             "(more memory than the fused head)")
 
 
-def completion_logps(causal_lm: nn.Module, input_ids, attention_mask, position_ids, src_row, src_pos, labels, *,
-                     backend: str = "auto", chunk_size: int | None = None) -> torch.Tensor:
-    """(S,) float32 log-probs of `labels[s]` given the hidden state at (`src_row[s]`, `src_pos[s]`)."""
+def completion_logps(causal_lm: nn.Module, input_ids, attention_mask, position_ids, src_row, src_pos, labels=None,
+                     *, backend: str = "auto", chunk_size: int | None = None) -> torch.Tensor:
+    """(S,) float32 log-probs of `labels[s]` given the hidden state at (`src_row[s]`, `src_pos[s]`); without
+    `labels`, those (S, H) hidden states, for a loss formed inside the fused head (`kernels.linear_pair_loss`)."""
     spec = None if backend == "eager" else head_spec(causal_lm)
     model_kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         use_cache=False)
-    ones = torch.ones((1, labels.numel()), dtype=torch.bool, device=labels.device)
     if spec is not None:
-        hidden = spec.backbone(**model_kwargs).last_hidden_state  # (N, L, H)
-        out = through_head(spec.lm_head, hidden[src_row, src_pos][None], lambda h, weight, bias:
-                           kernels.linear_token_logps(h, weight, labels[None], ones, chunk_size=chunk_size,
-                                                      backend=backend, bias=bias, logit_scale=spec.logit_scale,
-                                                      softcap=spec.softcap))  # (1, S)
-    else:
-        logits = causal_lm(**model_kwargs).logits  # (N, L, V), in full
-        picked = logits[src_row, src_pos][None]  # (1, S, V)
-        if backend == "eager":  # the classic way, an fp32 copy of the logits: the benchmarks' baseline
-            out = kernels.token_logps_ref(picked, labels[None], ones, upcast=True)
-        else:
-            out = kernels.token_logps(picked, labels[None], ones, backend=backend)
-    return out[0]
+        hidden = spec.backbone(**model_kwargs).last_hidden_state[src_row, src_pos]  # (N, L, H) -> (S, H)
+        if labels is None:
+            return hidden
+        ones = torch.ones((1, labels.numel()), dtype=torch.bool, device=labels.device)
+        head = spec.lm_head
+        return head_call(head, kernels.linear_token_logps)(
+            hidden[None], head.weight, labels[None], ones, chunk_size, backend, bias=head.bias,
+            logit_scale=spec.logit_scale, softcap=spec.softcap)[0]
+    if labels is None:
+        raise ValueError("hidden states for the fused loss need a model with a plain LM head (`head_spec`)")
+    ones = torch.ones((1, labels.numel()), dtype=torch.bool, device=labels.device)
+    logits = causal_lm(**model_kwargs).logits  # (N, L, V), in full
+    picked = logits[src_row, src_pos][None]  # (1, S, V)
+    if backend == "eager":  # the classic way, an fp32 copy of the logits: the benchmarks' baseline
+        return kernels.token_logps_ref(picked, labels[None], ones, upcast=True)[0]
+    return kernels.token_logps(picked, labels[None], ones, backend=backend)[0]
 
 
 def fused_loss_applies(causal_lm: nn.Module, backend: str) -> bool:
-    """Whether a loss can be formed inside the fused head's chunk loop (`kernels.linear_token_loss`): a plain
+    """Whether a loss can be formed inside the fused head's chunk loop (`kernels.linear_pair_loss`): a plain
     LM head that trains (a frozen head already costs 2 GEMMs on the log-prob path)."""
     spec = None if backend == "eager" else head_spec(causal_lm)
     return spec is not None and spec.lm_head.weight.requires_grad
 
 
-def completion_loss(causal_lm: nn.Module, input_ids, attention_mask, position_ids, src_row, src_pos, labels,
-                    bounds, token_loss, *, backend: str = "auto"):
-    """(loss, (S,) log-probs detached) of the scored tokens, the loss formed chunk by chunk inside the LM head
-    (`kernels.linear_token_loss`): the head's gradient in 3 N x V x H GEMMs instead of 4."""
-    spec = head_spec(causal_lm)
-    hidden = spec.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False).last_hidden_state  # (N, L, H)
-    return through_head(spec.lm_head, hidden[src_row, src_pos], lambda h, weight, bias: kernels.linear_token_loss(
-        h, weight, labels, bounds, token_loss, backend=backend, bias=bias, logit_scale=spec.logit_scale,
-        softcap=spec.softcap))
-
-
 class LogpsModel(nn.Module):
-    """Wraps a causal LM so that its forward returns completion log-probs (see the module docstring), or, given
-    `loss=(bounds, token_loss)`, a loss of them formed inside the fused head (`completion_loss`)."""
+    """Wraps a causal LM so that its forward returns completion log-probs, or without `labels` the hidden states
+    that predict them (see the module docstring and `completion_logps`)."""
 
     def __init__(self, causal_lm: nn.Module, backend: str = "auto"):
         super().__init__()
@@ -150,12 +150,14 @@ class LogpsModel(nn.Module):
         self.backend = backend
         self._no_split_modules = getattr(causal_lm, "_no_split_modules", None)  # for FSDP auto-wrap
 
-    def forward(self, input_ids, attention_mask, position_ids, src_row, src_pos, labels, loss=None):
-        if loss is not None:
-            return completion_loss(self.model, input_ids, attention_mask, position_ids, src_row, src_pos, labels,
-                                   *loss, backend=self.backend)
+    def forward(self, input_ids, attention_mask, position_ids, src_row, src_pos, labels=None):
         return completion_logps(self.model, input_ids, attention_mask, position_ids, src_row, src_pos, labels,
                                 backend=self.backend)
+
+
+def policy_of(model) -> nn.Module:
+    """The causal LM inside a `LogpsModel`, itself perhaps inside a DDP or DeepSpeed wrapper (`.module`)."""
+    return getattr(model, "module", model).model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,46 +255,20 @@ class PairScores:
         return out[0], out[1]
 
 
-def score_pairs(model, prompts, chosens, rejecteds, layout, pad_id: int, device, dtype=torch.float32) -> PairScores:
-    """Run a `LogpsModel` (or its DDP wrapper) on a micro-batch of pairs laid out as `layout` says.
-
-    `rejecteds=None` scores one completion per prompt (SFT); `dtype` is the model's, for additive masks.
-    """
+def lay_out_pairs(prompts, chosens, rejecteds, layout, pad_id: int, device, dtype):
+    """A micro-batch laid out as `layout` says, on `device`: (PackedRows, its attention mask, per pair (chosen,
+    rejected) token counts). `rejecteds=None`: one completion per prompt (SFT); `dtype` is the model's, for
+    additive masks."""
     rows = packing.lay_out(prompts, chosens, rejecteds, layout, pad_id).to(device)
-    mask = packing.attention_mask(rows, layout, dtype)
-    values = model(rows.input_ids, mask, rows.position_ids, rows.src_row, rows.src_pos, rows.labels)  # (S,)
     rejected_lens = [len(r) for r in rejecteds] if rejecteds is not None else [0] * len(chosens)
-    tok_c, mask_c, tok_r, mask_r = packing.unpack_scores(values, rows, [len(c) for c in chosens], rejected_lens)
-    return PairScores(tok_c, mask_c, tok_r, mask_r, rows.num_tokens)
+    return rows, packing.attention_mask(rows, layout, dtype), list(zip([len(c) for c in chosens], rejected_lens))
 
 
-def score_pairs_with_loss(model, prompts, chosens, rejecteds, layout, pad_id: int, device, dtype, pair_loss,
-                          chunk_tokens: int):
-    """`score_pairs` with the loss formed inside the fused head, chunk by chunk of whole pairs.
-
-    pair_loss(p0, p1, scores) -> the summed loss of pairs p0..p1-1, from `scores` (a PairScores of those pairs
-    whose values carry gradients). Returns (the micro-batch's summed loss, differentiable; PairScores of every
-    pair, detached). `chunk_tokens` caps a chunk's tokens (`kernels.loss_chunk_tokens`: a memory budget).
-    """
-    rows = packing.lay_out(prompts, chosens, rejecteds, layout, pad_id).to(device)
-    mask = packing.attention_mask(rows, layout, dtype)
-    c_lens, r_lens = [len(c) for c in chosens], [len(r) for r in rejecteds]
-    order, token_edges, pair_edges = packing.pair_chunks(rows.pair, rows.side, rows.index, len(c_lens), chunk_tokens)
-    pair, side, index = rows.pair[order], rows.side[order], rows.index[order]
-    chunk_of = dict(zip(token_edges[:-1], zip(pair_edges[:-1], pair_edges[1:])))
-
-    def token_loss(start, end, lp):  # the chunk's loss and its gradient w.r.t. its tokens' log-probs
-        lp = lp.detach().requires_grad_()
-        p0, p1 = chunk_of[start]
-        sub = PairScores(*packing.grids(lp, pair[start:end] - p0, side[start:end], index[start:end],
-                                        c_lens[p0:p1], r_lens[p0:p1]), 0)
-        loss = pair_loss(p0, p1, sub)
-        return loss.detach(), torch.autograd.grad(loss, lp)[0]
-
-    loss, lp = model(rows.input_ids, mask, rows.position_ids, rows.src_row[order], rows.src_pos[order],
-                     rows.labels[order], loss=(token_edges, token_loss))
-    values = torch.empty_like(lp).index_copy_(0, order, lp)  # back to the layout's order
-    return loss, PairScores(*packing.unpack_scores(values, rows, c_lens, r_lens), rows.num_tokens)
+def score_pairs(model, prompts, chosens, rejecteds, layout, pad_id: int, device, dtype=torch.float32) -> PairScores:
+    """Run a `LogpsModel` (or its DDP wrapper) on a micro-batch of pairs laid out as `layout` says."""
+    rows, mask, lengths = lay_out_pairs(prompts, chosens, rejecteds, layout, pad_id, device, dtype)
+    values = model(rows.input_ids, mask, rows.position_ids, rows.src_row, rows.src_pos, rows.labels)  # (S,)
+    return PairScores(*kernels.pair_grids(values, lengths), rows.num_tokens)
 
 
 def score_rows(model, prompts, chosens, rejecteds, batch_size: int, layout, pad_id: int, device,

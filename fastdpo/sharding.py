@@ -15,7 +15,7 @@ normalisation holds unchanged and a sharded run equals the 1-process run at equa
 The fused head reads `lm_head.weight` itself, outside `lm_head.forward`, where a unit's weight is
 only this process's shard; `shard` registers `fused_forward` on the head as an FSDP forward method,
 so the fused call gathers the weight (and reduce-scatters its gradient) as `lm_head(x)` would
-(`scoring.through_head`).
+(`scoring.head_call`).
 
 Checkpoints are `torch.distributed.checkpoint` (DCP) directories: each process writes its own
 shards of the weights and the optimizer state, and reads them back on resume; nothing gathers
@@ -85,7 +85,8 @@ def shard(model, cfg, device, precision: str):
         tied = embed is not None and embed.weight is head.weight
         # tied: one parameter in two modules, so the two are one unit (gathered for either's forward)
         fsdp.fully_shard([embed, head] if tied else head, **kw)
-        head.fused_forward = lambda hidden, fn: fn(hidden, head.weight, head.bias)
+        # fn(hidden, weight, *args, bias=, **kw) with the gathered weight (`scoring.head_call`)
+        head.fused_forward = lambda fn, hidden, *args, **kw: fn(hidden, head.weight, *args, bias=head.bias, **kw)
         fsdp.register_fsdp_forward_method(head, "fused_forward")
     fsdp.fully_shard(model, **kw)
     # FSDP2 warns once per unit whose forward returns a view (the head's log-probs, the root's loss): an in-place
@@ -200,13 +201,14 @@ def zero3_gather_head(model) -> bool:
             super().__init__()
             self.lm_head = [lm_head]
 
-        def forward(self, hidden, *, fn):  # fn by keyword: ZeRO-3's hooks look at (and wrap) positional arguments
+        def forward(self, hidden, *, fn, args, kw):  # by keyword: ZeRO-3's hooks look at positional arguments
             lm_head = self.lm_head[0]
-            return fn(hidden, lm_head.weight, lm_head.bias)
+            return fn(hidden, lm_head.weight, *args, bias=lm_head.bias, **kw)
 
     model.zero3_head = ExternalHead(spec.lm_head)
     for p in (spec.lm_head.weight, spec.lm_head.bias):
         if p is not None:
             deepspeed.zero.register_external_parameter(model.zero3_head, p)
-    spec.lm_head.fused_forward = lambda hidden, fn: model.zero3_head(hidden, fn=fn)  # `through_head` calls it
+    # `scoring.head_call` calls it
+    spec.lm_head.fused_forward = lambda fn, hidden, *args, **kw: model.zero3_head(hidden, fn=fn, args=args, kw=kw)
     return True

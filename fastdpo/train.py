@@ -7,15 +7,17 @@
     fastdpo train --model /tmp/tiny --ref-cache /tmp/cache --output /tmp/run --max-steps 4   # tiny CPU run
 
 The recipe: open the cache (or tokenize `--dataset`), load the policy, and hand `loop.Trainer` a
-`PreferenceObjective`. Per micro-batch the objective scores chosen and rejected in one forward
-(`scoring.score_pairs`: padded, packed or prefix-shared), takes the reference's log-probs from the
-cache (or a live reference), forms per-pair losses with `losses.preference_loss`, and returns their
-sum divided by the step's number of pairs, so accumulation equals one larger batch.
+`PreferenceObjective`. Per micro-batch the objective takes the reference's log-probs from the cache
+(or a live reference), lays chosen and rejected out in rows (padded, packed or prefix-shared), runs
+the backbone once, and forms the loss (`pair_loss`, over `losses.preference_loss`) inside the fused
+LM head (`kernels.linear_pair_loss`; or from the log-probs, for a frozen head); it returns the sum
+divided by the step's number of pairs, so accumulation equals one larger batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +98,7 @@ class TrainConfig(data.DataArgs, loop.RunArgs, modeling.LayoutArgs):
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-pair losses
+# The loss of a set of pairs
 
 
 def sequence_logps(scores, ld_alpha):
@@ -108,27 +110,55 @@ def sequence_logps(scores, ld_alpha):
     return losses.ld_logps(scores.chosen, scores.chosen_mask, scores.rejected, scores.rejected_mask, alpha=ld_alpha)
 
 
-def pair_losses(cfg: TrainConfig, scores, pc, pr, rc, rr, sft_num_tokens):
-    """Per-pair losses and rewards. With LD-DPO, the sft term of a mixture stays the plain token-mean NLL (TRL)."""
+def pair_loss(cfg: TrainConfig, chosen, chosen_mask, rejected, rejected_mask, ref_chosen, ref_rejected, sft_tokens):
+    """The summed preference loss of some pairs, and per pair its loss and the chosen and rejected rewards.
+
+    chosen, rejected: (b, T) per-token policy log-probs (0 where the masks are False); ref_chosen, ref_rejected:
+    (b,) reference log-probs (None for reference-free losses); sft_tokens: (b,) each pair's share of the step's
+    chosen-token count, the sft term's normaliser (TRL's token mean over the whole step). The one loss function
+    of training: called on the whole micro-batch, or by the fused head on each chunk of whole pairs
+    (`kernels.linear_pair_loss`). With LD-DPO, `ld_pair_loss`.
+    """
     from . import losses
 
+    if cfg.ld_alpha is not None:
+        return ld_pair_loss(cfg, chosen, chosen_mask, rejected, rejected_mask, ref_chosen, ref_rejected, sft_tokens)
+    names = losses.parse_loss_types(cfg.loss)
+    per_pair, rew_c, rew_r = losses.preference_loss(
+        chosen.sum(-1), rejected.sum(-1), ref_chosen, ref_rejected, loss_type=names,
+        loss_weights=list(cfg.loss_weights or [1.0] * len(names)), beta=cfg.beta,
+        label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma, discopop_tau=cfg.discopop_tau,
+        sft_num_tokens=sft_tokens.sum(), chosen_lengths=chosen_mask.sum(-1).float(),
+        rejected_lengths=rejected_mask.sum(-1).float())
+    return per_pair.sum(), per_pair, rew_c, rew_r
+
+
+def ld_pair_loss(cfg: TrainConfig, chosen, chosen_mask, rejected, rejected_mask, ref_chosen, ref_rejected,
+                 sft_tokens):
+    """`pair_loss` with LD-DPO's length-desensitised log-probs; the sft term of a mixture stays the plain
+    token-mean NLL, as in TRL."""
+    from . import losses
+
+    pc, pr = losses.ld_logps(chosen, chosen_mask, rejected, rejected_mask, alpha=cfg.ld_alpha)
     kw = dict(beta=cfg.beta, label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-              discopop_tau=cfg.discopop_tau, sft_num_tokens=sft_num_tokens, chosen_lengths=scores.chosen_lens,
-              rejected_lengths=scores.rejected_lens)
+              discopop_tau=cfg.discopop_tau, sft_num_tokens=sft_tokens.sum(),
+              chosen_lengths=chosen_mask.sum(-1).float(), rejected_lengths=rejected_mask.sum(-1).float())
     names = losses.parse_loss_types(cfg.loss)
     weights = list(cfg.loss_weights or [1.0] * len(names))
-    if cfg.ld_alpha is None or "sft" not in names:
-        return losses.preference_loss(pc, pr, rc, rr, loss_type=names, loss_weights=weights, **kw)
-    w_sft = sum(w for n, w in zip(names, weights) if n == "sft")
-    sft, _, _ = losses.preference_loss(scores.chosen.sum(-1), pr, rc, rr, loss_type="sft", loss_weights=[w_sft],
-                                       **kw)
     rest = [(n, w) for n, w in zip(names, weights) if n != "sft"]
-    if not rest:
-        _, rew_c, rew_r = losses.preference_loss(pc, pr, rc, rr, loss_type="sft", **kw)
-        return sft, rew_c, rew_r
-    per_pair, rew_c, rew_r = losses.preference_loss(pc, pr, rc, rr, loss_type=[n for n, _ in rest],
-                                                    loss_weights=[w for _, w in rest], **kw)
-    return per_pair + sft, rew_c, rew_r
+    if rest:
+        per_pair, rew_c, rew_r = losses.preference_loss(pc, pr, ref_chosen, ref_rejected,
+                                                        loss_type=[n for n, _ in rest],
+                                                        loss_weights=[w for _, w in rest], **kw)
+    else:  # sft alone: its rewards as preference_loss reports them
+        per_pair = 0
+        _, rew_c, rew_r = losses.preference_loss(pc, pr, ref_chosen, ref_rejected, loss_type="sft", **kw)
+    if "sft" in names:
+        w_sft = sum(w for n, w in zip(names, weights) if n == "sft")
+        sft, _, _ = losses.preference_loss(chosen.sum(-1), pr, ref_chosen, ref_rejected, loss_type="sft",
+                                           loss_weights=[w_sft], **kw)
+        per_pair = per_pair + sft
+    return per_pair.sum(), per_pair, rew_c, rew_r
 
 
 class PreferenceObjective(loop.Objective):
@@ -139,56 +169,55 @@ class PreferenceObjective(loop.Objective):
     def __init__(self, cfg: TrainConfig, setup, device, reference=None, fused: bool = False):
         """setup: the policy's `scoring.Setup`; reference(rows) -> PairScores: a live reference (None: the rows
         carry cached values, or the losses need no reference); fused: form the loss inside the fused LM head
-        (`scoring.score_pairs_with_loss`, 3 GEMMs for the head instead of 4)."""
+        (`kernels.linear_pair_loss`, 3 GEMMs for the head instead of 4)."""
         self.cfg, self.setup, self.device, self.reference, self.fused = cfg, setup, device, reference, fused
+        self.loss_fn = functools.partial(pair_loss, cfg)  # loss_fn(chosen, mask, rejected, mask, rc, rr, sft)
         self.needs_token_logps = cfg.needs_reference  # per-token reference values: LD-DPO and the KL estimate
         self.recent_acc: list[float] = []  # the guard's window
         self.acc_warned = self.kl_warned = False
 
     def step(self, model, batch: batching.Batch):
-        cfg = self.cfg
+        """One micro-batch: lay out -> backbone -> (fused) head + loss -> metrics. Returns (the loss over the
+        step's pair count, per-pair metric sums)."""
+        import torch
+
+        from . import kernels, scoring
+
+        cfg, rows, setup = self.cfg, batch.rows, self.setup
         rc = rr = ref_tokens = None
         if cfg.needs_reference:
-            rc, rr, ref_tokens = self.reference_logps(batch)
-        scores, per_pair, rew_c, rew_r, loss = self.scored(model, batch, rc, rr)
+            rc, rr, ref_tokens = self.reference_logps(batch)  # (B,), (B,), per-token (B, Tc), (B, Tr)
+        n = len(rows["prompt_ids"])
+        sft_tokens = torch.full((n,), batch.step_chosen_tokens / batch.step_examples, device=self.device)
+        packed, mask, lengths = scoring.lay_out_pairs(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"],
+                                                      setup.layout, setup.tokenizer.pad_token_id, self.device,
+                                                      setup.dtype)
+        inputs = (packed.input_ids, mask, packed.position_ids, packed.src_row, packed.src_pos)
+        if self.fused:  # the hidden states of the scored tokens, then the loss formed inside the LM head
+            hidden = model(*inputs)  # (S, H), pair order
+            spec = scoring.head_spec(scoring.policy_of(model))
+            head = spec.lm_head
+            loss, logps, per_pair, rew_c, rew_r = scoring.head_call(head, kernels.linear_pair_loss)(
+                hidden, head.weight, packed.labels, lengths, self.loss_fn, (rc, rr, sft_tokens), bias=head.bias,
+                logit_scale=spec.logit_scale, softcap=spec.softcap, chunk_tokens=self.chunk_tokens(spec),
+                backend=cfg.logps_backend)
+        else:  # log-probs (a frozen or unfused head, or a loss that couples the pairs), then the loss
+            logps = model(*inputs, packed.labels)  # (S,), pair order
+            loss, per_pair, rew_c, rew_r = self.loss_fn(*kernels.pair_grids(logps, lengths), rc, rr, sft_tokens)
+        scores = scoring.PairScores(*kernels.pair_grids(logps.detach(), lengths), packed.num_tokens)
         pc, pr = sequence_logps(scores, cfg.ld_alpha)  # (B,), (B,)
         sides = None if ref_tokens is None else [(scores.chosen, ref_tokens[0], scores.chosen_mask),
                                                  (scores.rejected, ref_tokens[1], scores.rejected_mask)]
-        sums = metrics.preference_sums(per_pair, pc, pr, rc, rr, rew_c, rew_r, sides)
+        sums = metrics.preference_sums(per_pair.detach(), pc, pr, rc, rr, rew_c.detach(), rew_r.detach(), sides)
         sums["tokens"] = scores.num_tokens
         return loss / batch.step_examples, sums
 
-    def scored(self, model, batch: batching.Batch, rc, rr):
-        """(PairScores, per-pair losses, chosen and rejected rewards, summed loss with its graph)."""
-        import torch
+    def chunk_tokens(self, spec) -> int:
+        """Tokens per fused-loss chunk: a memory budget for the (C, V) logit tile (`kernels.loss_chunk_tokens`)."""
+        from .kernels import loss_chunk_tokens
+        from .scoring import head_rows
 
-        from .scoring import score_pairs, score_pairs_with_loss
-
-        rows, cfg, setup = batch.rows, self.cfg, self.setup
-        args = (rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], setup.layout,
-                setup.tokenizer.pad_token_id, self.device, setup.dtype)
-
-        def losses_of(scores, p0, p1):  # pairs p0..p1-1; the sft term's normaliser is the whole step's
-            pc, pr = sequence_logps(scores, cfg.ld_alpha)
-            ref_c, ref_r = (None, None) if rc is None else (rc[p0:p1], rr[p0:p1])
-            return pair_losses(cfg, scores, pc, pr, ref_c, ref_r,
-                               batch.step_chosen_tokens * (p1 - p0) / batch.step_examples)
-
-        if not self.fused:
-            scores = score_pairs(model, *args)
-            per_pair, rew_c, rew_r = losses_of(scores, 0, scores.num_pairs)
-            return scores, per_pair, rew_c, rew_r, per_pair.sum()
-        parts = []  # per-pair losses and rewards, detached, chunk by chunk
-
-        def pair_loss(p0, p1, sub):
-            per_pair, rew_c, rew_r = losses_of(sub, p0, p1)
-            parts.append((per_pair.detach(), rew_c, rew_r))
-            return per_pair.sum()
-
-        chunk = _loss_chunk_tokens(model, setup.dtype)
-        loss, scores = score_pairs_with_loss(model, *args, pair_loss, chunk)
-        per_pair, rew_c, rew_r = (torch.cat([p[i] for p in parts]) for i in range(3))
-        return scores, per_pair, rew_c, rew_r, loss
+        return loss_chunk_tokens(head_rows(spec), self.setup.dtype.itemsize)  # ZeRO-3: lm_head.weight has numel 0
 
     def reference_logps(self, batch: batching.Batch):
         """Reference (B,) chosen and rejected log-probs, and their per-token values (B, Tc), (B, Tr)."""
@@ -235,14 +264,6 @@ class PreferenceObjective(loop.Objective):
         if kl is not None and self.cfg.early_stop_kl is not None and kl > self.cfg.early_stop_kl:
             stop = f"early stop at step {m['step']}: per-token KL {kl:.3f} > --early-stop-kl {self.cfg.early_stop_kl}"
         return warnings, stop
-
-
-def _loss_chunk_tokens(model, dtype) -> int:
-    from .kernels import loss_chunk_tokens
-    from .scoring import head_rows, head_spec
-
-    policy = getattr(model, "module", model).model  # DDP and DeepSpeed wrap LogpsModel
-    return loss_chunk_tokens(head_rows(head_spec(policy)), dtype.itemsize)  # ZeRO-3: lm_head.weight has numel 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -109,16 +109,16 @@ if os.environ.get("FASTDPO_TEST_NAN_CALLS"):  # NaN losses on micro-batches lo..
 
     T = importlib.import_module("fastdpo.train")
     lo, hi = map(int, os.environ["FASTDPO_TEST_NAN_CALLS"].split(","))
-    real, calls = T.pair_losses, {"n": 0}
+    real, calls = T.pair_loss, {"n": 0}
 
-    def patched(cfg, batch, *args):
+    def patched(cfg, *args):
         calls["n"] += 1
-        per_pair, rc, rr = real(cfg, batch, *args)
+        loss, per_pair, rew_c, rew_r = real(cfg, *args)
         if lo <= calls["n"] <= hi:
-            per_pair = per_pair * torch.tensor(float("nan"))
-        return per_pair, rc, rr
+            loss, per_pair = loss * torch.tensor(float("nan")), per_pair * torch.tensor(float("nan"))
+        return loss, per_pair, rew_c, rew_r
 
-    T.pair_losses = patched
+    T.pair_loss = patched
 '''
 
 
@@ -128,7 +128,7 @@ def test_zero3_skips_a_non_finite_step_as_the_plain_loop_does(tiny_model, setup,
     from test_faults import _nan_from
 
     T = importlib.import_module("fastdpo.train")  # the module (fastdpo.train is the function)
-    monkeypatch.setattr(T, "pair_losses", _nan_from(5, 6))  # plain: 2 micro-batches a step, step 3
+    monkeypatch.setattr(T, "pair_loss", _nan_from(5, 6))  # plain: 2 micro-batches a step, step 3
     train(model=tiny_model, ref_cache=str(setup / "c"), output=str(tmp_path / "plain"), batch_size=2, grad_accum=2,
           max_steps=5, lr=1e-3, progress=False)
     hook = tmp_path / "hook"

@@ -205,20 +205,20 @@ def test_a_really_full_disk_keeps_the_previous_checkpoint(tiny_model, clean_cach
 
 
 def _nan_from(step_from, step_to=10**9):
-    """Make pair_losses return NaN on optimizer steps [step_from, step_to]."""
+    """Make pair_loss return NaN on optimizer steps [step_from, step_to]."""
     import torch
 
     T = importlib.import_module("fastdpo.train")  # the module (fastdpo.train is the function)
 
-    real = T.pair_losses
+    real = T.pair_loss
     calls = {"n": 0}
 
-    def patched(cfg, batch, *args):
+    def patched(cfg, *args):
         calls["n"] += 1
-        per_pair, rc, rr = real(cfg, batch, *args)
-        if step_from <= calls["n"] <= step_to:  # one micro-batch per step in these tests
-            per_pair = per_pair * torch.tensor(float("nan"))
-        return per_pair, rc, rr
+        loss, per_pair, rew_c, rew_r = real(cfg, *args)
+        if step_from <= calls["n"] <= step_to:  # one micro-batch (one fused chunk) per step in these tests
+            loss, per_pair = loss * torch.tensor(float("nan")), per_pair * torch.tensor(float("nan"))
+        return loss, per_pair, rew_c, rew_r
 
     return patched
 
@@ -226,7 +226,7 @@ def _nan_from(step_from, step_to=10**9):
 def test_transient_non_finite_step_is_skipped(tiny_model, clean_cache, tmp_path, monkeypatch):
     T = importlib.import_module("fastdpo.train")  # the module (fastdpo.train is the function)
 
-    monkeypatch.setattr(T, "pair_losses", _nan_from(3, 3))
+    monkeypatch.setattr(T, "pair_loss", _nan_from(3, 3))
     train(model=tiny_model, ref_cache=str(clean_cache), output=str(tmp_path / "r"), max_steps=6, batch_size=4,
           lr=1e-3, progress=False)
     m = [json.loads(x) for x in open(tmp_path / "r" / "metrics.jsonl")]
@@ -239,7 +239,7 @@ def test_persistent_non_finite_steps_stop_the_run(tiny_model, clean_cache, tmp_p
 
     T = importlib.import_module("fastdpo.train")  # the module (fastdpo.train is the function)
 
-    monkeypatch.setattr(T, "pair_losses", _nan_from(5))
+    monkeypatch.setattr(T, "pair_loss", _nan_from(5))
     with pytest.raises(TrainingStopped, match=r"stopped at step 7: 3 consecutive .*checkpoint-4 is intact"):
         train(model=tiny_model, ref_cache=str(clean_cache), output=str(tmp_path / "r"), max_steps=20, batch_size=4,
               lr=1e-3, save_steps=4, max_bad_steps=3, progress=False)
@@ -255,7 +255,7 @@ def test_persistent_non_finite_steps_stop_the_run(tiny_model, clean_cache, tmp_p
 def test_stop_via_cli_is_one_line_exit_1(tiny_model, clean_cache, tmp_path, monkeypatch):
     T = importlib.import_module("fastdpo.train")  # the module (fastdpo.train is the function)
 
-    monkeypatch.setattr(T, "pair_losses", _nan_from(1))
+    monkeypatch.setattr(T, "pair_loss", _nan_from(1))
     code, msg = run_cli("train", "--model", tiny_model, "--ref-cache", clean_cache, "--output", tmp_path / "r",
                         "--max-bad-steps", "2", "--no-progress")
     assert code == 1 and "Traceback" not in msg and "no checkpoint was written" in msg

@@ -89,13 +89,13 @@ def common(model, cache, **kw):
 def fused_calls(monkeypatch):
     """Record the LM-head weight each fused-loss call gets: under FSDP it must be the full (V, H) weight."""
     seen = []
-    real = kernels.linear_token_loss
+    real = kernels.linear_pair_loss
 
     def spy(hidden, weight, *a, **k):
         seen.append((type(weight).__name__, tuple(weight.shape)))
         return real(hidden, weight, *a, **k)
 
-    monkeypatch.setattr(kernels, "linear_token_loss", spy)
+    monkeypatch.setattr(kernels, "linear_pair_loss", spy)
     return seen
 
 
@@ -161,7 +161,7 @@ def test_non_finite_step_under_fsdp_is_skipped_as_unsharded(caches, tmp_path, mo
     T = importlib.import_module("fastdpo.train")  # the module (fastdpo.train is the function)
     model, cache = caches["llama"]
     for name, fsdp in (("plain", False), ("fsdp", True)):
-        monkeypatch.setattr(T, "pair_losses", _nan_from(3, 3))  # one micro-batch a step
+        monkeypatch.setattr(T, "pair_loss", _nan_from(3, 3))  # one micro-batch a step
         train(output=str(tmp_path / name), batch_size=2, fsdp=fsdp, **{**common(model, cache), "max_steps": 5})
     assert [m["bad_steps"] for m in metrics(tmp_path / "fsdp")] == [0, 0, 1, 1, 1]
     ma, mb = metrics(tmp_path / "plain"), metrics(tmp_path / "fsdp")

@@ -600,9 +600,7 @@ def test_linear_pair_loss_matches_reference(backend, dtype, bias, transform):
     logit_scale, softcap = transform
     g = torch.Generator().manual_seed(3)
     lens = [(3, 1), (1, 4), (5, 2), (2, 2), (1, 1), (6, 3), (2, 5)]  # (chosen, rejected) tokens per pair
-    pair_of = torch.tensor([i for i, (c, r) in enumerate(lens) for _ in range(c + r)])
-    side_of = torch.tensor([s for c, r in lens for s in [0] * c + [1] * r])
-    n, h_dim, vocab = len(pair_of), 19, 333
+    n, h_dim, vocab = sum(c + r for c, r in lens), 19, 333
     hidden = (torch.randn(n, h_dim, generator=g)).to(dtype).to(DEVICE)
     weight = (torch.randn(vocab, h_dim, generator=g) * 0.3).to(dtype).to(DEVICE)
     bvec = (torch.randn(vocab, generator=g) * 0.1).to(dtype).to(DEVICE) if bias else None

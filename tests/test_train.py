@@ -441,19 +441,19 @@ def test_loss_inside_the_fused_head_equals_the_log_prob_path(tiny_model, ref_cac
     the same trajectory as the 4-GEMM log-prob path; aot couples the pairs of a micro-batch, so it keeps the latter."""
     import importlib
 
-    import fastdpo.kernels.linear_logps as head
+    import fastdpo.kernels.linear_loss as head
 
     import fastdpo.scoring as scoring
 
     train_mod = importlib.import_module("fastdpo.train")
     used = []
-    real = train_mod.PreferenceObjective.scored
+    real = train_mod.PreferenceObjective.step
 
     def spy(self, *a):
         used.append(self.fused)
         return real(self, *a)
 
-    monkeypatch.setattr(train_mod.PreferenceObjective, "scored", spy)
+    monkeypatch.setattr(train_mod.PreferenceObjective, "step", spy)
     monkeypatch.setattr(head, "_LOSS_TILE_BYTES", 400 * 4 * 40)  # 40 tokens of V = 400 fp32 logits per chunk
     kw = dict(max_steps=3, batch_size=6, loss=loss.split(","), **extra)
     _train(tiny_model, tmp_path / "fused", ref_cache=ref_cache, **kw)

@@ -130,7 +130,7 @@ if [[ -z "$MODEL" ]]; then
 fi
 if [[ -z "$CACHE" ]]; then
     CACHE="$WORK/cache"
-    "$PY" -m fastdpo precompute --model "$MODEL" --dataset fastdpo/data/demo/train.jsonl --limit 64 \
+    "$PY" -m fastdpo precompute --model "$MODEL" --dataset fastdpo/demo_data/train.jsonl --limit 64 \
         --output "$CACHE" --no-progress >"$WORK/precompute.log" 2>&1 || { tail -20 "$WORK/precompute.log"; exit 1; }
 fi
 echo "gpu_check_zero3: model $MODEL, cache $CACHE ($((SECONDS - t_start))s)"

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, modeling, sharding
+from . import __version__, engines, modeling
 from .config import to_dict
 from .errors import UserError, first_line
 from .io import (
@@ -54,9 +54,6 @@ from .io import (
     lock_holder,
     writing,
 )
-
-SHARDED = "sharded"  # a checkpoint's DCP directory under --fsdp
-DEEPSPEED = "deepspeed"  # a checkpoint's DeepSpeed directory (engine.save_checkpoint's tag)
 
 # Settings that decide which pairs form each step: a resume must keep them.
 PLAN_KEYS = ("batch_size", "grad_accum", "seed", "shuffle", "group_by_length", "ref_cache", "dataset")
@@ -186,17 +183,12 @@ def clear_run_dir(out: Path) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def unwrapped_policy(accelerator, model):
-    """The causal LM inside accelerate's wrapper and our `LogpsModel`."""
-    return accelerator.unwrap_model(model).model
-
-
-def save_pretrained_atomic(accelerator, model, tokenizer, target: Path, merge_lora: bool = False) -> None:
+def save_pretrained_atomic(engine, model, tokenizer, target: Path, merge_lora: bool = False) -> None:
     """save_pretrained into a temporary directory, then move the files in; config.json goes last. A failed write
-    (a full disk) is one line on every process, and nothing of it is left."""
-    policy, sharded = unwrapped_policy(accelerator, model), sharding.is_sharded(model)
-    # gathers sharded weights onto the main process; keys carry the wrapper's prefix
-    state_dict = sharding.full_state_dict(model) if sharded else accelerator.get_state_dict(model)
+    (a full disk) is one line on every process, and nothing of it is left. `engine`: `fastdpo.engines`."""
+    accelerator = engine.accelerator
+    policy = accelerator.unwrap_model(model).model  # the causal LM inside the wrapper and our `LogpsModel`
+    state_dict = engine.full_state_dict(model)  # on the main process; keys carry the LogpsModel's "model."
 
     def write():
         tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
@@ -207,7 +199,7 @@ def save_pretrained_atomic(accelerator, model, tokenizer, target: Path, merge_lo
             if merge_lora and hasattr(policy, "peft_config"):
                 # the unsharded state dict shares the live weights, which merging would change: a copy in CPU memory
                 # (a second copy on a full GPU would not fit at the very end of a run)
-                owned = sd if sharded else {k: v.to("cpu", copy=True) for k, v in sd.items()}
+                owned = sd if engine.gathers_copy else {k: v.to("cpu", copy=True) for k, v in sd.items()}
                 merged_lora(policy, owned).save_pretrained(tmp, safe_serialization=True)
             else:  # a PeftModel keeps the adapter's entries of it
                 policy.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
@@ -297,15 +289,17 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
-def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, out: Path, progress: dict, cfg,
+def save_checkpoint(engine, model, optimizer, scheduler, tokenizer, out: Path, progress: dict, cfg,
                     keep: int | None = None) -> Path:
     """OUT/checkpoint-STEP: weights, optimizer, scheduler, RNG, data position (`progress`). Atomic: a failed write
     (a full disk) is one line on every process, leaves nothing of this checkpoint, and the previous ones intact.
 
-    `keep`: afterwards keep only the newest `keep` complete checkpoints.
+    `engine` (`fastdpo.engines`) writes the weights and optimizer state its own way; `keep`: afterwards keep only
+    the newest `keep` complete checkpoints.
     """
     import torch
 
+    accelerator = engine.accelerator
     step = progress["step"]
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.tmp"
@@ -317,18 +311,13 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, out: Pa
     def need() -> int:  # the weights and optimizer state, counted on failure only
         return state_bytes(model.state_dict()) + state_bytes(optimizer.state_dict())
 
-    if sharding.is_sharded(model):  # every process writes its own shards; nothing is gathered
-        with writing(final, cleanup=tmp, need=need):  # DCP raises a failed write on every process
-            sharding.save(model, optimizer, tmp / SHARDED)
-        if accelerator.is_main_process:
-            tokenizer.save_pretrained(tmp)
-    else:
-        save_pretrained_atomic(accelerator, model, tokenizer, tmp, merge_lora=False)
-        if modeling.deepspeed_launched():  # a collective: every process writes its partition
-            with writing(final, cleanup=tmp, need=need):
-                model.save_checkpoint(str(tmp), tag=DEEPSPEED, save_latest=False)
-        else:
-            files["optimizer.pt"] = optimizer.state_dict()
+    if engine.checkpoint_has_model:  # a loadable model, which resume loads the policy from
+        save_pretrained_atomic(engine, model, tokenizer, tmp, merge_lora=False)
+    elif accelerator.is_main_process:
+        tmp.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(tmp)
+    with writing(final, cleanup=tmp, need=need):  # a collective: a failed write raises on every process
+        files.update(engine.save(model, optimizer, tmp))
     accelerator.wait_for_everyone()
 
     def finish():
@@ -430,11 +419,11 @@ def check_resume(path: Path, cfg, num_processes: int, total_steps: int | None = 
         was = ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in lora)
         raise UserError(f"--resume {path}: the checkpoint trains a LoRA adapter with {was}; resume with the same")
     changed = [k for k in PLAN_KEYS if saved.get(k) != getattr(cfg, k, None)]
-    sharded = (path / SHARDED).is_dir()
+    sharded = (path / engines.SHARDED).is_dir()
     if sharded != bool(getattr(cfg, "fsdp", False)):
         raise UserError(f"--resume {path}: the checkpoint was written {'with' if sharded else 'without'} --fsdp; "
                         f"resume {'with' if sharded else 'without'} it")
-    deepspeed = (path / DEEPSPEED).is_dir()
+    deepspeed = (path / engines.DEEPSPEED).is_dir()
     if deepspeed != modeling.deepspeed_launched():
         raise UserError(f"--resume {path}: the checkpoint was written {'under' if deepspeed else 'without'} "
                         f"DeepSpeed; resume {'under' if deepspeed else 'without'} it (the same accelerate config)")
@@ -471,21 +460,14 @@ def check_resume(path: Path, cfg, num_processes: int, total_steps: int | None = 
     return {**state, "changed": changes}
 
 
-def load_checkpoint(path: Path, cfg, accelerator, model, optimizer, scheduler, total_steps: int | None = None,
+def load_checkpoint(engine, path: Path, cfg, model, optimizer, scheduler, total_steps: int | None = None,
                     data_fingerprint: str | None = None) -> dict:
     """Restore optimizer, scheduler and RNG from `path` (and a sharded model's weights: the others were loaded from
     the checkpoint with the model); returns its trainer state (see `check_resume`). Options --allow-changes
     accepted take effect: the optimizer's hyperparameters are this run's, and so is the schedule from here on."""
-    state = check_resume(path, cfg, accelerator.num_processes, total_steps, data_fingerprint)
+    state = check_resume(path, cfg, engine.accelerator.num_processes, total_steps, data_fingerprint)
     fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    if sharding.is_sharded(model):
-        sharding.load(model, optimizer, path / SHARDED)
-    elif modeling.deepspeed_launched():
-        # the fp32 weights and optimizer state of this process's partition; DeepSpeed's files hold pickled objects,
-        # which it loads itself (torch.load with weights_only=False: a checkpoint of one's own run only)
-        model.load_checkpoint(str(path), tag=DEEPSPEED, load_optimizer_states=True, load_lr_scheduler_states=False)
-    else:
-        optimizer.load_state_dict(_load_state(path / "optimizer.pt"))
+    engine.load(model, optimizer, path, _load_state)
     scheduler.load_state_dict(_load_state(path / "scheduler.pt"))
     _set_rng_state(_load_state(path / "rng_state.pt"))
     if state["changed"]:

@@ -5,7 +5,7 @@ A prompt asks for a random 4-letter lowercase word in capitals::
     upper: qrva\\n   ->   QRVA          (correct)
                          QRVa          (the slip: the last letter is left lowercase)
 
-The data (``fastdpo/data/demo/``, written by ``tools/make_demo_data.py``) has three splits with
+The data (``fastdpo/demo_data/``, written by ``tools/make_demo_data.py``) has three splits with
 disjoint words:
 
 - ``sft.jsonl`` (prompt/completion): a *noisy* SFT set in which 70% of the targets make the slip.
@@ -58,7 +58,7 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 PROMPT_TEMPLATE = "upper: {word}\n"
 SLIP_RATE = 0.7  # fraction of SFT targets that make the slip
 
-DATA_DIR = Path(__file__).resolve().parent / "data" / "demo"
+DATA_DIR = Path(__file__).resolve().parent / "demo_data"
 DATA_FILES = {"sft": "sft.jsonl", "train": "train.jsonl", "eval": "eval.jsonl"}
 
 # Tokenizer: the 256 byte-level tokens + 5 special tokens, no BPE merges, so every letter is one token.

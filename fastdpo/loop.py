@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, batching, checkpoint, metrics, modeling, optim, sharding
+from . import __version__, batching, checkpoint, engines, metrics, modeling, optim
 from .config import format_config, opt, to_dict
 from .errors import Interrupted, TrainingStopped, UserError
 from .io import atomic_write_bytes, atomic_write_json, writing
@@ -304,21 +304,22 @@ class Trainer:
         if cfg.fsdp_cpu_offload and device.type == "cpu":
             raise UserError("--fsdp-cpu-offload moves a GPU run's weights and optimizer state to CPU memory; this run "
                             "is on CPU already")
-        self.deepspeed = modeling.deepspeed_launched()  # `accelerate launch` with a DeepSpeed config
-        if self.deepspeed and cfg.fsdp:
+        deepspeed = modeling.deepspeed_launched()  # `accelerate launch` with a DeepSpeed config
+        if deepspeed and cfg.fsdp:
             raise UserError("--fsdp shards with PyTorch FSDP2, and the accelerate config asks for DeepSpeed; use one")
         AcceleratorState._reset_state()  # a second run in one process may want other mixed precision
         self.tracker = None if cfg.report_to == "none" else cfg.report_to
         self.precision = optim.train_precision(cfg, device)
         # under DeepSpeed, accelerate's bf16 would be DeepSpeed's bf16 weights: bf16-mixed is its torch_autocast
         # instead (`sharding.configure_deepspeed`)
-        mixed = "bf16" if self.precision == "bf16-mixed" and not self.deepspeed else "no"
+        mixed = "bf16" if self.precision == "bf16-mixed" and not deepspeed else "no"
         self.accelerator = Accelerator(cpu=modeling.use_cpu(), mixed_precision=mixed, log_with=self.tracker,
                                        project_dir=str(self.out))
         if self.accelerator.distributed_type == "FSDP":  # (a str enum)
             raise UserError("accelerate's FSDP plugin (an FSDP `accelerate launch` config) is not how fastdpo shards: "
                             "launch with a plain multi-GPU config (or torchrun) and pass --fsdp")
         self.is_main, self.device = self.accelerator.is_main_process, self.accelerator.device
+        self.engine = engines.engine_for(cfg, self.accelerator)  # plain, FSDP2 or DeepSpeed
         modeling.set_library_progress(cfg.progress and self.is_main)
         self.bar = None  # the progress bar, while `fit` runs
         self.inputs = run_inputs(cfg)
@@ -326,8 +327,8 @@ class Trainer:
         if self.resume_dir is not None:
             checkpoint.check_resume(self.resume_dir, cfg, self.accelerator.num_processes)
         if self.is_main:
-            print(f"fastdpo {__version__} {command}\n{format_config(cfg)}\n  precision: {self.precision}",
-                  file=sys.stderr)
+            print(f"fastdpo {__version__} {command}\n{format_config(cfg)}\n  precision: {self.precision}\n"
+                  f"  engine: {self.engine.name} ({self.accelerator.num_processes} process(es))", file=sys.stderr)
             if self.precision == "bfloat16" and optim.OPTIMIZERS[cfg.optimizer].weights != "bf16":
                 print(f"warning: --dtype bfloat16 updates bf16 weights with --optimizer {cfg.optimizer}: an update "
                       "smaller than half a weight's bf16 spacing (most of them at DPO learning rates) rounds away; "
@@ -348,12 +349,11 @@ class Trainer:
         """The policy (from the checkpoint when resuming, except LoRA's base), wrapped to score, and its optimizer."""
         cfg = self.cfg
         # a sharded checkpoint holds no loadable model: its weights are read into the sharded policy (`_start`)
-        weights_from = None if self.resume_dir is None or cfg.lora_r is not None or cfg.fsdp else str(self.resume_dir)
+        has_model = self.resume_dir is not None and self.engine.checkpoint_has_model
+        weights_from = str(self.resume_dir) if has_model and cfg.lora_r is None else None
         # under --fsdp a fresh adapter too: the sharded checkpoint's weights overwrite it (`_start`)
-        policy = prepare_policy(self.setup.load(weights_from), cfg, None if cfg.fsdp else self.resume_dir)
-        self.model = self.setup.scorer(policy)
-        if cfg.fsdp:
-            sharding.shard(self.model, cfg, self.device, self.precision)
+        policy = prepare_policy(self.setup.load(weights_from), cfg, self.resume_dir if has_model else None)
+        self.model = self.engine.wrap(self.setup.scorer(policy), cfg, self.device, self.precision)
         self.model.train()
         self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())  # ZeRO-3: numel 0
         self.setup.print_notes(self.is_main)
@@ -361,87 +361,61 @@ class Trainer:
     def fit(self, source: batching.Source, objective: Objective) -> dict:
         """Train until --max-steps (or --epochs); save the model; return the last step's metrics. SIGTERM or Ctrl-C:
         a checkpoint at the end of the step, then `Interrupted` (every process stops at the same step)."""
-        self.lock = None
+        import torch
+
+        cfg, acc, engine = self.cfg, self.accelerator, self.engine
+        with self._running() as stop:
+            plan = Plan(source, cfg, acc.num_processes)
+            step = self._start(plan, source, objective)
+            state = self.state  # bad-step counts, last checkpoint, timing
+            m: dict = {}
+            while step < plan.total_steps:
+                t0 = time.perf_counter()
+                micro = plan.micro_batches(step, acc.process_index, objective.needs_token_logps)  # fetch
+                sums: dict = {}
+                for j, (batch, weight) in enumerate(micro):
+                    # gradients are reduced over processes only at the last micro-batch of the step
+                    with engine.grad_sync(self.model, j == len(micro) - 1), acc.autocast():
+                        loss, stats = objective.step(self.model, batch)  # forward + loss
+                        # x processes: DDP averages gradients over processes, each holds a share of the step
+                        engine.backward(self.model, loss * (weight * acc.num_processes))  # backward
+                    stats["examples"] = len(batch.rows["prompt_ids"])
+                    for k, v in stats.items():  # on the device: one sync per step, in _reduce
+                        v = torch.as_tensor(v, dtype=torch.float64, device=self.device)
+                        sums[k] = sums.get(k, 0.0) + v * weight
+                # a stop request travels with the step's sums, so that every process stops after the same step
+                sums["stop"] = torch.tensor(float(stop.signum is not None), dtype=torch.float64, device=self.device)
+                sums = self._reduce(sums)
+                stopping = sums.pop("stop") > 0 or (acc.num_processes == 1 and stop.signum is not None)
+                finite = all(math.isfinite(v) for v in sums.values())
+                max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+                grad_norm = engine.clip_and_step(self.model, self.optimizer, max_norm, finite)  # clip + step
+                finite = finite and math.isfinite(grad_norm)
+                lr = self._schedule_step(finite, state)
+                step += 1
+                m = self._metrics(step, plan, objective, sums, grad_norm, lr, time.perf_counter() - t0, state)
+                if self._log_step(m, plan, objective, finite):  # log; True: stop early
+                    break
+                if state["consecutive_bad_steps"] >= cfg.max_bad_steps:
+                    self._stop_on_bad_steps(step, state)
+                saved = cfg.save_steps and step % cfg.save_steps == 0 and step < plan.total_steps
+                if saved:
+                    self._save(step, plan, state, m)
+                if stopping and step < plan.total_steps:  # (after the last step: the run finishes, as it would)
+                    self._stop_on_signal(step, plan, state, m, stop, saved)
+            return self._finish(step, source, objective, m, state)
+
+    @contextlib.contextmanager
+    def _running(self):
+        """SIGTERM and Ctrl-C handled (`StopSignals`) while the run lasts, and OUT's lock released after it."""
+        self.lock = None  # claimed in `_start`
         try:
             with StopSignals(announce=self.is_main) as stop:
-                return self._fit(source, objective, stop)
+                yield stop
         finally:
             checkpoint.release_run_dir(self.lock)
 
-    def _fit(self, source: batching.Source, objective: Objective, stop: StopSignals) -> dict:
-        import torch
-
-        cfg, acc = self.cfg, self.accelerator
-        plan = Plan(source, cfg, acc.num_processes)
-        step = self._start(plan, source, objective)
-        state = self.state  # bad-step counts, last checkpoint, timing
-        m: dict = {}
-        while step < plan.total_steps:
-            t0 = time.perf_counter()
-            micro = plan.micro_batches(step, acc.process_index, objective.needs_token_logps)  # fetch
-            sums: dict = {}
-            for j, (batch, weight) in enumerate(micro):
-                # gradients are reduced over processes only at the last micro-batch of the step
-                with self._grad_sync(j == len(micro) - 1), acc.autocast():
-                    loss, stats = objective.step(self.model, batch)  # forward + loss
-                    # x processes: DDP averages gradients over processes, and each holds a share of the step
-                    self._backward(loss * (weight * acc.num_processes))  # backward
-                stats["examples"] = len(batch.rows["prompt_ids"])
-                for k, v in stats.items():  # on the device: one sync per step, in _reduce
-                    sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=self.device) * weight
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = self._clip(max_norm)  # clip (DeepSpeed clips inside its engine's step, which runs here)
-            # a stop request travels with the step's sums, so that every process stops after the same step
-            sums["stop"] = torch.tensor(float(stop.signum is not None), dtype=torch.float64, device=self.device)
-            sums = self._reduce(sums)
-            stopping = sums.pop("stop") > 0 or (acc.num_processes == 1 and stop.signum is not None)
-            finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in sums.values())
-            lr = self._optimizer_step(finite, state)  # step
-            step += 1
-            m = self._metrics(step, plan, objective, sums, grad_norm, lr, time.perf_counter() - t0, state)
-            if self._log_step(m, plan, objective, finite):  # log; True: stop early
-                break
-            if state["consecutive_bad_steps"] >= cfg.max_bad_steps:
-                self._stop_on_bad_steps(step, state)
-            saved = cfg.save_steps and step % cfg.save_steps == 0 and step < plan.total_steps
-            if saved:
-                self._save(step, plan, state, m)
-            if stopping and step < plan.total_steps:  # (after the last step: the run finishes, as it would)
-                self._stop_on_signal(step, plan, state, m, stop, saved)
-        return self._finish(step, source, objective, m, state)
-
     # -- the pieces of a step ------------------------------------------------------------------
-
-    def _grad_sync(self, last: bool):
-        """DDP's no_sync outside a step's last micro-batch; FSDP2 is told whether to reduce-scatter, and DeepSpeed
-        whether the micro-batch ends the step (its ZeRO-2/3 reduce-scatter is its own business)."""
-        if self.cfg.fsdp:
-            self.model.set_requires_gradient_sync(last)  # reduce-scatter at this backward, or accumulate locally
-            return contextlib.nullcontext()
-        if self.deepspeed:
-            self.model.set_gradient_accumulation_boundary(last)
-            return contextlib.nullcontext()
-        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
-
-    def _backward(self, loss) -> None:
-        # not accelerator.backward under DeepSpeed: it steps the engine after every micro-batch (fastdpo never
-        # enters accelerator.accumulate, so accelerate takes each one for the last)
-        if self.deepspeed:
-            self.model.backward(loss)  # its config's gradient_accumulation_steps is 1: no division
-        else:
-            self.accelerator.backward(loss)
-
-    def _clip(self, max_norm: float) -> float:
-        """Clip the gradient to `max_norm`; the total norm before clipping, over all processes."""
-        if self.cfg.fsdp:
-            return sharding.clip_grad_norm_(self.model, max_norm)
-        if self.deepspeed:
-            # DeepSpeed clips inside its step (gradient_clipping = --max-grad-norm), so the engine steps here; it
-            # skips a step whose gradient norm is inf or NaN, and then reports a stale norm
-            self.model.step()
-            return float(self.model.get_global_grad_norm()) if self.model.was_step_applied() else float("nan")
-        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-        return float(norm) if norm is not None else float("nan")
 
     def _reduce(self, sums: dict) -> dict:
         """Sum the step's statistics over processes (same keys everywhere, in sorted order)."""
@@ -450,10 +424,9 @@ class Trainer:
         keys = sorted(sums)
         return dict(zip(keys, self.accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="sum").tolist()))
 
-    def _optimizer_step(self, finite: bool, state: dict) -> float:
-        """Step the optimizer on a finite step (skip it otherwise); the schedule advances either way."""
+    def _schedule_step(self, finite: bool, state: dict) -> float:
+        """Count a skipped (non-finite) step; advance the schedule either way; returns the step's learning rate."""
         if finite:
-            self.optimizer.step()
             state["consecutive_bad_steps"] = 0
         else:
             state["bad_steps"] += 1
@@ -535,7 +508,7 @@ class Trainer:
                     "steps_into_epoch": (step - 1) % plan.steps_per_epoch + 1, "bad_steps": state["bad_steps"],
                     "consecutive_bad_steps": state["consecutive_bad_steps"], "elapsed_s": m["elapsed_s"],
                     "total_steps": plan.total_steps, "data_fingerprint": self.data_fingerprint(plan.source)}
-        state["last_checkpoint"] = checkpoint.save_checkpoint(self.accelerator, self.model, self.optimizer,
+        state["last_checkpoint"] = checkpoint.save_checkpoint(self.engine, self.model, self.optimizer,
                                                               self.scheduler, self.tokenizer, self.out, progress,
                                                               self.cfg, keep=self.cfg.save_total_limit)
         if not quiet:
@@ -549,12 +522,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         self.optimizer = optim.build_optimizer(self.model.parameters(), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, plan.total_steps)
-        if cfg.fsdp:  # sharded already (`load_policy`); accelerate would wrap it in DDP
-            self.optimizer = acc.prepare(self.optimizer)
-        else:
-            if self.deepspeed:  # the config from fastdpo's flags, before prepare builds the engine from it
-                self.log(sharding.configure_deepspeed(acc.state.deepspeed_plugin, cfg, self.precision, self.model))
-            self.model, self.optimizer = acc.prepare(self.model, self.optimizer)
+        self.model, self.optimizer = self.engine.prepare(self.model, self.optimizer, cfg, self.precision, self.log)
         if self.resume_dir is not None:  # the run's length and data are known now: refused before anything is written
             checkpoint.check_resume(self.resume_dir, cfg, acc.num_processes, plan.total_steps,
                                     self.data_fingerprint(source))
@@ -570,8 +538,8 @@ class Trainer:
                  "last_checkpoint": (checkpoint.list_checkpoints(self.out) or [None])[-1]}
         step, self.changed = 0, None
         if self.resume_dir is not None:
-            saved = checkpoint.load_checkpoint(self.resume_dir, cfg, acc, self.model, self.optimizer, self.scheduler,
-                                               plan.total_steps, self.data_fingerprint(source))
+            saved = checkpoint.load_checkpoint(self.engine, self.resume_dir, cfg, self.model, self.optimizer,
+                                               self.scheduler, plan.total_steps, self.data_fingerprint(source))
             step, self.changed = saved["step"], saved["changed"] or None
             state.update(bad_steps=saved.get("bad_steps", 0), consecutive_bad_steps=saved.get(
                 "consecutive_bad_steps", 0), elapsed_before=saved.get("elapsed_s", 0.0))
@@ -597,7 +565,7 @@ class Trainer:
     def _finish(self, step: int, source, objective: Objective, m: dict, state: dict) -> dict:
         if self.bar is not None:
             self.bar.close()
-        checkpoint.save_pretrained_atomic(self.accelerator, self.model, self.tokenizer, self.out,
+        checkpoint.save_pretrained_atomic(self.engine, self.model, self.tokenizer, self.out,
                                           merge_lora=self.cfg.merge_lora)
         if self.is_main:
             atomic_write_json(self.out / f"{self.command}_summary.json", {

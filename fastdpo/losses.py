@@ -49,6 +49,11 @@ Differences from TRL 1.16, all deliberate:
   the ``policy_chosen_logps`` it is given. To match TRL, compute the ``sft`` component in a second call
   with the plain sums (``ld_logps(..., alpha=None)``).
 
+Normalisers: ``sft``'s ``N_tok`` is ``sft_num_tokens`` (default ``sum(chosen_lengths)``), so the mean of the
+returned sft losses is ``-sum(pi_c) / N_tok``. Pass the chosen-token count of the whole accumulated batch
+and *sum* micro-batch means to get the token-mean NLL of the accumulated batch (a trainer that averages
+micro-batch losses over G accumulation steps should pass that count / G).
+
 Rewards (for metrics only; always detached): ``b * (pi - ref)`` whenever some component uses the
 reference (TRL DPOTrainer's ``rewards/*``); otherwise ``b * pi/len`` if ``simpo`` is a component
 (TRL CPOTrainer with SimPO); otherwise (pure ``sft``) ``b * (pi - ref)`` if the reference is given
@@ -407,6 +412,18 @@ def _check_config(loss_type, loss_weights, beta, label_smoothing, *, simpo_gamma
     return names
 
 
+def _check_inputs(names, pi_c, pi_r, ref_c, ref_r, len_c, len_r, sft_num_tokens) -> None:
+    if pi_c.dim() != 1 or pi_c.shape != pi_r.shape:
+        raise ValueError("policy_chosen_logps and policy_rejected_logps must both have shape (B,), got "
+                         f"{tuple(pi_c.shape)} and {tuple(pi_r.shape)}")
+    if needs_reference(names) and (ref_c is None or ref_r is None):
+        raise ValueError(f"loss type(s) {', '.join(names)} need ref_chosen_logps and ref_rejected_logps")
+    if any(n in LENGTH_NORMALISED for n in names) and (len_c is None or len_r is None):
+        raise ValueError(f"loss type(s) {', '.join(names)} need chosen_lengths and rejected_lengths")
+    if "sft" in names and len_c is None and sft_num_tokens is None:
+        raise ValueError("loss type sft needs chosen_lengths or sft_num_tokens")
+
+
 def preference_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -437,35 +454,18 @@ def preference_loss(
             simpo, and by sft when sft_num_tokens is None. Clamped to >= 1.
         simpo_gamma: SimPO target margin gamma.
         discopop_tau: DiscoPOP temperature tau.
-        sft_num_tokens: normaliser N_tok of sft (default sum(chosen_lengths)). The mean of the returned sft
-            losses is -sum(pi_c) / N_tok. Pass the chosen-token count of the whole accumulated batch and
-            *sum* micro-batch means to get the token-mean NLL of the accumulated batch (a trainer that
-            averages micro-batch losses over G accumulation steps should pass that count / G).
+        sft_num_tokens: normaliser N_tok of sft (default sum(chosen_lengths); see "Normalisers" above).
 
-    Returns:
-        (losses, chosen_rewards, rejected_rewards), each (B,). Rewards are detached and meant for metrics:
-        b*(pi - ref) if any component uses the reference, else b*pi/len if simpo is a component, else (pure
-        sft) b*(pi - ref) if the reference is given, else b*pi.
-
-    Raises:
-        ValueError: invalid configuration, or missing reference log-probs / lengths.
+    Returns (losses, chosen_rewards, rejected_rewards), each (B,); the rewards are detached, for metrics ("Rewards"
+    above). Raises ValueError for an invalid configuration, or missing reference log-probs or lengths.
     """
     names = _check_config(
         loss_type, loss_weights, beta, label_smoothing, simpo_gamma=simpo_gamma, discopop_tau=discopop_tau
     )
     weights = [1.0] * len(names) if loss_weights is None else [float(w) for w in loss_weights]
-    if policy_chosen_logps.dim() != 1 or policy_chosen_logps.shape != policy_rejected_logps.shape:
-        raise ValueError(
-            "policy_chosen_logps and policy_rejected_logps must both have shape (B,), got "
-            f"{tuple(policy_chosen_logps.shape)} and {tuple(policy_rejected_logps.shape)}"
-        )
+    _check_inputs(names, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                  chosen_lengths, rejected_lengths, sft_num_tokens)
     use_ref = needs_reference(names)
-    if use_ref and (ref_chosen_logps is None or ref_rejected_logps is None):
-        raise ValueError(f"loss type(s) {', '.join(names)} need ref_chosen_logps and ref_rejected_logps")
-    if any(n in LENGTH_NORMALISED for n in names) and (chosen_lengths is None or rejected_lengths is None):
-        raise ValueError(f"loss type(s) {', '.join(names)} need chosen_lengths and rejected_lengths")
-    if "sft" in names and chosen_lengths is None and sft_num_tokens is None:
-        raise ValueError("loss type sft needs chosen_lengths or sft_num_tokens")
 
     dtype = torch.promote_types(policy_chosen_logps.dtype, torch.float32)
     device = policy_chosen_logps.device
@@ -476,19 +476,11 @@ def preference_loss(
     def cast_len(x):
         return None if x is None else cast(x).clamp(min=1)
 
-    b = _Batch(
-        pi_c=cast(policy_chosen_logps),
-        pi_r=cast(policy_rejected_logps),
-        ref_c=cast(ref_chosen_logps) if use_ref else None,
-        ref_r=cast(ref_rejected_logps) if use_ref else None,
-        len_c=cast_len(chosen_lengths),
-        len_r=cast_len(rejected_lengths),
-        beta=float(beta),
-        eps=float(label_smoothing),
-        gamma=float(simpo_gamma),
-        tau=float(discopop_tau),
-        sft_num_tokens=cast(sft_num_tokens),
-    )
+    b = _Batch(pi_c=cast(policy_chosen_logps), pi_r=cast(policy_rejected_logps),
+               ref_c=cast(ref_chosen_logps) if use_ref else None, ref_r=cast(ref_rejected_logps) if use_ref else None,
+               len_c=cast_len(chosen_lengths), len_r=cast_len(rejected_lengths), beta=float(beta),
+               eps=float(label_smoothing), gamma=float(simpo_gamma), tau=float(discopop_tau),
+               sft_num_tokens=cast(sft_num_tokens))
     if b.ref_c is not None:  # the reference is a constant, even if the caller's tensor tracks gradients
         b.ref_c, b.ref_r = b.ref_c.detach(), b.ref_r.detach()
 

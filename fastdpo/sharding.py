@@ -13,9 +13,9 @@ Gradients are reduce-scattered and averaged over processes as under DDP, so the 
 normalisation holds unchanged and a sharded run equals the 1-process run at equal global batch.
 
 The fused head reads `lm_head.weight` itself, outside `lm_head.forward`, where a unit's weight is
-only this process's shard; `shard` registers `fused_forward` on the head as an FSDP forward method,
-so the fused call gathers the weight (and reduce-scatters its gradient) as `lm_head(x)` would
-(`scoring.head_call`).
+only this process's shard; `shard` registers `fused_forward` as an FSDP forward method of the unit
+that holds the head (the head's own, or the root), so the fused call gathers the weight (and
+reduce-scatters its gradient) as `lm_head(x)` would (`scoring.head_call`).
 
 Checkpoints are `torch.distributed.checkpoint` (DCP) directories: each process writes its own
 shards of the weights and the optimizer state, and reads them back on resume; nothing gathers
@@ -88,7 +88,14 @@ def shard(model, cfg, device, precision: str):
         # fn(hidden, weight, *args, bias=, **kw) with the gathered weight (`scoring.head_call`)
         head.fused_forward = lambda fn, hidden, *args, **kw: fn(hidden, head.weight, *args, bias=head.bias, **kw)
         fsdp.register_fsdp_forward_method(head, "fused_forward")
-    fsdp.fully_shard(model, **kw)
+        fsdp.fully_shard(model, **kw)
+    else:
+        fsdp.fully_shard(model, **kw)
+        if isinstance(head, nn.Linear):  # the head is the root's: the call goes through the root's hooks
+            model.fused_forward = lambda fn, hidden, *args, **kw: fn(hidden, head.weight, *args, bias=head.bias,
+                                                                     **kw)
+            fsdp.register_fsdp_forward_method(model, "fused_forward")
+            head.fused_forward = lambda *args, **kw: model.fused_forward(*args, **kw)
     # FSDP2 warns once per unit whose forward returns a view (the head's log-probs, the root's loss): an in-place
     # op on one would skip its unit's gradient hook. fastdpo changes none in place (the 2-process equality tests
     # compare every gradient's effect), and the warning would only puzzle users.

@@ -257,8 +257,9 @@ def torchrun(*args, launcher: str = "torchrun"):
     return proc
 
 
-CASES = {  # name: (model, flags, launcher); each against the unsharded 1-process run at equal global batch (4 pairs)
-    "fused head, own unit, accumulation": ("llama", ["--batch-size", "1", "--grad-accum", "2"], "torchrun"),
+# name: (model, flags, launcher); each against the unsharded 1-process run at equal global batch (4 pairs). The fused
+# head as its own unit with accumulation: tests/test_engines.py (the same trajectory under every engine)
+CASES = {
     "eager head, root unit, checkpointing": ("llama", ["--batch-size", "2", "--fsdp-lm-head", "root",
                                                        "--logps-backend", "eager", "--gradient-checkpointing"],
                                              "torchrun"),

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import FRESH_TOL, REPO, load_script, make_pairs, run_cli, write_jsonl
@@ -463,3 +464,30 @@ def test_loss_inside_the_fused_head_equals_the_log_prob_path(tiny_model, ref_cac
     _train(tiny_model, tmp_path / "plain", ref_cache=ref_cache, **kw)
     assert fused_used == {loss != "aot"} and set(used) == {False}
     assert_same_trajectory(metrics(tmp_path / "fused"), metrics(tmp_path / "plain"), atol=1e-5)
+
+
+def test_the_loss_formula_is_at_most_8_frames_below_fit(tiny_model, ref_cache, tmp_path, monkeypatch):
+    """Readability as a number: on the default path (full fine-tune, the loss fused into the LM head) a traceback
+    raised inside the DPO formula (`losses._sigmoid`) is at most 8 Python frames deep counted from `Trainer.fit`:
+    fit -> objective.step -> kernels.linear_pair_loss -> Function.apply -> forward -> train.pair_loss ->
+    losses.preference_loss -> the formula; and the loss function is `train.pair_loss`, an explicit argument."""
+    import traceback
+
+    import fastdpo.losses as losses
+
+    class Formula(Exception):
+        pass
+
+    def formula(b):
+        raise Formula
+
+    monkeypatch.setitem(losses._LOSS_FNS, "sigmoid", formula)
+    with pytest.raises(Formula) as e:
+        _train(tiny_model, tmp_path / "r", ref_cache=ref_cache, max_steps=1)
+    frames = traceback.extract_tb(e.value.__traceback__)
+    names = [f.name for f in frames]
+    below = [f"{Path(f.filename).name}:{f.name}" for f in frames[names.index("fit"):]]
+    assert below[0] == "loop.py:fit" and below[-1] == "test_train.py:formula", below
+    assert len(below) <= 8, below
+    assert "linear_loss.py:forward" in below and below.index("train.py:pair_loss") > below.index(
+        "linear_loss.py:forward"), below

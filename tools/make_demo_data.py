@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Write the bundled demo data (fastdpo/data/demo/*.jsonl) deterministically.
+"""Write the bundled demo data (fastdpo/demo_data/*.jsonl) deterministically.
 
-    python tools/make_demo_data.py                 # rewrite fastdpo/data/demo/ (byte-identical every time)
+    python tools/make_demo_data.py                 # rewrite fastdpo/demo_data/ (byte-identical every time)
     python tools/make_demo_data.py --check         # exit 1 if the shipped files differ from a fresh build
     python tools/make_demo_data.py --output /tmp/d # write elsewhere
 

@@ -78,18 +78,23 @@ def _plain_linear(module) -> bool:
 
 def head_call(lm_head: nn.Linear, fn):
     """`fn(hidden, weight, *args, bias=..., **kw)`, a fused-head kernel, as the LM head runs it. A plain head: `fn`
-    itself (the caller passes the weight and bias). Where the head is its own FSDP2 unit its weight is a shard
-    until that unit's hooks gather it, and under DeepSpeed ZeRO-3 a partition; `sharding` then registers
-    `lm_head.fused_forward(fn, hidden, weight, ...)`, which runs `fn` through those hooks with the gathered weight
-    and bias (and reduce-scatters their gradients as `lm_head(x)` would)."""
+    itself (the caller passes the weight and bias). Where the head is its own FSDP2 unit (or the root's) its weight
+    is a shard until that unit's hooks gather it, and under DeepSpeed ZeRO-3 a partition; `sharding` then
+    registers `lm_head.fused_forward(hidden, fn)`, which runs `fn(hidden, weight, bias=bias)` through those hooks
+    with the gathered weight and bias (and reduce-scatters their gradients as `lm_head(x)` would)."""
     run = getattr(lm_head, "fused_forward", None)
     return fn if run is None else functools.partial(_through_hooks, run, fn)
 
 
 def _through_hooks(run, fn, hidden, _weight, *args, bias=None, **kw):
-    # the caller's weight and bias are shards (or partitions): `run` passes the gathered ones; the hooks are not
-    # handed the shards either (they would cast them, as they cast every floating input)
-    return run(fn, hidden, *args, **kw)
+    # the caller's weight and bias are shards (or partitions): `run` passes the gathered ones. The other arguments
+    # are bound here, not handed to the hooks, which cast every floating input to the compute dtype (FSDP2's
+    # mixed precision would round the reference log-probs to bf16)
+    return run(hidden, functools.partial(_with_args, fn, args, kw))
+
+
+def _with_args(fn, args, kw, hidden, weight, bias=None):
+    return fn(hidden, weight, *args, bias=bias, **kw)
 
 
 def head_rows(spec: HeadSpec) -> int:

@@ -85,17 +85,16 @@ def shard(model, cfg, device, precision: str):
         tied = embed is not None and embed.weight is head.weight
         # tied: one parameter in two modules, so the two are one unit (gathered for either's forward)
         fsdp.fully_shard([embed, head] if tied else head, **kw)
-        # fn(hidden, weight, *args, bias=, **kw) with the gathered weight (`scoring.head_call`)
-        head.fused_forward = lambda fn, hidden, *args, **kw: fn(hidden, head.weight, *args, bias=head.bias, **kw)
+        # fn(hidden, weight, bias=bias) with the gathered weight (`scoring.head_call`)
+        head.fused_forward = lambda hidden, fn: fn(hidden, head.weight, bias=head.bias)
         fsdp.register_fsdp_forward_method(head, "fused_forward")
         fsdp.fully_shard(model, **kw)
     else:
         fsdp.fully_shard(model, **kw)
         if isinstance(head, nn.Linear):  # the head is the root's: the call goes through the root's hooks
-            model.fused_forward = lambda fn, hidden, *args, **kw: fn(hidden, head.weight, *args, bias=head.bias,
-                                                                     **kw)
+            model.fused_forward = lambda hidden, fn: fn(hidden, head.weight, bias=head.bias)
             fsdp.register_fsdp_forward_method(model, "fused_forward")
-            head.fused_forward = lambda *args, **kw: model.fused_forward(*args, **kw)
+            head.fused_forward = lambda hidden, fn: model.fused_forward(hidden, fn)
     # FSDP2 warns once per unit whose forward returns a view (the head's log-probs, the root's loss): an in-place
     # op on one would skip its unit's gradient hook. fastdpo changes none in place (the 2-process equality tests
     # compare every gradient's effect), and the warning would only puzzle users.
@@ -208,14 +207,13 @@ def zero3_gather_head(model) -> bool:
             super().__init__()
             self.lm_head = [lm_head]
 
-        def forward(self, hidden, *, fn, args, kw):  # by keyword: ZeRO-3's hooks look at positional arguments
+        def forward(self, hidden, *, fn):  # fn by keyword: ZeRO-3's hooks look at (and wrap) positional arguments
             lm_head = self.lm_head[0]
-            return fn(hidden, lm_head.weight, *args, bias=lm_head.bias, **kw)
+            return fn(hidden, lm_head.weight, bias=lm_head.bias)
 
     model.zero3_head = ExternalHead(spec.lm_head)
     for p in (spec.lm_head.weight, spec.lm_head.bias):
         if p is not None:
             deepspeed.zero.register_external_parameter(model.zero3_head, p)
-    # `scoring.head_call` calls it
-    spec.lm_head.fused_forward = lambda fn, hidden, *args, **kw: model.zero3_head(hidden, fn=fn, args=args, kw=kw)
+    spec.lm_head.fused_forward = lambda hidden, fn: model.zero3_head(hidden, fn=fn)  # `scoring.head_call` calls it
     return True

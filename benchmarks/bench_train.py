@@ -659,7 +659,7 @@ def _measurement_policy(model: str, device, **train_kwargs):
     (padded layout: with equal lengths there is no padding, and no dense mask whose size grows as T^2)."""
     from fastdpo import loop, modeling, scoring
     from fastdpo.config import make
-    from fastdpo.train import PreferenceObjective, TrainConfig
+    from fastdpo.recipes.train import PreferenceObjective, TrainConfig
 
     cfg = make(TrainConfig, model=model, output="unused", dataset="unused.jsonl", packing=False,
                prefix_sharing=False, progress=False, **train_kwargs)

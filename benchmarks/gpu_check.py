@@ -297,9 +297,9 @@ def cmd_precision(argv):
     from test_precision import changed_fractions
 
     from fastdpo.modeling import process_state, train_precision
-    from fastdpo.precompute import PrecomputeConfig, precompute
+    from fastdpo.recipes.precompute import PrecomputeConfig, precompute
+    from fastdpo.recipes.train import train
     from fastdpo.tiny import build_tiny_model
-    from fastdpo.train import train
 
     root = Path(tempfile.mkdtemp(prefix="gpu_check_precision-"))
     try:
@@ -369,7 +369,7 @@ def cmd_sharded(argv):
     import torch
     from conftest import make_pairs, write_jsonl
 
-    from fastdpo.precompute import PrecomputeConfig, precompute
+    from fastdpo.recipes.precompute import PrecomputeConfig, precompute
 
     t_start, gpu = time.perf_counter(), torch.cuda.is_available()
     root = Path(tempfile.mkdtemp(prefix="gpu_check_sharded-"))

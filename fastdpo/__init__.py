@@ -13,12 +13,12 @@ Importing fastdpo does not import torch: the modules below load it when a comman
 
 __version__ = "0.1.0"
 
-# Bound here, after the submodules they live in: `fastdpo.train` is the function, not the module.
-from .compare import CompareConfig, compare  # noqa: E402
-from .eval import EvalConfig, evaluate  # noqa: E402
-from .precompute import PrecomputeConfig, precompute  # noqa: E402
-from .sft import SFTConfig, sft  # noqa: E402
-from .train import TrainConfig, train  # noqa: E402
+# The commands as functions; their modules are `fastdpo.recipes.*` (so `fastdpo.train` is only the function)
+from .recipes.compare import CompareConfig, compare  # noqa: E402
+from .recipes.eval import EvalConfig, evaluate  # noqa: E402
+from .recipes.precompute import PrecomputeConfig, precompute  # noqa: E402
+from .recipes.sft import SFTConfig, sft  # noqa: E402
+from .recipes.train import TrainConfig, train  # noqa: E402
 
 __all__ = ["CompareConfig", "EvalConfig", "PrecomputeConfig", "SFTConfig", "TrainConfig", "__version__", "compare",
            "evaluate", "precompute", "sft", "train"]

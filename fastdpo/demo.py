@@ -136,11 +136,11 @@ def demo(output: str = "fastdpo-demo", reduced: bool = False, progress: bool = T
 
 def _run(out: Path, recipe: dict, reduced: bool, progress: bool, overwrite: bool) -> dict:
     from . import modeling
-    from .compare import compare
-    from .eval import evaluate
-    from .precompute import precompute
-    from .sft import sft
-    from .train import train
+    from .recipes.compare import compare
+    from .recipes.eval import evaluate
+    from .recipes.precompute import precompute
+    from .recipes.sft import sft
+    from .recipes.train import train
 
     modeling.set_library_progress(False)
     timings = {}

@@ -7,7 +7,7 @@ models have answered, so that one model at a time is in memory; `close()` lets t
 - the reward model (`pairwise = False`): `score(prompts, answers)` -> one reward per answer.
 
 `judge_batch` asks a pairwise judge both orders and turns two rewards into P(A better) = sigmoid(r_A - r_B);
-`fastdpo.compare` makes the verdicts from those probabilities.
+`fastdpo.recipes.compare` makes the verdicts from those probabilities.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class ProgramJudge:
     pairwise = True
 
     def __init__(self, cfg):
-        from .eval import load_judge
+        from .recipes.eval import load_judge
 
         self.spec = cfg.judge
         self.fn = load_judge(cfg.judge, ("prompt", "answer_a", "answer_b"))

@@ -496,7 +496,7 @@ class Trainer:
             if manifest is not None:
                 self._data_fingerprint = manifest.fingerprint or None
             elif dataset and Path(dataset).exists():
-                from .precompute import dataset_fingerprint
+                from .recipes.precompute import dataset_fingerprint
 
                 self._data_fingerprint = dataset_fingerprint(None, self.cfg)
             else:

@@ -357,7 +357,7 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], output_dir: str | os.PathLi
 
 
 def plot_comparison(report: dict, path: str | os.PathLike) -> Path:
-    """The `fastdpo compare` figure (`report` as `fastdpo.compare.compare` returns it): A's wins, ties and losses as
+    """The `fastdpo compare` figure (`report` as `fastdpo.compare` returns it): A's wins, ties and losses as
     stacked bars, for all pairs and the length-balanced ones, with the win rate and its 95% interval on each; and a
     histogram of both models' answer lengths. Written atomically to `path`."""
     Figure, canvas_cls = _matplotlib()

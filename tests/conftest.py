@@ -59,7 +59,7 @@ def tiny_tokenizer(tiny_model):
 def small_cache(tiny_model, tmp_path_factory) -> str:
     """A reference cache of 16 pairs (seed 9) precomputed with the default settings, for training tests that need
     no particular cache."""
-    from fastdpo.precompute import PrecomputeConfig, precompute
+    from fastdpo.recipes.precompute import PrecomputeConfig, precompute
 
     root = tmp_path_factory.mktemp("small")
     data = write_jsonl(root / "d.jsonl", make_pairs(16, seed=9))

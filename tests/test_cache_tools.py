@@ -13,7 +13,7 @@ from conftest import make_pairs, run_cli, write_jsonl
 
 from fastdpo import cache
 from fastdpo.errors import UserError
-from fastdpo.precompute import PrecomputeConfig, precompute
+from fastdpo.recipes.precompute import PrecomputeConfig, precompute
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def independent_reference_rows(model_dir, cache_dir):
 
 
 def test_external_reference_trains_like_a_computed_cache(cache_dir, tiny_model, tiny_tokenizer, tmp_path):
-    from fastdpo.train import train
+    from fastdpo.recipes.train import train
 
     rows = independent_reference_rows(tiny_model, cache_dir)
     manifest = cache.write(rows, tmp_path / "ext", tokenizer=tiny_tokenizer, reference="plain transformers, fp64",

@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import one_line_error, run_cli, write_jsonl
 
-from fastdpo.compare import compare, summarise, table, wilson_interval
+from fastdpo.recipes.compare import compare, summarise, table, wilson_interval
 
 JUDGES = '''
 def longer(prompt, answer_a, answer_b):
@@ -258,12 +258,12 @@ def test_bad_judges_are_one_line(tiny_model, small_cache, reward_models, judges,
 @pytest.mark.slow
 def test_interrupted_comparison_resumes_to_the_same_report(tiny_model, other_model, small_cache, judges, tmp_path,
                                                            monkeypatch):
-    import fastdpo.eval
+    import fastdpo.recipes.eval
 
     kw = (("judge", f"{judges}:soft"), ("temperature", 1.0))  # sampled: the resumed batches must draw the same
     full = _run(tiny_model, other_model, small_cache, tmp_path / "full", *kw, limit=10)
 
-    real, calls = fastdpo.eval.generate_tokens, []
+    real, calls = fastdpo.recipes.eval.generate_tokens, []
 
     def flaky(model, tok, prompts, cfg, device):
         calls.append(len(prompts))
@@ -271,7 +271,7 @@ def test_interrupted_comparison_resumes_to_the_same_report(tiny_model, other_mod
             raise KeyboardInterrupt
         return real(model, tok, prompts, cfg, device)
 
-    monkeypatch.setattr(fastdpo.eval, "generate_tokens", flaky)
+    monkeypatch.setattr(fastdpo.recipes.eval, "generate_tokens", flaky)
     with pytest.raises(KeyboardInterrupt):
         _run(tiny_model, other_model, small_cache, tmp_path / "cut", *kw, limit=10)
     assert not (tmp_path / "cut" / "report.json").exists()
@@ -288,12 +288,12 @@ def test_interrupted_comparison_resumes_to_the_same_report(tiny_model, other_mod
 
 @pytest.mark.slow
 def test_output_directory_rules(tiny_model, other_model, small_cache, judges, tmp_path, monkeypatch):
-    import fastdpo.eval
+    import fastdpo.recipes.eval
 
     out = tmp_path / "out"
     first = _run(tiny_model, other_model, small_cache, out, ("judge", f"{judges}:longer"), limit=4)
     calls = []
-    monkeypatch.setattr(fastdpo.eval, "generate_tokens", lambda *a: calls.append(1) or [])
+    monkeypatch.setattr(fastdpo.recipes.eval, "generate_tokens", lambda *a: calls.append(1) or [])
 
     # the same command again: nothing regenerated, the same report; --tie-epsilon is applied when reporting
     again = _run(tiny_model, other_model, small_cache, out, ("judge", f"{judges}:longer"), limit=4)
@@ -323,11 +323,11 @@ def test_output_directory_rules(tiny_model, other_model, small_cache, judges, tm
 def test_prompts_from_a_dataset(tiny_model, judges, tmp_path, monkeypatch):
     import cmp_judges
 
-    import fastdpo.eval
+    import fastdpo.recipes.eval
     from fastdpo.modeling import load_tokenizer
 
-    real, seen_ids = fastdpo.eval.generate_tokens, []
-    monkeypatch.setattr(fastdpo.eval, "generate_tokens", lambda m, t, prompts, *a: seen_ids.append(prompts) or
+    real, seen_ids = fastdpo.recipes.eval.generate_tokens, []
+    monkeypatch.setattr(fastdpo.recipes.eval, "generate_tokens", lambda m, t, prompts, *a: seen_ids.append(prompts) or
                         real(m, t, prompts, *a))
     rows = [{"prompt": "Q: hello world?"}, {"prompt": None},
             {"prompt": [{"role": "user", "content": "What is the capital of France?"}]}, {"prompt": ""}]

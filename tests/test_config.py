@@ -11,7 +11,7 @@ from conftest import one_line_error, run_cli
 import fastdpo
 from fastdpo.config import build_config
 from fastdpo.errors import UserError
-from fastdpo.train import TrainConfig
+from fastdpo.recipes.train import TrainConfig
 
 MISSING_MODEL = "/nonexistent/model"  # never loaded: every case below must fail before any model loads
 

@@ -24,8 +24,8 @@ from conftest import REPO, make_pairs, write_jsonl
 from test_distributed import FIELDS, _free_port
 from test_fsdp import assert_same_run, metrics
 
-from fastdpo.precompute import PrecomputeConfig, precompute
-from fastdpo.train import train
+from fastdpo.recipes.precompute import PrecomputeConfig, precompute
+from fastdpo.recipes.train import train
 
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (a source package: see this file's docstring)")
 pytestmark = pytest.mark.slow  # accelerate launch: processes, DeepSpeed's start-up
@@ -107,7 +107,7 @@ if os.environ.get("FASTDPO_TEST_NAN_CALLS"):  # NaN losses on micro-batches lo..
 
     import torch
 
-    T = importlib.import_module("fastdpo.train")
+    T = importlib.import_module("fastdpo.recipes.train")
     lo, hi = map(int, os.environ["FASTDPO_TEST_NAN_CALLS"].split(","))
     real, calls = T.pair_loss, {"n": 0}
 
@@ -127,7 +127,7 @@ def test_zero3_skips_a_non_finite_step_as_the_plain_loop_does(tiny_model, setup,
     loop's guard cannot stop it); the run goes on as the plain run with the same NaN step does."""
     from test_faults import _nan_from
 
-    T = importlib.import_module("fastdpo.train")  # the module (fastdpo.train is the function)
+    T = importlib.import_module("fastdpo.recipes.train")
     monkeypatch.setattr(T, "pair_loss", _nan_from(5, 6))  # plain: 2 micro-batches a step, step 3
     train(model=tiny_model, ref_cache=str(setup / "c"), output=str(tmp_path / "plain"), batch_size=2, grad_accum=2,
           max_steps=5, lr=1e-3, progress=False)

@@ -12,8 +12,8 @@ import sys
 import pytest
 from conftest import REPO, make_pairs, write_jsonl
 
-from fastdpo.precompute import PrecomputeConfig, precompute
-from fastdpo.train import train
+from fastdpo.recipes.precompute import PrecomputeConfig, precompute
+from fastdpo.recipes.train import train
 
 pytestmark = pytest.mark.slow  # real multi-process runs under torchrun
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from test_fsdp import assert_same_run, caches, torchrun  # noqa: F401 (caches: a fixture)
 
-from fastdpo.train import train
+from fastdpo.recipes.train import train
 
 pytestmark = pytest.mark.slow  # multi-process runs
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import make_pairs, one_line_error, run_cli, write_jsonl
 
-from fastdpo.eval import evaluate
-from fastdpo.precompute import PrecomputeConfig, precompute
-from fastdpo.train import train
+from fastdpo.recipes.eval import evaluate
+from fastdpo.recipes.precompute import PrecomputeConfig, precompute
+from fastdpo.recipes.train import train
 
 
 def _logps(model, prompt, completion):
@@ -84,8 +84,8 @@ def test_answers_stop_at_the_models_end_of_turn_too(tiny_model):
     end-of-turn token, which conversations are trained to end with), and cuts the answer there."""
     import types
 
-    from fastdpo.eval import generate_tokens, stop_ids
     from fastdpo.modeling import load_model, load_tokenizer
+    from fastdpo.recipes.eval import generate_tokens, stop_ids
 
     tok = load_tokenizer(tiny_model)
     chat = types.SimpleNamespace(generation_config=types.SimpleNamespace(eos_token_id=[7, tok.eos_token_id, 9]))

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from fastdpo import cache, data
 from fastdpo.errors import TrainingStopped, UserError
-from fastdpo.precompute import PrecomputeConfig, precompute
-from fastdpo.train import train
+from fastdpo.recipes.precompute import PrecomputeConfig, precompute
+from fastdpo.recipes.train import train
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def _nan_from(step_from, step_to=10**9):
     """Make pair_loss return NaN on optimizer steps [step_from, step_to]."""
     import torch
 
-    T = importlib.import_module("fastdpo.train")  # the module (fastdpo.train is the function)
+    T = importlib.import_module("fastdpo.recipes.train")
 
     real = T.pair_loss
     calls = {"n": 0}
@@ -224,7 +224,7 @@ def _nan_from(step_from, step_to=10**9):
 
 
 def test_transient_non_finite_step_is_skipped(tiny_model, clean_cache, tmp_path, monkeypatch):
-    T = importlib.import_module("fastdpo.train")  # the module (fastdpo.train is the function)
+    T = importlib.import_module("fastdpo.recipes.train")
 
     monkeypatch.setattr(T, "pair_loss", _nan_from(3, 3))
     train(model=tiny_model, ref_cache=str(clean_cache), output=str(tmp_path / "r"), max_steps=6, batch_size=4,
@@ -237,7 +237,7 @@ def test_transient_non_finite_step_is_skipped(tiny_model, clean_cache, tmp_path,
 def test_persistent_non_finite_steps_stop_the_run(tiny_model, clean_cache, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    T = importlib.import_module("fastdpo.train")  # the module (fastdpo.train is the function)
+    T = importlib.import_module("fastdpo.recipes.train")
 
     monkeypatch.setattr(T, "pair_loss", _nan_from(5))
     with pytest.raises(TrainingStopped, match=r"stopped at step 7: 3 consecutive .*checkpoint-4 is intact"):
@@ -253,7 +253,7 @@ def test_persistent_non_finite_steps_stop_the_run(tiny_model, clean_cache, tmp_p
 
 
 def test_stop_via_cli_is_one_line_exit_1(tiny_model, clean_cache, tmp_path, monkeypatch):
-    T = importlib.import_module("fastdpo.train")  # the module (fastdpo.train is the function)
+    T = importlib.import_module("fastdpo.recipes.train")
 
     monkeypatch.setattr(T, "pair_loss", _nan_from(1))
     code, msg = run_cli("train", "--model", tiny_model, "--ref-cache", clean_cache, "--output", tmp_path / "r",

@@ -25,8 +25,8 @@ from test_distributed import FIELDS, _free_port
 from test_train import metrics
 
 from fastdpo import kernels
-from fastdpo.precompute import PrecomputeConfig, precompute
-from fastdpo.train import train
+from fastdpo.recipes.precompute import PrecomputeConfig, precompute
+from fastdpo.recipes.train import train
 
 ATOL = 2e-5  # fp32 sums in another order over 4-16 steps at lr 1e-3 (measured: <= 3e-6)
 
@@ -115,7 +115,7 @@ def test_one_process_fsdp_equals_unsharded(caches, tmp_path, fused_calls, lm_hea
 def test_sft_and_live_reference_under_fsdp(caches, tmp_path):
     """`fastdpo sft --fsdp`, and `train --fsdp` with a live reference: a frozen copy (not sharded), or LoRA's base
     model, the sharded policy with its adapter off."""
-    from fastdpo.sft import sft
+    from fastdpo.recipes.sft import sft
 
     model, _ = caches["llama"]
     data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs(12, seed=5))
@@ -158,7 +158,7 @@ def test_non_finite_step_under_fsdp_is_skipped_as_unsharded(caches, tmp_path, mo
     cleared, so the run continues exactly as the unsharded run with the same NaN step."""
     from test_faults import _nan_from
 
-    T = importlib.import_module("fastdpo.train")  # the module (fastdpo.train is the function)
+    T = importlib.import_module("fastdpo.recipes.train")
     model, cache = caches["llama"]
     for name, fsdp in (("plain", False), ("fsdp", True)):
         monkeypatch.setattr(T, "pair_loss", _nan_from(3, 3))  # one micro-batch a step

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import make_pairs, one_line_error, run_cli, write_jsonl
 
-from fastdpo.precompute import PrecomputeConfig, precompute
+from fastdpo.recipes.precompute import PrecomputeConfig, precompute
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from conftest import make_pairs, write_jsonl
 
 from fastdpo import packing
 from fastdpo.packing import Layout
-from fastdpo.precompute import PrecomputeConfig, precompute
+from fastdpo.recipes.precompute import PrecomputeConfig, precompute
+from fastdpo.recipes.train import train
 from fastdpo.scoring import LogpsModel, score_pairs
-from fastdpo.train import train
 
 LAYOUTS = {
     "packed": Layout(packing=True),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fastdpo.modeling import train_precision
-from fastdpo.train import train
+from fastdpo.recipes.train import train
 
 
 def changed_fractions(run_dir, base_dir) -> tuple[float, float]:

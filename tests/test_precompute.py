@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, make_pairs, one_line_error, run_cli, write_jsonl
 
 from fastdpo import cache
-from fastdpo.precompute import PrecomputeConfig, precompute
+from fastdpo.recipes.precompute import PrecomputeConfig, precompute
 
 
 def _run(model, dataset, out, **kw):

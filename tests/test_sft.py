@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_pairs, run_cli, write_jsonl
 
-from fastdpo.sft import sft
+from fastdpo.recipes.sft import sft
 
 
 def metrics(run_dir):
@@ -48,7 +48,7 @@ def test_formats_train(tiny_model, tiny_tokenizer, tmp_path, fmt):
     from transformers import AutoModelForCausalLM
 
     from fastdpo import data
-    from fastdpo.sft import SFTConfig
+    from fastdpo.recipes.sft import SFTConfig
 
     pairs = make_pairs(8)
     rows = {
@@ -105,7 +105,7 @@ def test_a_signal_saves_a_checkpoint_and_resume_equals_the_straight_run(tiny_mod
     import os
     import signal
 
-    from fastdpo.sft import SFTObjective
+    from fastdpo.recipes.sft import SFTObjective
 
     f = write_jsonl(tmp_path / "d.jsonl", make_pairs(16))
     args = ["sft", "--model", tiny_model, "--dataset", f, "--output", tmp_path / "r", "--batch-size", "4",

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import FRESH_TOL, REPO, load_script, make_pairs, run_cli, write_jsonl
 
-from fastdpo.precompute import PrecomputeConfig, precompute
-from fastdpo.train import train
+from fastdpo.recipes.precompute import PrecomputeConfig, precompute
+from fastdpo.recipes.train import train
 
 VALUE_FIELDS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "grad_norm", "lr")
@@ -446,7 +446,7 @@ def test_loss_inside_the_fused_head_equals_the_log_prob_path(tiny_model, ref_cac
 
     import fastdpo.scoring as scoring
 
-    train_mod = importlib.import_module("fastdpo.train")
+    train_mod = importlib.import_module("fastdpo.recipes.train")
     used = []
     real = train_mod.PreferenceObjective.step
 

@@ -1,6 +1,6 @@
 """`fastdpo compare`."""
 
-from ..compare import CompareConfig
+from ..recipes.compare import CompareConfig
 
 CONFIG = CompareConfig  # the flags and --config keys
 
@@ -23,7 +23,7 @@ EXAMPLES = """examples:
 
 
 def run(config):
-    from ..compare import compare, table
+    from ..recipes.compare import compare, table
 
     report = compare(config)
     print(table(report))

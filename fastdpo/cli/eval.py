@@ -1,6 +1,6 @@
 """`fastdpo eval`."""
 
-from ..eval import EvalConfig
+from ..recipes.eval import EvalConfig
 
 CONFIG = EvalConfig  # the flags and --config keys
 
@@ -17,7 +17,7 @@ EXAMPLES = """examples:
 
 
 def run(config):
-    from ..eval import evaluate, summary
+    from ..recipes.eval import evaluate, summary
 
     print(summary(evaluate(config)))
     return 0

@@ -1,6 +1,6 @@
 """`fastdpo precompute`."""
 
-from ..precompute import PrecomputeConfig
+from ..recipes.precompute import PrecomputeConfig
 
 CONFIG = PrecomputeConfig  # the flags and --config keys
 
@@ -18,7 +18,7 @@ EXAMPLES = """examples:
 
 
 def run(config):
-    from ..precompute import precompute
+    from ..recipes.precompute import precompute
 
     precompute(config)
     return 0

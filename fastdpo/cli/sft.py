@@ -1,6 +1,6 @@
 """`fastdpo sft`."""
 
-from ..sft import SFTConfig
+from ..recipes.sft import SFTConfig
 
 CONFIG = SFTConfig  # the flags and --config keys
 
@@ -17,7 +17,7 @@ EXAMPLES = """examples:
 
 
 def run(config):
-    from ..sft import sft
+    from ..recipes.sft import sft
 
     sft(config)
     return 0

@@ -1,6 +1,6 @@
 """`fastdpo train`."""
 
-from ..train import TrainConfig
+from ..recipes.train import TrainConfig
 
 CONFIG = TrainConfig  # the flags and --config keys
 
@@ -26,7 +26,7 @@ EXAMPLES = """examples:
 
 
 def run(config):
-    from ..train import train
+    from ..recipes.train import train
 
     train(config)
     return 0

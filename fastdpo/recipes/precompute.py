@@ -21,12 +21,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, cache, data, modeling
-from .checkpoint import on_main
-from .config import format_config, make, opt, to_dict
-from .errors import Interrupted, UserError
-from .io import check_output_apart, sha256_file, sha256_json
-from .loop import StopSignals
+from .. import __version__, cache, data, modeling
+from ..checkpoint import on_main
+from ..config import format_config, make, opt, to_dict
+from ..errors import Interrupted, UserError
+from ..io import check_output_apart, sha256_file, sha256_json
+from ..loop import StopSignals
 
 
 @dataclass
@@ -59,7 +59,7 @@ def compute_shard(scorer, rows, cfg: PrecomputeConfig, layout, device, pad_id: i
     """Reference log-probs for one shard's rows (a `datasets.Dataset` slice), in source order, as cache columns."""
     import numpy as np
 
-    from .scoring import score_rows
+    from ..scoring import score_rows
 
     prompts, chosens, rejecteds = rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"]
     tok_c, tok_r = score_rows(scorer, prompts, chosens, rejecteds, cfg.batch_size, layout, pad_id, device, on_batch)
@@ -168,7 +168,7 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
 
     Returns the manifest (as a dict).
     """
-    from .scoring import prepare
+    from ..scoring import prepare
 
     cfg = make(PrecomputeConfig, config, **kwargs)
     state = modeling.process_state()

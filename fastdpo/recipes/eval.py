@@ -22,10 +22,10 @@ import sys
 import time
 from dataclasses import dataclass
 
-from . import __version__, cache, metrics, modeling
-from .config import format_config, make, opt, to_dict
-from .errors import UserError, first_line
-from .io import atomic_write_json
+from .. import __version__, cache, metrics, modeling
+from ..config import format_config, make, opt, to_dict
+from ..errors import UserError, first_line
+from ..io import atomic_write_json
 
 
 @dataclass
@@ -107,7 +107,7 @@ def preference_results(tok_c, tok_r, rows, beta: float) -> dict:
     import numpy as np
     import torch
 
-    from .scoring import padded
+    from ..scoring import padded
 
     def summed(arrays):  # as precompute sums the cache's values: a fresh policy ties exactly
         return torch.tensor([t.sum(dtype=np.float32) for t in arrays], dtype=torch.float64)
@@ -189,7 +189,7 @@ def evaluate(config: EvalConfig | None = None, **kwargs) -> dict:
     """Run `fastdpo eval`; `fastdpo.evaluate(model=..., ref_cache=...)` works like the CLI. Returns the results."""
     import numpy as np
 
-    from .scoring import prepare, score_rows
+    from ..scoring import prepare, score_rows
 
     cfg = make(EvalConfig, config, **kwargs)
     t0 = time.perf_counter()

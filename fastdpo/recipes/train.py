@@ -22,9 +22,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import batching, checkpoint, data, loop, metrics, modeling
-from .config import make, opt
-from .errors import UserError
+from .. import batching, checkpoint, data, loop, metrics, modeling
+from ..config import make, opt
+from ..errors import UserError
 
 
 @dataclass
@@ -69,7 +69,7 @@ class TrainConfig(data.DataArgs, loop.RunArgs, modeling.LayoutArgs):
             if changed:
                 raise UserError(f"--{changed[0].replace('_', '-')} has no effect with --ref-cache (the cache holds "
                                 "its tokenized data); set it when running fastdpo precompute, or train from --dataset")
-        from . import losses  # torch: not needed to build the CLI or its --help
+        from .. import losses  # torch: not needed to build the CLI or its --help
 
         names = losses.parse_loss_types(self.loss)
         twice = next((n for n in names if names.count(n) > 1), None)
@@ -92,7 +92,7 @@ class TrainConfig(data.DataArgs, loop.RunArgs, modeling.LayoutArgs):
 
     @property
     def needs_reference(self) -> bool:
-        from . import losses
+        from .. import losses
 
         return losses.needs_reference(self.loss)
 
@@ -103,7 +103,7 @@ class TrainConfig(data.DataArgs, loop.RunArgs, modeling.LayoutArgs):
 
 def sequence_logps(scores, ld_alpha):
     """Per-token scores -> chosen (B,), rejected (B,) sequence log-probs (LD-DPO weighted if asked)."""
-    from . import losses
+    from .. import losses
 
     if ld_alpha is None:
         return scores.sums()
@@ -119,7 +119,7 @@ def pair_loss(cfg: TrainConfig, chosen, chosen_mask, rejected, rejected_mask, re
     of training: called on the whole micro-batch, or by the fused head on each chunk of whole pairs
     (`kernels.linear_pair_loss`). With LD-DPO, `ld_pair_loss`.
     """
-    from . import losses
+    from .. import losses
 
     if cfg.ld_alpha is not None:
         return ld_pair_loss(cfg, chosen, chosen_mask, rejected, rejected_mask, ref_chosen, ref_rejected, sft_tokens)
@@ -137,7 +137,7 @@ def ld_pair_loss(cfg: TrainConfig, chosen, chosen_mask, rejected, rejected_mask,
                  sft_tokens):
     """`pair_loss` with LD-DPO's length-desensitised log-probs; the sft term of a mixture stays the plain
     token-mean NLL, as in TRL."""
-    from . import losses
+    from .. import losses
 
     pc, pr = losses.ld_logps(chosen, chosen_mask, rejected, rejected_mask, alpha=cfg.ld_alpha)
     kw = dict(beta=cfg.beta, label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
@@ -181,7 +181,7 @@ class PreferenceObjective(loop.Objective):
         step's pair count, per-pair metric sums)."""
         import torch
 
-        from . import kernels, scoring
+        from .. import kernels, scoring
 
         cfg, rows, setup = self.cfg, batch.rows, self.setup
         rc = rr = ref_tokens = None
@@ -214,8 +214,8 @@ class PreferenceObjective(loop.Objective):
 
     def chunk_tokens(self, spec) -> int:
         """Tokens per fused-loss chunk: a memory budget for the (C, V) logit tile (`kernels.loss_chunk_tokens`)."""
-        from .kernels import loss_chunk_tokens
-        from .scoring import head_rows
+        from ..kernels import loss_chunk_tokens
+        from ..scoring import head_rows
 
         return loss_chunk_tokens(head_rows(spec), self.setup.dtype.itemsize)  # ZeRO-3: lm_head.weight has numel 0
 
@@ -223,8 +223,8 @@ class PreferenceObjective(loop.Objective):
         """Reference (B,) chosen and rejected log-probs, and their per-token values (B, Tc), (B, Tr)."""
         import torch
 
-        from . import losses
-        from .scoring import padded
+        from .. import losses
+        from ..scoring import padded
 
         device, rows = self.device, batch.rows
         if not batch.has_ref:  # live reference: the same scoring function, no grad
@@ -272,7 +272,7 @@ class PreferenceObjective(loop.Objective):
 
 def open_source(cfg: TrainConfig, trainer: loop.Trainer) -> batching.Source:
     """The rows to train on: the cache's shards, or a dataset tokenized like precompute would."""
-    from .cache import open_cache
+    from ..cache import open_cache
 
     if cfg.ref_cache:
         return open_cache(cfg.ref_cache, trainer.setup, policy_weights=cfg.model, is_main=trainer.is_main)
@@ -282,7 +282,7 @@ def open_source(cfg: TrainConfig, trainer: loop.Trainer) -> batching.Source:
 
 def live_reference(cfg: TrainConfig, trainer: loop.Trainer):
     """The classic method's reference: a second model, or the LoRA policy with its adapter switched off."""
-    from .scoring import LogpsModel, score_pairs
+    from ..scoring import LogpsModel, score_pairs
 
     setup, device = trainer.setup, trainer.device
 
@@ -321,8 +321,8 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
     source = open_source(cfg, trainer)
     trainer.load_policy()
     reference = live_reference(cfg, trainer) if cfg.needs_reference and not source.has_ref else None
-    from . import losses
-    from .scoring import fused_loss_applies
+    from .. import losses
+    from ..scoring import fused_loss_applies
 
     # the loss inside the fused head needs per-pair losses; aot's sort couples the pairs of a micro-batch
     fused = fused_loss_applies(trainer.model.model, cfg.logps_backend) and not (
@@ -347,7 +347,7 @@ def sweep(config: TrainConfig, plot: bool = True) -> list[tuple[Path, dict]]:
         runs.append((run_dir, train(dataclasses.replace(config, beta=beta, output=str(run_dir)))))
     if plot:
         try:
-            from .plot import plot_runs
+            from ..plot import plot_runs
 
             plot_runs([r for r, _ in runs], Path(config.output) / "sweep")
         except UserError as e:  # e.g. matplotlib is not installed: the runs themselves are done

@@ -76,10 +76,10 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, judges, modeling
-from .config import format_config, make, opt, to_dict
-from .errors import UserError
-from .io import atomic_write_json, ensure_dir
+from .. import __version__, judges, modeling
+from ..config import format_config, make, opt, to_dict
+from ..errors import UserError
+from ..io import atomic_write_json, ensure_dir
 
 STATE = ".fastdpo-compare.json"
 REPORT = "report.json"
@@ -257,7 +257,7 @@ class Prompts:
 def prompts_from_cache(cfg: CompareConfig, setups: dict) -> Prompts:
     import numpy as np
 
-    from . import cache
+    from .. import cache
 
     source = cache.open_cache(cfg.ref_cache, setups["model"])  # refused unless made with --model's tokenizer
     if modeling.tokenizer_hash(setups["baseline"].tokenizer) != modeling.tokenizer_hash(setups["model"].tokenizer):
@@ -276,7 +276,7 @@ def prompts_from_dataset(cfg: CompareConfig, setups: dict) -> Prompts:
     messages, BOS once where the tokenizer uses one), by each model's own tokenizer; bad rows are counted skips."""
     import collections
 
-    from .data import RowTokenizer, _classify, _messages, check_chat_template, load_source
+    from ..data import RowTokenizer, _classify, _messages, check_chat_template, load_source
     from .precompute import dataset_fingerprint
 
     ds = load_source(cfg)
@@ -492,7 +492,7 @@ def _answer_settings(cfg: CompareConfig, setups: dict, prompts: Prompts) -> dict
 def compare(config: CompareConfig | None = None, **kwargs) -> dict:
     """Run `fastdpo compare`; `fastdpo.compare(model=..., baseline=..., ...)` works like the CLI. Returns the report
     (also in OUTPUT/report.json)."""
-    from .scoring import prepare
+    from ..scoring import prepare
 
     cfg = make(CompareConfig, config, **kwargs)
     t0 = time.perf_counter()
@@ -529,7 +529,7 @@ def compare(config: CompareConfig | None = None, **kwargs) -> dict:
               "config": to_dict(cfg), "pairs": pairs}
     plot = out / PLOT
     try:
-        from .plot import plot_comparison
+        from ..plot import plot_comparison
 
         plot_comparison(report, plot)
     except UserError as e:  # matplotlib missing: the report is still written

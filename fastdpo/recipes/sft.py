@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import batching, data, loop
-from .config import make, opt
+from .. import batching, data, loop
+from ..config import make, opt
 
 
 @dataclass
@@ -40,7 +40,7 @@ class SFTObjective(loop.Objective):
         self.setup, self.device = setup, device
 
     def step(self, model, batch: batching.Batch):
-        from .scoring import score_pairs
+        from ..scoring import score_pairs
 
         rows = batch.rows
         scores = score_pairs(model, rows["prompt_ids"], rows["chosen_ids"], None, self.setup.layout,

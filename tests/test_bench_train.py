@@ -34,13 +34,13 @@ def bench():
 
 
 def test_estimate_bytes_by_hand(bench, monkeypatch):
-    from fastdpo.kernels import linear_logps
+    from fastdpo.kernels import linear_loss
 
     arch = dict(params=1_000_000_000, linear_params=800_000_000, layers=10, hidden=1000, intermediate=3000,
                 vocab=1000)
     coef = dict(precision="bf16-mixed", a_hidden=10.0, a_intermediate=2.0, a_held=4.0, a_outside=8.0,
                 copies_per_param=2.0)
-    monkeypatch.setattr(linear_logps, "_LOSS_TILE_BYTES", 2**30)  # chunk: 2**30 // (1000 * 4) tokens > T
+    monkeypatch.setattr(linear_loss, "_LOSS_TILE_BYTES", 2**30)  # chunk: 2**30 // (1000 * 4) tokens > T
     est = bench.estimate_bytes(arch, coef, 16.0, 2048, False, 2**30)
     assert est["state"] == 16e9
     assert est["weight_copies"] == 2 * (800e6 + 1000 * 1000)  # the layers' matmuls and the head's, in bf16
@@ -53,7 +53,7 @@ def test_estimate_bytes_by_hand(bench, monkeypatch):
     # the layers' inputs (4 B per hidden unit), one layer recomputed in backward, what is outside the layers
     assert ckpt["activations"] == 4 * 2048 * 10 * 1000 + 2048 * (10 * 1000 + 2 * 3000) + 8 * 2048 * 1000
     assert ckpt["total"] - est["total"] == 131_072_000 - 344_064_000
-    monkeypatch.setattr(linear_logps, "_LOSS_TILE_BYTES", 400_000)  # 100 tokens per chunk: the tile is capped
+    monkeypatch.setattr(linear_loss, "_LOSS_TILE_BYTES", 400_000)  # 100 tokens per chunk: the tile is capped
     capped = bench.estimate_bytes(arch, dict(coef, precision="bfloat16", copies_per_param=0.0), 10.0, 2048, False, 0)
     assert capped["head"] == 4 * 1000 * 1000 + 4 * 2048 * 1000 + 200 * 1000 * 2  # bf16 weights: 200 tokens a chunk
     assert capped["weight_copies"] == 0 and capped["state"] == 10e9

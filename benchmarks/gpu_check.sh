@@ -10,7 +10,7 @@
 # shape and a precompute.)
 #   setup        40  fastdpo importable (`pip install -e . --no-deps` if not), versions, peers present, and the
 #                    Qwen2.5-0.5B-shaped model (random weights, bench_train's preset) the training stages share
-#   cuda-tests   65  pytest tests/test_kernels_cuda.py tests/test_kernels.py -m "not slow" (compiled kernels,
+#   cuda-tests   65  pytest tests/test_kernels_cuda.py tests/test_kernels.py -m "not integration" (compiled kernels,
 #                    realistic vocabularies)
 #   precision    30  the bf16 weight-change check of tests/test_precision.py on the GPU: float32, bf16-mixed,
 #                    bfloat16 and auto (= bf16-mixed on a GPU), the fraction of weights 20 AdamW steps moved
@@ -94,7 +94,7 @@ stage_cuda_tests() {
     local sel=()
     dry && sel=(-k "float32 and (token_logps or sequence_logps)")  # a few interpreted kernels: seconds, not minutes
     "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rfEs tests/test_kernels_cuda.py tests/test_kernels.py \
-        -m "not slow" "${sel[@]}"
+        -m "not integration" "${sel[@]}"
 }
 
 stage_precision() {

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,30 @@ if "TRITON_INTERPRET" not in os.environ:  # triton.jit fixes the mode at import:
         os.environ["TRITON_INTERPRET"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Test tiers (pyproject.toml registers the markers; README, Development, gives their times). A test marked
+# `integration` or `kernels` in its file keeps that tier; otherwise it is `kernels` in the kernel files,
+# `integration` when it trains, scores or launches something (a model or cache fixture, the CLI, a subprocess), and
+# `unit` (a pure function: losses, data, cache format, config) when it does none of these.
+KERNEL_FILES = {"test_kernels.py", "test_kernels_cuda.py", "test_flex_mask.py"}
+MODEL_FIXTURES = {"tiny_model", "small_cache", "ref_cache", "clean_cache", "caches", "setup", "cache"}
+_RUNS = re.compile(r"\b(run_cli|run_subprocess|subprocess\.\w+|_?train|precompute|sft|evaluate|compare|demo|Popen)\(")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(t) for t in ("unit", "kernels", "integration")):
+            continue
+        if Path(str(item.fspath)).name in KERNEL_FILES:
+            item.add_marker(pytest.mark.kernels)
+            continue
+        fn = getattr(item, "function", None)
+        args = set(inspect.signature(fn).parameters) if fn is not None else set()
+        try:
+            runs = fn is not None and _RUNS.search(inspect.getsource(fn)) is not None
+        except (OSError, TypeError):
+            runs = False
+        item.add_marker(pytest.mark.integration if runs or args & MODEL_FIXTURES else pytest.mark.unit)
 
 # A fresh policy equals its reference, so its first step's margin is 0 and its loss ln 2, up to rounding. On CPU in
 # fp32 a row's numbers do not depend on the batch it sits in, so precompute and training agree to float rounding;

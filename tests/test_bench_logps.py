@@ -9,7 +9,7 @@ import torch
 from conftest import REPO, load_script
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_bench_logps_tiny_cpu_run(tmp_path):
     bench = load_script(REPO / "benchmarks" / "bench_logps.py")
     providers = ["eager", "chunked-torch", "fastdpo-linear", "eager-head"]

@@ -129,7 +129,7 @@ def test_fit_optimizer_flags(bench, tmp_path):
         assert argv[argv.index("--dtype") + 1] == ("bfloat16" if spec.weights == "bf16" else "float32")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_bench_train_tiny_cpu_run(tmp_path):
     bench = load_script(REPO / "benchmarks" / "bench_train.py")
     methods = ["fastdpo-packed", "two-model", "trl-precompute"]
@@ -187,7 +187,7 @@ def test_bench_train_tiny_cpu_run(tmp_path):
     assert (logs / "precompute.log").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_bench_train_fit_cpu(bench, tmp_path):
     """The fit test over two optimizers and the fit estimate: one fastdpo method, one batch size per optimizer."""
     out = tmp_path / "fit"

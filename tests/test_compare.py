@@ -140,7 +140,7 @@ def test_summary_rules_both_orders_ties_and_lengths():
 # The judges on tiny models
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_program_judge_self_comparison_and_position_bias(tiny_model, other_model, small_cache, judges, tmp_path):
     code, err = run_cli("compare", "--model", tiny_model, "--baseline", tiny_model, "--ref-cache", small_cache,
                         "--judge", f"{judges}:longer", "--output", tmp_path / "self", "--max-new-tokens", "6",
@@ -169,7 +169,7 @@ def test_program_judge_self_comparison_and_position_bias(tiny_model, other_model
     assert r["orders"]["disagree"] == 0 and "win rate of A over B" in table(r)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_reward_model_judge_against_direct_rewards(tiny_model, other_model, small_cache, reward_models, tmp_path):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -195,7 +195,7 @@ def test_reward_model_judge_against_direct_rewards(tiny_model, other_model, smal
     assert r["wins"] + r["losses"] > 0  # random rewards do decide
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_llm_judge_reads_label_logprobs(tiny_model, other_model, small_cache, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
@@ -222,7 +222,7 @@ def test_llm_judge_reads_label_logprobs(tiny_model, other_model, small_cache, tm
             assert got["p_first"] == pytest.approx(1 / (1 + math.exp(lb - la)), abs=1e-5)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_bad_judges_are_one_line(tiny_model, small_cache, reward_models, judges, tmp_path):
     def cli(*judge, out="o"):
         return run_cli("compare", "--model", tiny_model, "--baseline", tiny_model, "--ref-cache", small_cache,
@@ -255,7 +255,7 @@ def test_bad_judges_are_one_line(tiny_model, small_cache, reward_models, judges,
 # Resume and the output directory
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_interrupted_comparison_resumes_to_the_same_report(tiny_model, other_model, small_cache, judges, tmp_path,
                                                            monkeypatch):
     import fastdpo.recipes.eval
@@ -286,7 +286,7 @@ def test_interrupted_comparison_resumes_to_the_same_report(tiny_model, other_mod
     assert len({p["model"]["text"] for p in full["pairs"]}) > 1  # sampling did vary the answers
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_output_directory_rules(tiny_model, other_model, small_cache, judges, tmp_path, monkeypatch):
     import fastdpo.recipes.eval
 
@@ -319,7 +319,7 @@ def test_output_directory_rules(tiny_model, other_model, small_cache, judges, tm
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_prompts_from_a_dataset(tiny_model, judges, tmp_path, monkeypatch):
     import cmp_judges
 

@@ -28,7 +28,7 @@ from fastdpo.recipes.precompute import PrecomputeConfig, precompute
 from fastdpo.recipes.train import train
 
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (a source package: see this file's docstring)")
-pytestmark = pytest.mark.slow  # accelerate launch: processes, DeepSpeed's start-up
+pytestmark = pytest.mark.integration  # accelerate launch: processes, DeepSpeed's start-up
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from conftest import REPO, run_cli
 from fastdpo import demo_task
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_demo_end_to_end_shows_improvement(tmp_path):
     out = tmp_path / "demo"
     code, err = run_cli("demo", "--output", out, "--reduced", "--no-progress")

@@ -15,7 +15,7 @@ from conftest import REPO, make_pairs, write_jsonl
 from fastdpo.recipes.precompute import PrecomputeConfig, precompute
 from fastdpo.recipes.train import train
 
-pytestmark = pytest.mark.slow  # real multi-process runs under torchrun
+pytestmark = pytest.mark.integration  # real multi-process runs under torchrun
 
 FIELDS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
           "logps/rejected", "grad_norm", "lr")

@@ -10,7 +10,7 @@ from test_fsdp import assert_same_run, caches, torchrun  # noqa: F401 (caches: a
 
 from fastdpo.recipes.train import train
 
-pytestmark = pytest.mark.slow  # multi-process runs
+pytestmark = pytest.mark.integration  # multi-process runs
 
 
 def test_one_trajectory_under_every_engine(caches, tmp_path, capfd):  # noqa: F811

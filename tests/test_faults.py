@@ -41,7 +41,7 @@ def _looks_complete(out) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.name.startswith("shard-") or p.name == "manifest.json")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_precompute_sigkill_and_sigterm_at_random_points(tiny_model, data_file, clean_cache, tmp_path):
     """SIGKILL: whatever is on disk is whole, and the re-run gives the clean cache. SIGTERM (a cluster preempting the
     job): the same, and the process stops at the end of its batch with one line and exit 143."""
@@ -174,7 +174,7 @@ def _can_mount_tmpfs(where) -> bool:
     return probe.returncode == 0
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_really_full_disk_keeps_the_previous_checkpoint(tiny_model, clean_cache, tmp_path):
     """`fastdpo train` on a tmpfs with room for one checkpoint (a private mount namespace): the second checkpoint
     fails with one line saying the disk is full, and the first is left whole."""

@@ -170,7 +170,7 @@ def _micro_batch(rng: random.Random) -> PackedRows:
     return _rows(spec, Layout(packing=True, prefix_sharing=rng.random() < 0.7, attention=FLEX))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("g++") is None, reason="inductor's CPU backend needs a C++ compiler")
 def test_compiled_flex_equals_sdpa_and_recompiles_are_bounded():
     """30 micro-batches of varied lengths through torch.compile(flex_attention), as

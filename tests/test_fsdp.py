@@ -111,7 +111,7 @@ def test_one_process_fsdp_equals_unsharded(caches, tmp_path, fused_calls, lm_hea
     assert_same_run(tmp_path / "plain", tmp_path / "fsdp")
 
 
-@pytest.mark.slow  # six runs that tokenize their data
+@pytest.mark.integration  # six runs that tokenize their data
 def test_sft_and_live_reference_under_fsdp(caches, tmp_path):
     """`fastdpo sft --fsdp`, and `train --fsdp` with a live reference: a frozen copy (not sharded), or LoRA's base
     model, the sharded policy with its adapter off."""
@@ -129,7 +129,7 @@ def test_sft_and_live_reference_under_fsdp(caches, tmp_path):
             assert abs(x["loss"] - y["loss"]) <= ATOL and abs(x["grad_norm"] - y["grad_norm"]) <= ATOL, (name, x, y)
 
 
-@pytest.mark.slow  # bf16 on CPU: seconds per step
+@pytest.mark.integration  # bf16 on CPU: seconds per step
 def test_bf16_mixed_under_fsdp_tracks_unsharded(caches, tmp_path):
     """MixedPrecisionPolicy (bf16 compute, fp32 weights and gradient reduction) against accelerate's bf16 autocast
     on the unsharded model: equal up to bf16 rounding; the saved weights stay fp32."""
@@ -197,7 +197,7 @@ def test_resume_with_other_lora_settings_refused(caches, tmp_path, fsdp):
         one_line_error(code, err, f"trains a LoRA adapter with {was}; resume with the same")
 
 
-@pytest.mark.slow  # a process of its own
+@pytest.mark.integration  # a process of its own
 def test_distributed_command_runs_exit_handlers(caches, tmp_path):
     """After a distributed command (here `--fsdp` in one process: a process group all the same) the CLI leaves
     without interpreter finalization (see `cli.entry`), but exit handlers, which trackers such as wandb use, still
@@ -270,7 +270,7 @@ CASES = {
 }
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_process_fsdp_equals_one_process(caches, tmp_path, case):
     name, flags, launcher = CASES[case]
@@ -284,7 +284,7 @@ def test_two_process_fsdp_equals_one_process(caches, tmp_path, case):
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_two_process_lora_fsdp_equals_one_process_and_resumes(caches, tmp_path):
     """LoRA on the tied-embedding Qwen2 under 2-process FSDP2, saved merged: equal to the unsharded 1-process run;
     its sharded checkpoints hold the adapter and its optimizer state only (the frozen base is --model), and a
@@ -313,7 +313,7 @@ def test_two_process_lora_fsdp_equals_one_process_and_resumes(caches, tmp_path):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= ATOL
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_two_process_kill9_then_resume_equals_uninterrupted(caches, tmp_path):
     model, cache = caches["llama"]
     out = tmp_path / "run"

@@ -21,7 +21,7 @@ from conftest import REPO
 STAGES = ["setup", "cuda-tests", "precision", "logps", "train-short", "train-long", "fit", "sharded"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_gpu_check_dry_run(tmp_path):
     out = tmp_path / "gc"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "OUT")}

@@ -165,7 +165,7 @@ def test_interrupted_checkpoint_leaves_no_temporary(tiny_model, cache_dir, tmp_p
 # ---------------------------------------------------------------- one writer per directory
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_two_concurrent_trains_one_is_refused(tiny_model, cache_dir, tmp_path):
     """Started together into one --output (beta 0.1 and 0.5): one is refused, naming the other; the other's run is
     whole and its own (every step once, its config)."""

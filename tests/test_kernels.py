@@ -439,7 +439,7 @@ def test_shape_checks():
         linear_token_logps(logits, torch.randn(7, 50, device=DEVICE), labels, mask, softcap=0.0)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.skipif(not K.HAS_TRITON, reason="no triton")
 def test_interpreter_set_after_import_is_a_clear_error():
     """triton.jit fixes the mode at import: TRITON_INTERPRET=1 set afterwards gives backend='triton' on CPU tensors
@@ -483,7 +483,7 @@ def test_interpreter_rounds_bf16_to_nearest_even():
     assert y[-3].isnan() and y[-2] == 0 and y[-1] == 0 and y[-1].view(torch.int16) < 0
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_import_and_torch_backend_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
@@ -546,7 +546,7 @@ print("OK")
 """
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.skipif(not K.HAS_TRITON, reason="no triton")
 def test_kernels_compile_for_sm90():
     """Every dtype / flag variant compiles to sm_90 PTX with 16-byte vectorized logits loads and stores."""

@@ -200,7 +200,7 @@ def test_loss_trajectory_with_features_on_equals_off(tiny_model, tmp_path):
     assert m_on[0]["tokens_per_s"] / m_on[0]["samples_per_s"] < m_off[0]["tokens_per_s"] / m_off[0]["samples_per_s"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_flex_attention_precompute_equals_padded(tiny_model, tmp_path):
     """FlexAttention, the default on CUDA, through transformers with fastdpo's block mask: its forward runs on
     CPU too (its backward does not), so the whole precompute path is checked here against a padded SDPA cache."""

@@ -35,7 +35,7 @@ def test_auto_trains_bf16_mixed_on_gpu_and_float32_on_cpu():
     assert train_precision("bfloat16", torch.device("cuda:0")) == "bfloat16"
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_small_updates_land_in_fp32_and_bf16_mixed_not_pure_bf16(tiny_model, small_cache, tmp_path, capsys):
     """20 AdamW steps at lr 1e-6 from one initialisation (N(0, 0.02) weights, norm scales at 1.0)."""
     fractions = {}

@@ -524,7 +524,7 @@ def test_pre_rendered_prompt_string_gets_bos_once(tokenizer_of):
 # ---------------------------------------------------------------- the real CLI
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_precompute_cli_keeps_the_system_prompt(tmp_path, tokenizer_of):
     """`fastdpo precompute` on a tiny model with Mistral v0.3's tokenizer and template: the cached prompt holds
     the system message, each completion is the assistant turn, and the manifest counts both kinds of row."""

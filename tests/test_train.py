@@ -133,7 +133,7 @@ def _start_then_signal(tiny_model, sharded_cache, out, sig):
     return proc.returncode, err, args
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_sigkill_then_resume_latest(tiny_model, sharded_cache, straight_40, tmp_path):
     out = tmp_path / "run"
     _, _, args = _start_then_signal(tiny_model, sharded_cache, out, signal.SIGKILL)
@@ -143,7 +143,7 @@ def test_sigkill_then_resume_latest(tiny_model, sharded_cache, straight_40, tmp_
     assert_same_trajectory(metrics(straight_40), metrics(out), atol=0)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_sigterm_saves_then_resume_latest(tiny_model, sharded_cache, straight_40, tmp_path):
     """SIGTERM (a cluster preempting the job): a checkpoint at the end of the step, one line, exit 143; resuming
     from it equals the uninterrupted run."""
@@ -400,7 +400,7 @@ def test_model_without_fused_head_falls_back_with_a_note(tiny_tokenizer, tmp_pat
     assert abs(m[0]["loss"] - math.log(2)) < FRESH_TOL and abs(m[0]["rewards/margins"]) < FRESH_TOL
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_compare_losses_dpo_pushes_rejected_down_ipo_stops(tiny_model, tmp_path, capsys):
     """tools/compare_losses.py: DPO and IPO from one cache. DPO keeps lowering the rejected answer's
     log-probability; IPO's squared loss settles at a finite margin, so its rejected log-prob stays higher."""

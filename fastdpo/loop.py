@@ -4,7 +4,9 @@
 
 (`Trainer.fit`). What differs between the two commands is an `Objective`: what it needs from a
 batch (`needs_token_logps`), `step(model, batch) -> (loss, {metric: sum})` and `finish(sums)`, the
-step's metrics. Everything else is here: accelerate (devices, DDP, mixed precision, trackers), the
+step's metrics. How the policy is distributed (plain/DDP, FSDP2, DeepSpeed) is one engine object
+(`fastdpo.engines`), so `fit` reads the same under all three. Everything else is here: accelerate
+(devices, mixed precision, trackers), the
 policy (dropout off, gradient checkpointing, LoRA), optimizer and schedule, the epoch plan
 (`fastdpo.batching`), non-finite step guard, checkpoints and resume (`fastdpo.checkpoint`), and the
 run directory's `metrics.jsonl`, `fastdpo_config.json` and `<command>_summary.json`.

@@ -4,10 +4,10 @@
 
 (`Trainer.fit`). What differs between the two commands is an `Objective`: what it needs from a
 batch (`needs_token_logps`), `step(model, batch) -> (loss, {metric: sum})` and `finish(sums)`, the
-step's metrics. How the policy is distributed (plain/DDP, FSDP2, DeepSpeed) is one engine object
-(`fastdpo.engines`), so `fit` reads the same under all three. Everything else is here: accelerate
-(devices, mixed precision, trackers), the
-policy (dropout off, gradient checkpointing, LoRA), optimizer and schedule, the epoch plan
+step's metrics, and `guard(metrics)`, an over-optimisation guard. How the policy is distributed
+(plain/DDP, FSDP2, DeepSpeed) is one engine object (`fastdpo.engines`), so `fit` reads the same under
+all three. Everything else is here: accelerate (devices, mixed precision, trackers), the policy
+(dropout off, gradient checkpointing, LoRA), optimizer and schedule, the epoch plan
 (`fastdpo.batching`), non-finite step guard, checkpoints and resume (`fastdpo.checkpoint`), and the
 run directory's `metrics.jsonl`, `fastdpo_config.json` and `<command>_summary.json`.
 
@@ -189,7 +189,7 @@ class Objective:
         """The step's metrics from its sums over micro-batches and processes (`sums["examples"]` included)."""
         raise NotImplementedError
 
-    def check(self, m: dict, total_steps: int) -> tuple[list[str], str | None]:
+    def guard(self, m: dict, total_steps: int) -> tuple[list[str], str | None]:
         """(warning lines, a reason to stop or None) after each step."""
         return [], None
 
@@ -467,7 +467,7 @@ class Trainer:
                 self.bar.update(1)
         if self.tracker:
             self.accelerator.log({k: v for k, v in m.items() if k != "step"}, step=step)
-        warnings, stop = objective.check(m, plan.total_steps)
+        warnings, stop = objective.guard(m, plan.total_steps)
         for line in warnings + ([stop] if stop else []):
             self.log(line)
         return stop is not None

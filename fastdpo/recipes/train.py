@@ -241,7 +241,7 @@ class PreferenceObjective(loop.Objective):
     def finish(self, sums: dict[str, float]) -> dict:
         return metrics.preference_means(sums, sums.pop("examples"))
 
-    def check(self, m: dict, total_steps: int) -> tuple[list[str], str | None]:
+    def guard(self, m: dict, total_steps: int) -> tuple[list[str], str | None]:
         """The over-optimisation guard: (warning lines, reason to stop or None), from one step's metrics.
 
         Signs practitioners watch: reward accuracy near 1 early in training (the pairs are separated

@@ -296,7 +296,7 @@ def cmd_precision(argv):
     from conftest import CORPUS, make_pairs, write_jsonl  # the CPU test's model, data and measurement
     from test_precision import changed_fractions
 
-    from fastdpo.modeling import process_state, train_precision
+    from fastdpo.modeling import default_precision, process_state
     from fastdpo.recipes.precompute import PrecomputeConfig, precompute
     from fastdpo.recipes.train import train
     from fastdpo.tiny import build_tiny_model
@@ -313,7 +313,7 @@ def cmd_precision(argv):
             train(model=model, ref_cache=str(root / "c"), output=str(root / dtype), dtype=dtype, lr=1e-6,
                   max_steps=args.steps, batch_size=4, epochs=5, progress=False, kl_warn=None)
             weights, norms = changed_fractions(root / dtype, model)
-            precision = train_precision(dtype, device)
+            precision = default_precision(dtype, device)
             if precision == "bfloat16":  # plain AdamW on bf16 weights rounds updates of lr 1e-6 away
                 expected, ok = "weights < 0.5, norms == 0", weights < 0.5 and norms == 0.0
             else:

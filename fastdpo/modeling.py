@@ -140,7 +140,7 @@ def resolve_device(device: str = "auto"):
     return dev
 
 
-def train_precision(dtype: str, device) -> str:
+def default_precision(dtype: str, device) -> str:
     """How a policy trains: 'auto' is bf16-mixed on a GPU (fp32 weights and optimizer, bf16 autocast: updates
     far below bf16's resolution still land) and float32 on CPU; any other value as given."""
     if dtype in (None, "auto"):

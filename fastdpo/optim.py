@@ -57,10 +57,10 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 
 
 def train_precision(cfg, device) -> str:
-    """The run's precision: `modeling.train_precision`, except that an optimizer made for bf16 weights trains bf16
+    """The run's precision: `modeling.default_precision`, except that an optimizer made for bf16 weights trains bf16
     weights (auto -> bfloat16, on CPU and GPU). Refuses, before anything loads, a --dtype or --fsdp the optimizer
     cannot train and an optimizer whose library is not installed."""
-    from .modeling import train_precision as default
+    from .modeling import default_precision
 
     spec = OPTIMIZERS[cfg.optimizer]
     if spec.weights == "bf16" and cfg.dtype not in ("auto", "bfloat16"):
@@ -71,7 +71,7 @@ def train_precision(cfg, device) -> str:
         raise UserError(f"--optimizer {spec.name} cannot step --fsdp's sharded weights ({spec.pip} takes no DTensor); "
                         "drop --fsdp, or use --optimizer adamw or adamw-kahan")
     _library(spec)
-    return "bfloat16" if spec.weights == "bf16" else default(cfg.dtype, device)
+    return "bfloat16" if spec.weights == "bf16" else default_precision(cfg.dtype, device)
 
 
 def build_optimizer(params, cfg):

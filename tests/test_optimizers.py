@@ -115,7 +115,7 @@ def test_precision_rules():
     for device in (cpu, gpu):  # an optimizer for bf16 weights trains bf16 weights on both
         assert optim.train_precision(cfg("adamw-kahan", "auto"), device) == "bfloat16"
         assert optim.train_precision(cfg("adamw-kahan", "bfloat16"), device) == "bfloat16"
-    # the others keep modeling.train_precision's rule: bf16-mixed on a GPU, float32 on CPU, any dtype as given
+    # the others keep modeling.default_precision's rule: bf16-mixed on a GPU, float32 on CPU, any dtype as given
     assert optim.train_precision(cfg("adamw-8bit", "auto"), gpu) == "bf16-mixed"
     assert optim.train_precision(cfg("adamw-8bit", "auto"), cpu) == "float32"
     assert optim.train_precision(cfg("adamw-8bit", "bfloat16"), cpu) == "bfloat16"

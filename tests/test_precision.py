@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastdpo.modeling import train_precision
+from fastdpo.modeling import default_precision
 from fastdpo.recipes.train import train
 
 
@@ -30,9 +30,9 @@ def changed_fractions(run_dir, base_dir) -> tuple[float, float]:
 
 
 def test_auto_trains_bf16_mixed_on_gpu_and_float32_on_cpu():
-    assert train_precision("auto", torch.device("cuda:0")) == "bf16-mixed"
-    assert train_precision("auto", torch.device("cpu")) == "float32"
-    assert train_precision("bfloat16", torch.device("cuda:0")) == "bfloat16"
+    assert default_precision("auto", torch.device("cuda:0")) == "bf16-mixed"
+    assert default_precision("auto", torch.device("cpu")) == "float32"
+    assert default_precision("bfloat16", torch.device("cuda:0")) == "bfloat16"
 
 
 @pytest.mark.integration

@@ -609,16 +609,14 @@ def verify(cache_dir: str | os.PathLike, model: str | None = None, *, sample: in
 
 def _recompute(source: CacheSource, manifest: Manifest, model: str, sample: int, seed: int, device: str,
                batch_size: int) -> dict:
-    from .modeling import ScoringArgs, resolve_device, resolve_dtype, tokenizer_hash
+    from .modeling import ModelSpec, resolve_device, resolve_dtype, tokenizer_hash
     from .scoring import prepare, score_rows
 
     layout = manifest.settings.get("resolved_layout") or {}
     dtype_name = manifest.settings.get("resolved_dtype") or "float32"
-    args = ScoringArgs(model=model, dtype=dtype_name, device=device, batch_size=batch_size,
-                       logps_backend=manifest.settings.get("logps_backend", "auto"),
-                       attn_implementation=layout.get("attention"), packing=layout.get("packing", False),
-                       prefix_sharing=layout.get("prefix_sharing", False),
-                       max_tokens_per_batch=layout.get("max_tokens"), progress=False)
+    args = ModelSpec(model=model, logps_backend=manifest.settings.get("logps_backend", "auto"),
+                     attn_implementation=layout.get("attention"), packing=layout.get("packing", False),
+                     prefix_sharing=layout.get("prefix_sharing", False), max_tokens_per_batch=layout.get("max_tokens"))
     dev = resolve_device(device)
     idx = np.sort(np.random.default_rng(seed).choice(len(source), min(sample, len(source)), replace=False))
     rows = source.fetch(idx, with_token_logps=True)

@@ -1,19 +1,20 @@
-"""Command configs as dataclasses that validate themselves; CLI flags are generated from them.
+"""Command configs as flat dataclasses that validate themselves; CLI flags are generated from them.
 
-A field is declared once, with `opt(default, help, choices=..., ge=..., group=...)`, and that one
-declaration gives:
+Each command declares its whole config in its own module (`fastdpo.recipes.train.TrainConfig`, ...):
+one dataclass, no base class, every field written out there. A field is declared with
+`opt(default, help, choices=..., ge=..., group=...)`, and that one declaration gives:
 
 - the flag (`max_length` -> `--max-length`, bools -> `--x/--no-x`, lists -> comma-separated values,
-  `positional=True` -> a positional argument), its help text and its `--help` group;
-- the check, run by `Args.__post_init__` whatever the values came from (flags, a `--config` YAML or
-  JSON file, or the Python API): the type, `choices` (for lists: each item), bounds
-  (`ge`/`gt`/`le`/`lt`; float values must also be finite) and `required`. A failure is one line
-  naming the key and what is allowed, raised before any model loads;
+  `positional=True` -> a positional argument), its help text and its `--help` group (`add_arguments`);
+- the check, run by `check_fields` whatever the values came from (flags, a `--config` YAML or JSON
+  file, or the Python API): the type, `choices` (for lists: each item), bounds (`ge`/`gt`/`le`/`lt`;
+  float values must also be finite) and `required`. A failure is one line naming the key and what is
+  allowed, raised before any model loads;
 - the printed config and `fastdpo_config.json` (`to_dict`).
 
-Cross-field rules live in a `check(self)` method; `Args.__post_init__` calls every class's own
-`check` along the MRO (mixins first), so `DataArgs`, `ModelArgs` and `RunArgs` compose without
-each config repeating the others' rules.
+A config's `__post_init__` is its one validation function: `check_fields(self)`, then the shared
+rules it needs as plain functions (`loop.check_run_options(self)`, `modeling.check_scoring_options(self)`),
+then its own cross-field rules.
 """
 
 from __future__ import annotations
@@ -126,19 +127,14 @@ def check_value(cls, f: dataclasses.Field, value, label: str | None = None):
     return _check_scalar(kind, f.metadata, value, label)
 
 
-@dataclasses.dataclass
-class Args:
-    """Base of every command config: validates its fields on construction (see the module docstring)."""
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            value = check_value(type(self), f, getattr(self, f.name))
-            if f.metadata.get("required") and value is None:
-                raise UserError(f"missing required option {flag_name(f.name)}")
-            setattr(self, f.name, value)
-        for klass in reversed(type(self).__mro__):
-            if "check" in vars(klass):
-                vars(klass)["check"](self)
+def check_fields(cfg) -> None:
+    """Check and normalise every field of the dataclass `cfg` (type, choices, bounds, required); the first
+    line of each command config's `__post_init__`."""
+    for f in dataclasses.fields(cfg):
+        value = check_value(type(cfg), f, getattr(cfg, f.name))
+        if f.metadata.get("required") and value is None:
+            raise UserError(f"missing required option {flag_name(f.name)}")
+        setattr(cfg, f.name, value)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ import re
 import sys
 from dataclasses import dataclass
 
-from .config import Args, opt
 from .errors import UserError, first_line
 from .io import DATA_SUFFIXES, is_local_path
 
@@ -62,32 +61,34 @@ SKIP_REASONS = {
 
 
 @dataclass
-class DataArgs(Args):
-    """Where preference pairs come from and how they are tokenized (shared by precompute, train and sft)."""
+class DataOptions:
+    """The data options and their defaults, for calling this module outside a command (tests, benchmarks, tools).
 
-    dataset: str | None = opt(None, "Hub dataset id, a .jsonl/.json/.parquet/.csv/.arrow file, or a directory of them",
-                              required=True, group="data")
-    dataset_config: str | None = opt(None, "Hub dataset configuration name", group="data")
-    split: str = opt("train", "dataset split to read", group="data")
-    prompt_column: str = opt("prompt", "column holding the prompt (absent: extracted from chosen/rejected)",
-                             group="data")
-    chosen_column: str = opt("chosen", "column holding the preferred completion", group="data")
-    rejected_column: str = opt("rejected", "column holding the dispreferred completion", group="data")
-    max_prompt_length: int | None = opt(512, "cap on prompt tokens (none: no cap)", ge=1, group="data")
-    max_length: int | None = opt(1024, "cap on prompt+completion tokens; the completion is cut (none: no cap)", ge=2,
-                                 group="data")
-    truncation: str = opt("keep_end", "which end of a long prompt to keep", choices=["keep_end", "keep_start"],
-                          group="data")
-    chat_bos: str = opt("template", "conversational rows: 'template' keeps the BOS the chat template renders (as "
-                        "apply_chat_template(tokenize=True) does); 'tokenizer' also adds the tokenizer's BOS where "
-                        "the template renders none", choices=["template", "tokenizer"], group="data")
-    assistant_marker: str = opt("\n\nAssistant:", "implicit-prompt string data: the prompt ends after the last one",
-                                group="data")
-    limit: int | None = opt(None, "process only the first N rows of the split", ge=1, group="data")
-    strict: bool = opt(False, "stop at the first row that would be skipped, naming it", group="data")
+    Every function here reads these by name from `args`: this, or a command's config (precompute, train and sft
+    each declare the same fields, with their flags and help; tests/test_config.py keeps the copies equal)."""
 
-    def data_settings(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(DataArgs)}
+    dataset: str | None = None
+    dataset_config: str | None = None
+    split: str = "train"
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    max_prompt_length: int | None = 512
+    max_length: int | None = 1024
+    truncation: str = "keep_end"
+    chat_bos: str = "template"
+    assistant_marker: str = "\n\nAssistant:"
+    limit: int | None = None
+    strict: bool = False
+
+
+DataArgs = DataOptions  # the old name, still used by benchmarks/bench_train.py
+DATA_OPTIONS = tuple(f.name for f in dataclasses.fields(DataOptions))
+
+
+def data_settings(args) -> dict:
+    """The data options of `args` (a command's config): what tokenization depends on."""
+    return {name: getattr(args, name) for name in DATA_OPTIONS}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def _json_kind(value):
     return type(value)
 
 
-def _check_local(args: DataArgs) -> None:
+def _check_local(args: DataOptions) -> None:
     """Options that only Hub datasets take are refused for local data; a directory must hold one format."""
     name = args.dataset
     if args.dataset_config is not None:
@@ -209,7 +210,7 @@ def _cause(exc: BaseException) -> str:
     return first_line(exc)
 
 
-def load_source(args: DataArgs):
+def load_source(args: DataOptions):
     """The raw split as a `datasets.Dataset`, or a UserError naming the path / file / line."""
     import datasets
 
@@ -257,7 +258,7 @@ def _pick_split(dsd, split, name):
     return dsd[split]
 
 
-def check_columns(ds, args: DataArgs) -> bool:
+def check_columns(ds, args: DataOptions) -> bool:
     """Exit 2 naming a missing column. Returns whether an explicit prompt column exists."""
     columns = list(ds.column_names)
     for col, flag in ((args.chosen_column, "--chosen-column"), (args.rejected_column, "--rejected-column")):
@@ -375,7 +376,7 @@ class RowTokenizer:
 
     targets: tuple[str, ...] = ()
 
-    def __init__(self, tokenizer, args: DataArgs):
+    def __init__(self, tokenizer, args: DataOptions):
         self.tok = tokenizer
         self.args = args
         self.bos = tokenizer.bos_token_id
@@ -530,7 +531,7 @@ class PairTokenizer(RowTokenizer):
 
     targets = ("chosen_ids", "rejected_ids")
 
-    def __init__(self, tokenizer, args: DataArgs, has_prompt: bool):
+    def __init__(self, tokenizer, args: DataOptions, has_prompt: bool):
         super().__init__(tokenizer, args)
         self.has_prompt = has_prompt
 
@@ -570,7 +571,7 @@ class CompletionTokenizer(RowTokenizer):
 
     targets = ("chosen_ids",)
 
-    def __init__(self, tokenizer, args: DataArgs, fmt: str, has_prompt: bool, completion_column: str,
+    def __init__(self, tokenizer, args: DataOptions, fmt: str, has_prompt: bool, completion_column: str,
                  messages_column: str, text_column: str):
         super().__init__(tokenizer, args)
         self.fmt, self.has_prompt = fmt, has_prompt
@@ -599,7 +600,7 @@ class CompletionTokenizer(RowTokenizer):
         return ("messages", msgs[:-1], [msgs[-1:]])
 
 
-def sft_format(ds, args: DataArgs, completion_column: str, messages_column: str, text_column: str) -> str:
+def sft_format(ds, args: DataOptions, completion_column: str, messages_column: str, text_column: str) -> str:
     columns = list(ds.column_names)
     if messages_column in columns:
         return "messages"
@@ -634,7 +635,7 @@ def check_chat_template(ds, tokenizer, columns: list[str]) -> None:
                             "strings")
 
 
-def tokenize_dataset(ds, tokenizer, args: DataArgs, fingerprint: str | None = None):
+def tokenize_dataset(ds, tokenizer, args: DataOptions, fingerprint: str | None = None):
     """Tokenize every preference row. Returns (kept rows as a Dataset, Counter of skips by reason, stats).
 
     `fingerprint` (a hash of tokenizer + settings) lets `datasets` reuse the result from its cache
@@ -648,7 +649,7 @@ def tokenize_dataset(ds, tokenizer, args: DataArgs, fingerprint: str | None = No
     return _map_rows(ds, PairTokenizer(tokenizer, args, has_prompt), args, fingerprint)
 
 
-def tokenize_sft_dataset(ds, tokenizer, args: DataArgs, completion_column: str = "completion",
+def tokenize_sft_dataset(ds, tokenizer, args: DataOptions, completion_column: str = "completion",
                          messages_column: str = "messages", text_column: str = "text",
                          fingerprint: str | None = None):
     """Tokenize supervised examples (see `CompletionTokenizer`); the target lands in `chosen_ids`."""
@@ -663,7 +664,7 @@ def tokenize_sft_dataset(ds, tokenizer, args: DataArgs, completion_column: str =
     return _map_rows(ds, fn, args, fingerprint)
 
 
-def _map_rows(ds, fn: RowTokenizer, args: DataArgs, fingerprint: str | None):
+def _map_rows(ds, fn: RowTokenizer, args: DataOptions, fingerprint: str | None):
     kw = {}
     if fingerprint:
         kw["new_fingerprint"] = fingerprint
@@ -686,7 +687,7 @@ def _map_rows(ds, fn: RowTokenizer, args: DataArgs, fingerprint: str | None):
     return kept, skips, stats
 
 
-def keep_rows(tokenized, args: DataArgs, is_main: bool = True):
+def keep_rows(tokenized, args: DataOptions, is_main: bool = True):
     """The kept rows of `tokenize_dataset` / `tokenize_sft_dataset`'s result; prints the skip summary and
     refuses a dataset without a usable row."""
     rows, skips, stats = tokenized

@@ -181,8 +181,8 @@ class LLMJudge:
         from .scoring import prepare
 
         self.cfg, self.device, self.name = cfg, device, cfg.llm_judge
-        self.args = modeling.ScoringArgs(model=cfg.llm_judge, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                                         logps_backend=cfg.logps_backend, batch_size=cfg.batch_size, progress=False)
+        self.args = modeling.ModelSpec(model=cfg.llm_judge, trust_remote_code=cfg.trust_remote_code,
+                                       logps_backend=cfg.logps_backend)
         self.setup = prepare(self.args, device, dtype)
         tok = self.setup.tokenizer
         self.chat = bool(getattr(tok, "chat_template", None))

@@ -27,96 +27,40 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__, batching, checkpoint, engines, metrics, modeling, optim
-from .config import format_config, opt, to_dict
+from .config import format_config, to_dict
 from .errors import Interrupted, TrainingStopped, UserError
 from .io import atomic_write_bytes, atomic_write_json, writing
 
+if TYPE_CHECKING:  # the run options are fields of each training command's own config; the loop reads them by name
+    from .recipes.sft import SFTConfig
+    from .recipes.train import TrainConfig
 
-@dataclass
-class RunArgs(modeling.ModelArgs):
-    """What every training command shares: the model, optimisation, logging, checkpoints, LoRA."""
+    RunArgs = TrainConfig | SFTConfig
 
-    output: str | None = opt(None, "run directory: metrics.jsonl, checkpoints, final model", required=True)
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory", group="optimisation")
-    optimizer: str = opt("adamw", "optimizer (bytes per trained parameter: README, Precision)",
-                         choices=list(optim.OPTIMIZERS), group="optimisation")
-    lr: float = opt(1e-6, "peak learning rate", gt=0, group="optimisation")
-    weight_decay: float = opt(0.0, "decoupled weight decay (AdamW) or L2 (SGD)", ge=0, group="optimisation")
-    momentum: float = opt(0.0, "SGD momentum", ge=0, lt=1, group="optimisation")
-    lr_scheduler: str = opt("linear", "learning-rate schedule after warm-up", choices=["constant", "linear", "cosine"],
-                            group="optimisation")
-    warmup_steps: int = opt(0, "linear warm-up steps", ge=0, group="optimisation")
-    warmup_ratio: float = opt(0.0, "warm-up as a fraction of all steps (used when --warmup-steps is 0)", ge=0, lt=1,
-                              group="optimisation")
-    batch_size: int = opt(4, "examples per micro-batch per process (pairs for preference losses)", ge=1,
-                          group="optimisation")
-    grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch x processes x accum)", ge=1,
-                          group="optimisation")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables clipping)", ge=0, group="optimisation")
-    epochs: int = opt(1, "passes over the data", ge=1, group="optimisation")
-    max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides --epochs)", ge=1,
-                                group="optimisation")
-    seed: int = opt(42, "seed for data order and initialisation", ge=0, le=2**32 - 1, group="optimisation")
-    shuffle: bool = opt(True, "shuffle shards and rows each epoch (deterministic from --seed and the epoch)",
-                        group="optimisation")
-    group_by_length: bool = opt(True, "batch examples of similar length together to cut padding",
-                                group="optimisation")
-    disable_dropout: bool = opt(True, "turn dropout off in the policy, as TRL does", group="optimisation")
-    max_bad_steps: int = opt(5, "stop after this many consecutive steps with a non-finite loss or gradient", ge=1,
-                             group="optimisation")
-    log_every: int = opt(10, "print a metrics line every N steps (metrics.jsonl gets every step)", ge=1,
-                         group="logging and checkpoints")
-    report_to: str = opt("none", "experiment tracker, through accelerate", choices=["none", "tensorboard", "wandb"],
-                         group="logging and checkpoints")
-    save_steps: int | None = opt(None, "write OUT/checkpoint-STEP every N steps", ge=1, group="logging and checkpoints")
-    save_total_limit: int | None = opt(None, "keep only the newest N checkpoints", ge=1,
-                                       group="logging and checkpoints")
-    resume: str | None = opt(None, "continue from OUT/checkpoint-STEP, or 'latest' for the newest complete one",
-                             group="logging and checkpoints")
-    allow_changes: bool = opt(False, "with --resume: train on with options that differ from the checkpoint's (loss, "
-                                     "beta, lr, schedule, ...; README: Reliability), from the next step; "
-                                     "metrics.jsonl records the change", group="logging and checkpoints")
-    progress: bool = opt(True, "show a progress bar with ETA", group="logging and checkpoints")
-    overwrite: bool = opt(False, "start over in an --output that holds a run (its checkpoints, logs and model are "
-                                 "removed)", group="logging and checkpoints")
-    fsdp: bool = opt(False, "shard weights, gradients and optimizer state over processes with PyTorch FSDP2 "
-                            "(fully_shard per decoder layer)", group="distributed")
-    fsdp_lm_head: str = opt("own", "the LM head as its own FSDP unit (gathered only around the head) or in the root "
-                                   "unit", choices=["own", "root"], group="distributed")
-    fsdp_reshard_after_forward: bool = opt(True, "free each unit's gathered weights after its forward and gather "
-                                                 "again for backward (less memory, more communication)",
-                                           group="distributed")
-    fsdp_cpu_offload: bool = opt(False, "keep weights, gradients and optimizer state in CPU memory (GPU only; the "
-                                        "optimizer step runs on CPU)", group="distributed")
-    lora_r: int | None = opt(None, "LoRA rank; enables LoRA through peft", ge=1, group="lora")
-    lora_alpha: float = opt(16.0, "LoRA alpha", gt=0, group="lora")
-    lora_dropout: float = opt(0.0, "LoRA dropout", ge=0, lt=1, group="lora")
-    lora_target_modules: str = opt("all-linear", "comma-separated module names, or all-linear", group="lora")
-    merge_lora: bool = opt(False, "save the merged model instead of the adapter", group="lora")
 
-    GROUP_TITLES = {"lora": "LoRA (pip install 'fastdpo[peft]')"}
-
-    def check(self):
-        if self.overwrite and self.resume:
-            raise UserError("--resume continues the run in --output and --overwrite would delete it; give one")
-        if self.allow_changes and not self.resume:
-            raise UserError("--allow-changes accepts changed options on --resume; without --resume there is nothing "
-                            "to change")
-        check_tracker(self.report_to)
-        if self.merge_lora and self.lora_r is None:
-            raise UserError("--merge-lora needs --lora-r")
-        if not self.fsdp:
-            changed = [f for f in ("fsdp_lm_head", "fsdp_reshard_after_forward", "fsdp_cpu_offload")
-                       if getattr(self, f) != type(self).__dataclass_fields__[f].default]
-            if changed:
-                raise UserError(f"--{changed[0].replace('_', '-')} needs --fsdp")
-        if self.dtype == "float16":
-            raise UserError("--dtype float16 cannot train here (fp16 needs loss scaling); use bf16-mixed or bfloat16 "
-                            "on a GPU, float32 on CPU")
+def check_run_options(cfg) -> None:
+    """The rules every training command's options share (train's and sft's `__post_init__` call it)."""
+    if cfg.overwrite and cfg.resume:
+        raise UserError("--resume continues the run in --output and --overwrite would delete it; give one")
+    if cfg.allow_changes and not cfg.resume:
+        raise UserError("--allow-changes accepts changed options on --resume; without --resume there is nothing "
+                        "to change")
+    check_tracker(cfg.report_to)
+    if cfg.merge_lora and cfg.lora_r is None:
+        raise UserError("--merge-lora needs --lora-r")
+    if not cfg.fsdp:
+        defaults = type(cfg).__dataclass_fields__
+        changed = [f for f in ("fsdp_lm_head", "fsdp_reshard_after_forward", "fsdp_cpu_offload")
+                   if getattr(cfg, f) != defaults[f].default]
+        if changed:
+            raise UserError(f"--{changed[0].replace('_', '-')} needs --fsdp")
+    if cfg.dtype == "float16":
+        raise UserError("--dtype float16 cannot train here (fp16 needs loss scaling); use bf16-mixed or bfloat16 "
+                        "on a GPU, float32 on CPU")
 
 
 TRACKERS = {"tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb")}

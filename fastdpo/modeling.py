@@ -1,10 +1,12 @@
-"""Models and tokenizers: the arguments that name them, loading with transformers, and fingerprints.
+"""Models and tokenizers: loading with transformers, the shared model-option rules, and fingerprints.
 
-    ModelArgs     --model, --revision, --dtype, --trust-remote-code, --attn-implementation, --logps-backend
-    LayoutArgs    --packing, --prefix-sharing, --max-tokens-per-batch (how pairs are laid out for a forward)
-    ScoringArgs   both, plus --device and --batch-size: commands that score without training
+The model options (--model, --revision, --dtype, --trust-remote-code, --attn-implementation,
+--logps-backend) and the layout options (--packing, --prefix-sharing, --max-tokens-per-batch) are
+fields of each command's own config (`fastdpo.recipes`); the functions here read them by name.
+`check_scoring_options` is the rule precompute and eval share. `ModelSpec` names a model that no
+command's config names (an LLM judge, the reference `fastdpo cache verify` recomputes with).
 
-`scoring.prepare(args, device, dtype)` turns them into a `Setup` (tokenizer, model config, attention,
+`scoring.prepare(args, device, dtype)` turns those options into a `Setup` (tokenizer, model config, attention,
 layout and notes for the user), the same way for precompute, train, eval and sft. The weights hash is
 a sha256 over the model's weight files (a Hub cache already names each file by its sha256, so cached
 Hub models hash for free). The tokenizer hash covers what the tokenizer files define (vocabulary,
@@ -20,7 +22,6 @@ import os
 import re
 from dataclasses import dataclass
 
-from .config import Args, opt
 from .errors import UserError, first_line
 from .io import is_local_path, sha256_file
 
@@ -39,50 +40,26 @@ LLAMA_LIKE_MODEL_TYPES = frozenset({
 })
 
 
-@dataclass
-class ModelArgs(Args):
-    """Which model, and how it is loaded and scored (every command)."""
-
-    model: str | None = opt(None, "model: a local directory or a Hugging Face Hub id", required=True, group="model")
-    revision: str | None = opt(None, "model revision (branch, tag or commit) on the Hub", group="model")
-    dtype: str = opt("auto", "float32; bfloat16 weights; float16 (scoring only); bf16-mixed (fp32 weights, bf16 "
-                     "autocast; training only); auto: on GPU bf16-mixed to train, bfloat16 to score; float32 on CPU",
-                     choices=["auto", "float32", "bfloat16", "float16", "bf16-mixed"], group="model")
-    trust_remote_code: bool = opt(False, "allow custom model code from the Hub (off: never runs remote code)",
-                                  group="model")
-    attn_implementation: str | None = opt(None, "transformers attention implementation (e.g. sdpa, eager, "
-                                                "flex_attention; default: flex_attention on CUDA where packing "
-                                                "or prefix sharing may be used, else transformers' choice)",
-                                          group="model")
-    logps_backend: str = opt("auto", "log-prob backend: auto (triton on CUDA, torch elsewhere), triton, torch, or "
-                             "eager (full logits, the classic way)", choices=LOGPS_BACKENDS, group="model")
+def check_scoring_options(cfg) -> None:
+    """The model options of a command that scores without training (precompute, eval)."""
+    if cfg.dtype == "bf16-mixed":
+        raise UserError("--dtype bf16-mixed is a training mode (fp32 weights, bf16 autocast); to score, use "
+                        "bfloat16 or float32")
 
 
 @dataclass
-class LayoutArgs(Args):
-    """How a micro-batch of pairs is laid out for one forward (`fastdpo.packing`)."""
+class ModelSpec:
+    """What `scoring.prepare` reads, for a model outside any command's own options (an LLM judge, the reference
+    `fastdpo cache verify` recomputes with). Packing, prefix sharing, max_tokens_per_batch: as the flags."""
 
-    packing: bool | None = opt(None, "pack sequences into rows without padding (default: on where exact)",
-                               group="layout")
-    prefix_sharing: bool | None = opt(None, "score chosen and rejected after one shared prompt (default: on where "
-                                            "exact)", group="layout")
-    max_tokens_per_batch: int | None = opt(None, "cap on a packed row's tokens (default: a whole micro-batch per row "
-                                                 "with FlexAttention, the longest sequence's length with "
-                                                 "SDPA/eager's dense masks)", ge=2, group="layout")
-
-
-@dataclass
-class ScoringArgs(ModelArgs, LayoutArgs):
-    """Commands that run a model without training it (precompute, eval)."""
-
-    device: str = opt("auto", "device to run on (auto: the accelerate process's device)", group="model")
-    batch_size: int = opt(8, "pairs per forward (chosen and rejected of each pair run together)", ge=1)
-    progress: bool = opt(True, "show a progress bar")
-
-    def check(self):
-        if self.dtype == "bf16-mixed":
-            raise UserError("--dtype bf16-mixed is a training mode (fp32 weights, bf16 autocast); to score, use "
-                            "bfloat16 or float32")
+    model: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    logps_backend: str = "auto"
+    packing: bool | None = None
+    prefix_sharing: bool | None = None
+    max_tokens_per_batch: int | None = None
 
 
 def set_library_progress(enabled: bool) -> None:

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Args, opt
+from .config import check_fields, opt
 from .errors import UserError
 from .io import atomic_write_bytes, ensure_dir
 
@@ -62,7 +62,7 @@ RECORD = ".fastdpo-plot.json"  # in the output directory: the files plot wrote t
 
 
 @dataclass
-class PlotConfig(Args):
+class PlotConfig:
     """`fastdpo plot`: overlaid training curves of runs."""
 
     runs: list[str] = opt(None, "run directories holding metrics.jsonl", positional=True, metavar="RUN_DIR",
@@ -75,7 +75,8 @@ class PlotConfig(Args):
                              "only)", ge=0, lt=1, metavar="W")
     overwrite: bool = opt(False, "replace curves*.png in --output that fastdpo plot did not write")
 
-    def check(self):
+    def __post_init__(self):
+        check_fields(self)
         if not self.runs:
             raise UserError("give at least one run directory (fastdpo plot RUN_DIR [RUN_DIR ...])")
 

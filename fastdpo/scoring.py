@@ -1,6 +1,6 @@
-"""The one scoring path: from ModelArgs to a scorer (`prepare`), and per-token log-probs of completions.
+"""The one scoring path: from a command's model options to a scorer (`prepare`), and per-token log-probs of completions.
 
-`prepare(args, device, dtype)` turns `modeling.ModelArgs` (and `LayoutArgs`) into a `Setup`:
+`prepare(args, device, dtype)` turns a config's model (and layout) options into a `Setup`:
 tokenizer, model config, attention implementation, layout and notes for the user, the same way for
 precompute, train, eval and sft; `Setup.load()` loads the weights and `Setup.scorer()` wraps them.
 
@@ -166,14 +166,14 @@ def policy_of(model) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------
-# Setup: the one path from ModelArgs (and LayoutArgs) to a scorer, for every command
+# Setup: the one path from the model (and layout) options to a scorer, for every command
 
 
 @dataclass
 class Setup:
     """What a command needs before the weights: tokenizer, model config, attention, layout, dtype, notes."""
 
-    args: modeling.ModelArgs
+    args: object  # the command's config (or a modeling.ModelSpec): model, revision, logps_backend, ...
     tokenizer: object
     config: object
     attention: str | None
@@ -203,8 +203,9 @@ class Setup:
         self.notes.clear()
 
 
-def prepare(args: modeling.ModelArgs, device, dtype) -> Setup:
-    """Tokenizer, config, attention implementation and layout for `args` (layout: padded without LayoutArgs)."""
+def prepare(args, device, dtype) -> Setup:
+    """Tokenizer, config, attention implementation and layout for `args`, a command's config or a
+    `modeling.ModelSpec` (layout: padded for a config without the layout options, sft's and compare's)."""
     tokenizer = modeling.load_tokenizer(args.model, args.revision, args.trust_remote_code)
     config = modeling.load_config(args.model, args.revision, args.trust_remote_code)
     vocab = getattr(config, "vocab_size", None)
@@ -212,7 +213,7 @@ def prepare(args: modeling.ModelArgs, device, dtype) -> Setup:
         raise UserError(f"model {args.model} has a vocabulary of {vocab} but its tokenizer has {len(tokenizer)} "
                         "tokens; ids beyond the vocabulary cannot be scored (resize the model's embeddings or use "
                         "the matching tokenizer)")
-    if isinstance(args, modeling.LayoutArgs):
+    if hasattr(args, "packing"):  # the layout options: --packing, --prefix-sharing, --max-tokens-per-batch
         attention = packing.attention_for(device, args.attn_implementation, args.packing, args.prefix_sharing)
         layout, notes = packing.resolve_layout(config, attention, args.packing, args.prefix_sharing,
                                                args.max_tokens_per_batch)

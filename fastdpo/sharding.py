@@ -58,7 +58,7 @@ def decoder_layers(model) -> list:
 
 def shard(model, cfg, device, precision: str):
     """`model` (a `scoring.LogpsModel`) sharded in place with `fully_shard`: decoder layers, the LM head (own unit
-    or root), the root. cfg: `loop.RunArgs` (fsdp_lm_head, fsdp_reshard_after_forward, fsdp_cpu_offload)."""
+    or root), the root. cfg: train's or sft's config (fsdp_lm_head, fsdp_reshard_after_forward, fsdp_cpu_offload)."""
     import torch
     import torch.distributed as dist
     from torch import nn

@@ -186,3 +186,94 @@ def test_help_lists_every_field_in_groups():
     titles = [g.title for g in sub._action_groups]
     assert titles.index("policy model") < titles.index("loss") < titles.index("LoRA (pip install 'fastdpo[peft]')")
     assert math.isfinite(TrainConfig(model="m", ref_cache="c", output="o").lr)
+
+
+def _command_configs():
+    from fastdpo.cli import cache as cache_cli
+    from fastdpo.cli import demo as demo_cli
+    from fastdpo.plot import PlotConfig
+    from fastdpo.recipes.compare import CompareConfig
+    from fastdpo.recipes.eval import EvalConfig
+    from fastdpo.recipes.precompute import PrecomputeConfig
+    from fastdpo.recipes.sft import SFTConfig
+
+    return [TrainConfig, SFTConfig, PrecomputeConfig, EvalConfig, CompareConfig, PlotConfig, demo_cli.CONFIG,
+            cache_cli.InfoConfig, cache_cli.VerifyConfig]
+
+
+@pytest.mark.parametrize("cls", _command_configs(), ids=lambda c: c.__name__)
+def test_each_command_config_is_one_flat_dataclass_declared_in_its_module(cls):
+    """No base class: every field, with its default and help, is written out in the command's own class, and its
+    one validation function is its own `__post_init__`."""
+    import dataclasses
+    import inspect
+
+    assert cls.__bases__ == (object,)
+    assert not any(dataclasses.is_dataclass(base) for base in cls.__mro__[1:])
+    declared = vars(cls)["__annotations__"]  # the class body's own annotations, not inherited ones
+    fields = vars(cls)["__dataclass_fields__"]
+    assert list(fields) == list(declared)
+    assert all(f.metadata.get("help") for f in fields.values())  # each field carries its flag's help text
+    assert "__post_init__" in vars(cls) and "check" not in vars(cls)
+    source = inspect.getsource(cls)
+    for name in fields:
+        assert f"\n    {name}: " in source  # written out in this class body, in its module
+    assert inspect.getmodule(cls).__name__ == cls.__module__
+
+
+def _spec(cls, name):
+    import dataclasses
+    import typing
+
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return typing.get_type_hints(cls)[name], default, dict(f.metadata)
+
+
+def test_copied_options_are_equal_in_every_command():
+    """Copying a field instead of inheriting it must not let the copies drift: an option shared by several commands
+    has the same type, default, help, choices, bounds and group in each (sft's --lr default is its own)."""
+    import dataclasses
+
+    from fastdpo import data
+    from fastdpo.recipes.compare import CompareConfig
+    from fastdpo.recipes.eval import EvalConfig
+    from fastdpo.recipes.precompute import PrecomputeConfig
+    from fastdpo.recipes.sft import SFTConfig
+
+    model = ["revision", "dtype", "trust_remote_code", "attn_implementation", "logps_backend"]
+    data_options = [n for n in data.DATA_OPTIONS if n != "dataset"]  # train's --dataset is optional (or a cache)
+    run = [f.name for f in dataclasses.fields(SFTConfig)
+           if f.name not in (*data.DATA_OPTIONS, "lr", "completion_column", "messages_column", "text_column")]
+    families = [  # (options, the commands that copy them)
+        (model, [TrainConfig, SFTConfig, PrecomputeConfig, EvalConfig, CompareConfig]),
+        (["model"], [TrainConfig, SFTConfig, PrecomputeConfig, EvalConfig]),  # compare's is "model A"
+        (["packing", "prefix_sharing", "max_tokens_per_batch"], [TrainConfig, PrecomputeConfig, EvalConfig]),
+        (["device", "batch_size", "progress"], [PrecomputeConfig, EvalConfig]),
+        (run, [TrainConfig, SFTConfig]),
+        (data_options, [TrainConfig, SFTConfig, PrecomputeConfig]),
+        (["dataset"], [SFTConfig, PrecomputeConfig]),
+    ]
+    for names, classes in families:
+        for name in names:
+            first, *others = classes
+            for cls in others:
+                assert _spec(cls, name) == _spec(first, name), f"{cls.__name__}.{name} differs from {first.__name__}'s"
+    assert len(run) > 30  # the whole run family: model, output, optimisation, logging, distributed, LoRA
+    for cls in (TrainConfig, SFTConfig, PrecomputeConfig):  # as data's functions read them without a command
+        for f in dataclasses.fields(data.DataOptions):
+            assert _spec(cls, f.name)[1] == f.default, f"{cls.__name__}.{f.name}"
+
+
+SFT_LR = 2e-5
+
+
+def test_sft_has_its_own_lr_default_and_train_its_data_rule():
+    from fastdpo.recipes.sft import SFTConfig
+
+    assert SFTConfig(model="m", dataset="d", output="o").lr == SFT_LR
+    assert TrainConfig(model="m", ref_cache="c", output="o").lr == 1e-6
+    with pytest.raises(UserError, match="--chat-bos has no effect with --ref-cache"):
+        TrainConfig(model="m", ref_cache="c", output="o", chat_bos="tokenizer")
+    with pytest.raises(UserError, match="--merge-lora needs --lora-r"):  # the shared run rule, called by sft too
+        SFTConfig(model="m", dataset="d", output="o", merge_lora=True)

@@ -14,7 +14,7 @@ from fastdpo.errors import UserError
 def tokenize_rows(tok, rows, **kw):
     import datasets
 
-    args = data.DataArgs(dataset="mem", **kw)
+    args = data.DataOptions(dataset="mem", **kw)
     kept, skips, stats = data.tokenize_dataset(datasets.Dataset.from_list(rows), tok, args)
     return kept, skips, stats
 
@@ -237,14 +237,14 @@ def test_mixed_type_jsonl_rows_are_skipped_not_fatal(tmp_path, tiny_tokenizer):
             {"prompt": "Hello", "chosen": 12, "rejected": " Paris"},
             {"prompt": "Hello", "chosen": " France", "rejected": " Paris"}]
     write_jsonl(path, rows)
-    ds = data.load_source(data.DataArgs(dataset=str(path)))
-    kept, skips, _ = data.tokenize_dataset(ds, tiny_tokenizer, data.DataArgs(dataset=str(path)))
+    ds = data.load_source(data.DataOptions(dataset=str(path)))
+    kept, skips, _ = data.tokenize_dataset(ds, tiny_tokenizer, data.DataOptions(dataset=str(path)))
     assert kept["id"] == [0, 2] and skips == {"wrong_type": 1}
 
 
 def test_missing_column_lists_columns(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "good": "b", "rejected": "c"}])
-    args = data.DataArgs(dataset=str(path))
+    args = data.DataOptions(dataset=str(path))
     ds = data.load_source(args)
     with pytest.raises(UserError, match=r"no column 'chosen' \(--chosen-column\); columns found: prompt, good, "
                                         r"rejected"):
@@ -255,12 +255,12 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n')
     with pytest.raises(UserError, match=rf"{path}:2: invalid JSON"):
-        data.load_source(data.DataArgs(dataset=str(path)))
+        data.load_source(data.DataOptions(dataset=str(path)))
 
 
 def test_missing_dataset_names_path(tmp_path):
     with pytest.raises(UserError, match=r"dataset not found: .*nope\.jsonl"):
-        data.load_source(data.DataArgs(dataset=str(tmp_path / "nope.jsonl")))
+        data.load_source(data.DataOptions(dataset=str(tmp_path / "nope.jsonl")))
 
 
 @pytest.mark.parametrize("ext", ["parquet", "csv", "json"])
@@ -277,7 +277,7 @@ def test_file_formats_and_directories(tmp_path, tiny_tokenizer, ext):
     else:
         path.write_text(json.dumps(rows))
     for source in (path, tmp_path):
-        loaded = data.load_source(data.DataArgs(dataset=str(source)))
+        loaded = data.load_source(data.DataOptions(dataset=str(source)))
         assert len(loaded) == 3 and loaded[0]["chosen"] == " world"
 
 
@@ -286,9 +286,9 @@ def test_arrow_file(tmp_path):
 
     ds = datasets.Dataset.from_list([{"prompt": "Hello", "chosen": " world", "rejected": " Paris"}] * 2)
     ds.save_to_disk(tmp_path / "saved")
-    assert len(data.load_source(data.DataArgs(dataset=str(tmp_path / "saved")))) == 2
+    assert len(data.load_source(data.DataOptions(dataset=str(tmp_path / "saved")))) == 2
     arrow = next((tmp_path / "saved").glob("*.arrow"))
-    assert len(data.load_source(data.DataArgs(dataset=str(arrow)))) == 2
+    assert len(data.load_source(data.DataOptions(dataset=str(arrow)))) == 2
 
 
 def test_conversational_without_chat_template_is_one_error(tmp_path, tiny_tokenizer):

@@ -281,7 +281,7 @@ field = st.one_of(scalars, st.lists(message, max_size=4), st.lists(scalars, max_
        has_prompt=st.booleans())
 def test_hostile_rows_are_processed_or_skipped(tiny_tokenizer, rows, has_prompt):
     """Whatever a row holds, the pipeline keeps it or skips it with a counted reason; it never crashes."""
-    args = data.DataArgs(dataset="mem", max_length=64, max_prompt_length=32)
+    args = data.DataOptions(dataset="mem", max_length=64, max_prompt_length=32)
     fn = data.PairTokenizer(tiny_tokenizer, args, has_prompt)
     batch = {k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")}
     out = fn(batch, list(range(len(rows))))

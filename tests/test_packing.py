@@ -38,7 +38,7 @@ def _pairs(tok, rows, max_prompt=None):
 
     from fastdpo import data
 
-    args = data.DataArgs(dataset="mem", max_prompt_length=max_prompt)
+    args = data.DataOptions(dataset="mem", max_prompt_length=max_prompt)
     kept, _, _ = data.tokenize_dataset(datasets.Dataset.from_list(rows), tok, args)
     return list(kept["prompt_ids"]), list(kept["chosen_ids"]), list(kept["rejected_ids"])
 

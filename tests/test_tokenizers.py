@@ -249,7 +249,7 @@ def tokenizer_of(tmp_path_factory, tiny_tokenizer):
 def tokenize(tok, rows, **kw):
     import datasets
 
-    return data.tokenize_dataset(datasets.Dataset.from_list(rows), tok, data.DataArgs(dataset="mem", **kw))
+    return data.tokenize_dataset(datasets.Dataset.from_list(rows), tok, data.DataOptions(dataset="mem", **kw))
 
 
 def chat_ids(tok, messages, **kw) -> list[int]:
@@ -451,7 +451,7 @@ def test_no_faithful_split_is_a_named_skip(tiny_tokenizer):
     line = f"skipped 2 of 2 rows: no_faithful_split=2 ({data.SKIP_REASONS['no_faithful_split']})"
     assert data.summarise_skips(result[1], 2) == line
     with pytest.raises(UserError, match="no usable rows in mem: " + line.replace("(", r"\(").replace(")", r"\)")):
-        data.keep_rows(result, data.DataArgs(dataset="mem"))
+        data.keep_rows(result, data.DataOptions(dataset="mem"))
     with pytest.raises(UserError, match=r"row 0 of mem: the chat template renders the prompt differently.*"
                                         r"\(no_faithful_split\); --strict stops"):
         tokenize(tok, rows, strict=True)

@@ -4,7 +4,7 @@ import json
 import types
 from dataclasses import dataclass
 
-from ..config import Args, opt
+from ..config import check_fields, opt
 
 DESCRIPTION = """Inspect a reference cache written by `fastdpo precompute` (or by fastdpo.cache.write), or check
 it: every shard against the manifest's sha256 and, with --model, a sample of rows recomputed through
@@ -17,13 +17,16 @@ EXAMPLES = """examples:
 
 
 @dataclass
-class InfoConfig(Args):
+class InfoConfig:
     cache: str = opt(None, "the cache directory", positional=True, metavar="CACHE_DIR", required=True)
     json: bool = opt(False, "print the report as JSON (for scripts)")
 
+    def __post_init__(self):
+        check_fields(self)
+
 
 @dataclass
-class VerifyConfig(Args):
+class VerifyConfig:
     cache: str = opt(None, "the cache directory", positional=True, metavar="CACHE_DIR", required=True)
     model: str | None = opt(None, "the reference model: recompute a sample of rows and compare (default: only "
                                   "the files are checked)")
@@ -32,6 +35,9 @@ class VerifyConfig(Args):
     device: str = opt("auto", "device to recompute on")
     batch_size: int = opt(8, "pairs per forward", ge=1)
     json: bool = opt(False, "print the report as JSON (for scripts)")
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def _size(n: int) -> str:

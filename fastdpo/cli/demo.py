@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from ..config import Args, opt
+from ..config import check_fields, opt
 
 CONFIG_FILE = False  # no --config: the demo takes no options beyond where to write
 
@@ -17,11 +17,14 @@ EXAMPLES = """examples:
 
 
 @dataclass
-class CONFIG(Args):
+class CONFIG:
     output: str = opt("fastdpo-demo", "directory for everything the demo writes")
     reduced: bool = opt(False, "fewer steps and eval rows (for smoke tests)")
     progress: bool = opt(True, "show progress bars")
     overwrite: bool = opt(False, "write into a non-empty --output that is not a demo's (its files are replaced)")
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def run(config):

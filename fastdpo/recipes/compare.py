@@ -77,7 +77,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__, judges, modeling
-from ..config import format_config, make, opt, to_dict
+from ..config import check_fields, format_config, make, opt, to_dict
 from ..errors import UserError
 from ..io import atomic_write_json, ensure_dir
 
@@ -89,21 +89,40 @@ Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 
 @dataclass
-class CompareConfig(modeling.ModelArgs):
-    """`fastdpo compare`: win rate of --model over --baseline on held-out prompts, as a judge decides."""
+class CompareConfig:
+    """`fastdpo compare`: win rate of --model over --baseline on held-out prompts, as a judge decides. Every option
+    of the command is declared here, with its default and help; the flags are generated from these fields (the model
+    fields are copies of eval's, but for --model's help; tests/test_config.py keeps the copies equal)."""
 
     GROUP_TITLES = {"model": "models (A: --model, B: --baseline)", "data": "prompts"}
 
+    # -- model --
     model: str | None = opt(None, "model A, the one evaluated (e.g. the DPO run): a local directory or a Hub id",
                             required=True, group="model")
+    revision: str | None = opt(None, "model revision (branch, tag or commit) on the Hub", group="model")
+    dtype: str = opt("auto", "float32; bfloat16 weights; float16 (scoring only); bf16-mixed (fp32 weights, bf16 "
+                     "autocast; training only); auto: on GPU bf16-mixed to train, bfloat16 to score; float32 on CPU",
+                     choices=["auto", "float32", "bfloat16", "float16", "bf16-mixed"], group="model")
+    trust_remote_code: bool = opt(False, "allow custom model code from the Hub (off: never runs remote code)",
+                                  group="model")
+    attn_implementation: str | None = opt(None, "transformers attention implementation (e.g. sdpa, eager, "
+                                                "flex_attention; default: flex_attention on CUDA where packing "
+                                                "or prefix sharing may be used, else transformers' choice)",
+                                          group="model")
+    logps_backend: str = opt("auto", "log-prob backend: auto (triton on CUDA, torch elsewhere), triton, torch, or "
+                             "eager (full logits, the classic way)", choices=modeling.LOGPS_BACKENDS, group="model")
     baseline: str | None = opt(None, "model B, the one A is compared with (e.g. the SFT model)", required=True,
                                group="model")
     baseline_revision: str | None = opt(None, "--baseline's revision on the Hub (--revision is --model's)",
                                         group="model")
+
+    # -- options --
     output: str | None = opt(None, "directory for the answers, judgements, report.json and compare.png "
                                    "(re-run the same command to continue an interrupted comparison)", required=True)
     overwrite: bool = opt(False, "replace a comparison with other settings in --output (the answers are kept if "
                                  "only the judge changed)")
+
+    # -- data --
     ref_cache: str | None = opt(None, "prompts from this reference cache (its prompt ids; both models must have its "
                                       "tokenizer)", group="data")
     dataset: str | None = opt(None, "prompts from this dataset's --prompt-column (strings or lists of messages): Hub "
@@ -116,6 +135,8 @@ class CompareConfig(modeling.ModelArgs):
     truncation: str = opt("keep_end", "which end of a long prompt to keep", choices=["keep_end", "keep_start"],
                           group="data")
     limit: int | None = opt(None, "compare on only the first N prompts", ge=1, group="data")
+
+    # -- judge --
     judge: str | None = opt(None, "a program judge module:function(prompt, answer_a, answer_b) -> 'a'|'b'|'tie' or "
                                   "a float P(answer_a is better) (e.g. fastdpo.demo_task:judge_pair)", group="judge")
     reward_model: str | None = opt(None, "a reward model (AutoModelForSequenceClassification): local directory or "
@@ -128,14 +149,21 @@ class CompareConfig(modeling.ModelArgs):
                                    "1/2 is a tie", ge=0, lt=0.5, group="judge")
     length_tolerance: float = opt(0.2, "length-balanced win rate: pairs whose token counts differ by at most this "
                                        "fraction of the longer", ge=0, le=1, group="judge")
+
+    # -- generation --
     max_new_tokens: int = opt(256, "generation length cap", ge=1, group="generation")
     temperature: float = opt(0.0, "sampling temperature (0: greedy)", ge=0, group="generation")
     seed: int = opt(0, "sampling seed, the same for both models", ge=0, group="generation")
     batch_size: int = opt(16, "prompts per generate call, pairs per judge forward", ge=1, group="generation")
+
+    # -- model --
     device: str = opt("auto", "device to run on (auto: the GPU when there is one)", group="model")
+
+    # -- options --
     progress: bool = opt(True, "show progress bars")
 
-    def check(self):
+    def __post_init__(self):
+        check_fields(self)
         if self.dtype == "bf16-mixed":
             raise UserError("--dtype bf16-mixed is a training mode; to generate and judge, use bfloat16 or float32")
         named = [flag for flag, v in (("--judge", self.judge), ("--reward-model", self.reward_model),

@@ -23,21 +23,53 @@ import time
 from dataclasses import dataclass
 
 from .. import __version__, cache, metrics, modeling
-from ..config import format_config, make, opt, to_dict
+from ..config import check_fields, format_config, make, opt, to_dict
 from ..errors import UserError, first_line
 from ..io import atomic_write_json
 
 
 @dataclass
-class EvalConfig(modeling.ScoringArgs):
-    """`fastdpo eval`: preference and generation metrics on a held-out cache."""
+class EvalConfig:
+    """`fastdpo eval`: preference and generation metrics on a held-out cache. Every option of the command is declared
+    here, with its default and help; the flags are generated from these fields. The model and layout fields are
+    copies of precompute's (tests/test_config.py keeps the copies equal)."""
 
     GROUP_TITLES = {"model": "policy model"}
 
+    # -- layout --
+    packing: bool | None = opt(None, "pack sequences into rows without padding (default: on where exact)",
+                               group="layout")
+    prefix_sharing: bool | None = opt(None, "score chosen and rejected after one shared prompt (default: on where "
+                                            "exact)", group="layout")
+    max_tokens_per_batch: int | None = opt(None, "cap on a packed row's tokens (default: a whole micro-batch per row "
+                                                 "with FlexAttention, the longest sequence's length with "
+                                                 "SDPA/eager's dense masks)", ge=2, group="layout")
+
+    # -- model --
+    model: str | None = opt(None, "model: a local directory or a Hugging Face Hub id", required=True, group="model")
+    revision: str | None = opt(None, "model revision (branch, tag or commit) on the Hub", group="model")
+    dtype: str = opt("auto", "float32; bfloat16 weights; float16 (scoring only); bf16-mixed (fp32 weights, bf16 "
+                     "autocast; training only); auto: on GPU bf16-mixed to train, bfloat16 to score; float32 on CPU",
+                     choices=["auto", "float32", "bfloat16", "float16", "bf16-mixed"], group="model")
+    trust_remote_code: bool = opt(False, "allow custom model code from the Hub (off: never runs remote code)",
+                                  group="model")
+    attn_implementation: str | None = opt(None, "transformers attention implementation (e.g. sdpa, eager, "
+                                                "flex_attention; default: flex_attention on CUDA where packing "
+                                                "or prefix sharing may be used, else transformers' choice)",
+                                          group="model")
+    logps_backend: str = opt("auto", "log-prob backend: auto (triton on CUDA, torch elsewhere), triton, torch, or "
+                             "eager (full logits, the classic way)", choices=modeling.LOGPS_BACKENDS, group="model")
+    device: str = opt("auto", "device to run on (auto: the accelerate process's device)", group="model")
+
+    # -- options --
+    batch_size: int = opt(8, "pairs per forward (chosen and rejected of each pair run together)", ge=1)
+    progress: bool = opt(True, "show a progress bar")
     ref_cache: str | None = opt(None, "held-out reference cache from `fastdpo precompute`", required=True)
     output: str | None = opt(None, "write the results to this JSON file (default: print only)")
     beta: float = opt(0.1, "beta for the implicit rewards (use the training run's)", gt=0)
     limit: int | None = opt(None, "evaluate only the first N pairs", ge=1)
+
+    # -- generation --
     generate: bool = opt(False, "also generate an answer per prompt and judge it", group="generation")
     judge: str | None = opt(None, "judge for --generate, as module:function(prompt, completion) -> bool|float "
                                   "(e.g. fastdpo.demo_task:judge)", group="generation")
@@ -46,7 +78,9 @@ class EvalConfig(modeling.ScoringArgs):
     generate_limit: int | None = opt(None, "generate for only the first N prompts", ge=1, group="generation")
     keep_samples: int = opt(20, "how many generated samples to store in the JSON", ge=0, group="generation")
 
-    def check(self):
+    def __post_init__(self):
+        check_fields(self)
+        modeling.check_scoring_options(self)
         if self.judge and not self.generate:
             raise UserError("--judge scores generated answers; add --generate")
         if self.output and os.path.exists(self.output) and not _is_eval_result(self.output):

@@ -23,21 +23,79 @@ from pathlib import Path
 
 from .. import __version__, cache, data, modeling
 from ..checkpoint import on_main
-from ..config import format_config, make, opt, to_dict
+from ..config import check_fields, format_config, make, opt, to_dict
 from ..errors import Interrupted, UserError
 from ..io import check_output_apart, sha256_file, sha256_json
 from ..loop import StopSignals
 
 
 @dataclass
-class PrecomputeConfig(data.DataArgs, modeling.ScoringArgs):
-    """`fastdpo precompute`: reference log-probs for a preference dataset."""
+class PrecomputeConfig:
+    """`fastdpo precompute`: reference log-probs for a preference dataset. Every option of the command is declared
+    here, with its default and help; the flags are generated from these fields. The model, layout and data fields
+    are copies of train's and eval's (tests/test_config.py keeps the copies equal); their order is the manifest's."""
 
     GROUP_TITLES = {"model": "reference model"}
 
+    # -- layout --
+    packing: bool | None = opt(None, "pack sequences into rows without padding (default: on where exact)",
+                               group="layout")
+    prefix_sharing: bool | None = opt(None, "score chosen and rejected after one shared prompt (default: on where "
+                                            "exact)", group="layout")
+    max_tokens_per_batch: int | None = opt(None, "cap on a packed row's tokens (default: a whole micro-batch per row "
+                                                 "with FlexAttention, the longest sequence's length with "
+                                                 "SDPA/eager's dense masks)", ge=2, group="layout")
+
+    # -- model --
+    model: str | None = opt(None, "model: a local directory or a Hugging Face Hub id", required=True, group="model")
+    revision: str | None = opt(None, "model revision (branch, tag or commit) on the Hub", group="model")
+    dtype: str = opt("auto", "float32; bfloat16 weights; float16 (scoring only); bf16-mixed (fp32 weights, bf16 "
+                     "autocast; training only); auto: on GPU bf16-mixed to train, bfloat16 to score; float32 on CPU",
+                     choices=["auto", "float32", "bfloat16", "float16", "bf16-mixed"], group="model")
+    trust_remote_code: bool = opt(False, "allow custom model code from the Hub (off: never runs remote code)",
+                                  group="model")
+    attn_implementation: str | None = opt(None, "transformers attention implementation (e.g. sdpa, eager, "
+                                                "flex_attention; default: flex_attention on CUDA where packing "
+                                                "or prefix sharing may be used, else transformers' choice)",
+                                          group="model")
+    logps_backend: str = opt("auto", "log-prob backend: auto (triton on CUDA, torch elsewhere), triton, torch, or "
+                             "eager (full logits, the classic way)", choices=modeling.LOGPS_BACKENDS, group="model")
+    device: str = opt("auto", "device to run on (auto: the accelerate process's device)", group="model")
+
+    # -- options --
+    batch_size: int = opt(8, "pairs per forward (chosen and rejected of each pair run together)", ge=1)
+    progress: bool = opt(True, "show a progress bar")
+
+    # -- data --
+    dataset: str | None = opt(None, "Hub dataset id, a .jsonl/.json/.parquet/.csv/.arrow file, or a directory of them",
+                              required=True, group="data")
+    dataset_config: str | None = opt(None, "Hub dataset configuration name", group="data")
+    split: str = opt("train", "dataset split to read", group="data")
+    prompt_column: str = opt("prompt", "column holding the prompt (absent: extracted from chosen/rejected)",
+                             group="data")
+    chosen_column: str = opt("chosen", "column holding the preferred completion", group="data")
+    rejected_column: str = opt("rejected", "column holding the dispreferred completion", group="data")
+    max_prompt_length: int | None = opt(512, "cap on prompt tokens (none: no cap)", ge=1, group="data")
+    max_length: int | None = opt(1024, "cap on prompt+completion tokens; the completion is cut (none: no cap)", ge=2,
+                                 group="data")
+    truncation: str = opt("keep_end", "which end of a long prompt to keep", choices=["keep_end", "keep_start"],
+                          group="data")
+    chat_bos: str = opt("template", "conversational rows: 'template' keeps the BOS the chat template renders (as "
+                        "apply_chat_template(tokenize=True) does); 'tokenizer' also adds the tokenizer's BOS where "
+                        "the template renders none", choices=["template", "tokenizer"], group="data")
+    assistant_marker: str = opt("\n\nAssistant:", "implicit-prompt string data: the prompt ends after the last one",
+                                group="data")
+    limit: int | None = opt(None, "process only the first N rows of the split", ge=1, group="data")
+    strict: bool = opt(False, "stop at the first row that would be skipped, naming it", group="data")
+
+    # -- options --
     output: str | None = opt(None, "directory to write shards and manifest.json into", required=True)
     shard_rows: int = opt(4096, "rows per shard file", ge=1)
     overwrite: bool = opt(False, "replace an existing cache made with other settings")
+
+    def __post_init__(self):
+        check_fields(self)
+        modeling.check_scoring_options(self)
 
     def settings(self) -> dict:
         """Everything that changes the cache's contents (a resume must match it)."""
@@ -45,7 +103,7 @@ class PrecomputeConfig(data.DataArgs, modeling.ScoringArgs):
         return {k: v for k, v in to_dict(self).items() if k not in skip}
 
 
-def dataset_fingerprint(ds, args: data.DataArgs) -> str:
+def dataset_fingerprint(ds, args: PrecomputeConfig) -> str:
     """Content hash of local data files; `datasets`' own fingerprint for Hub data."""
     if os.path.isfile(args.dataset):
         return "sha256:" + sha256_file(args.dataset)
@@ -187,7 +245,7 @@ def precompute(config: PrecomputeConfig | None = None, **kwargs) -> dict:
     tok_hash = modeling.tokenizer_hash(tokenizer)
     data_fp = dataset_fingerprint(source, cfg)
     # The tokenization code is part of the key, so a changed pipeline never reuses a stale datasets cache.
-    map_fp = sha256_json([tok_hash, data_fp, cfg.data_settings(), sha256_file(data.__file__)])[:32]
+    map_fp = sha256_json([tok_hash, data_fp, data.data_settings(cfg), sha256_file(data.__file__)])[:32]
     with state.local_main_process_first():  # one process per node tokenizes; the others read datasets' cache
         rows, skips, stats = data.tokenize_dataset(source, tokenizer, cfg, fingerprint=map_fp)
     t_tok = time.perf_counter()

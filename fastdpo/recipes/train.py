@@ -22,22 +22,141 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import batching, checkpoint, data, loop, metrics, modeling
-from ..config import make, opt
+from .. import batching, checkpoint, data, loop, metrics, modeling, optim
+from ..config import check_fields, make, opt
 from ..errors import UserError
 
 
 @dataclass
-class TrainConfig(data.DataArgs, loop.RunArgs, modeling.LayoutArgs):
-    """`fastdpo train`: preference optimisation of a policy."""
+class TrainConfig:
+    """`fastdpo train`: preference optimisation of a policy. Every option of the command is declared here, with its
+    default and help; the flags are generated from these fields. The model, run and data fields are copies of sft's
+    and precompute's (tests/test_config.py keeps the copies equal); their order is the saved config's."""
 
-    GROUP_TITLES = {**loop.RunArgs.GROUP_TITLES, "data": "data (with --dataset)", "model": "policy model"}
+    GROUP_TITLES = {"lora": "LoRA (pip install 'fastdpo[peft]')", "data": "data (with --dataset)",
+                    "model": "policy model"}
 
-    ref_cache: str | None = opt(None, "reference cache written by `fastdpo precompute`")
+    # -- layout --
+    packing: bool | None = opt(None, "pack sequences into rows without padding (default: on where exact)",
+                               group="layout")
+    prefix_sharing: bool | None = opt(None, "score chosen and rejected after one shared prompt (default: on where "
+                                            "exact)", group="layout")
+    max_tokens_per_batch: int | None = opt(None, "cap on a packed row's tokens (default: a whole micro-batch per row "
+                                                 "with FlexAttention, the longest sequence's length with "
+                                                 "SDPA/eager's dense masks)", ge=2, group="layout")
+
+    # -- model --
+    model: str | None = opt(None, "model: a local directory or a Hugging Face Hub id", required=True, group="model")
+    revision: str | None = opt(None, "model revision (branch, tag or commit) on the Hub", group="model")
+    dtype: str = opt("auto", "float32; bfloat16 weights; float16 (scoring only); bf16-mixed (fp32 weights, bf16 "
+                     "autocast; training only); auto: on GPU bf16-mixed to train, bfloat16 to score; float32 on CPU",
+                     choices=["auto", "float32", "bfloat16", "float16", "bf16-mixed"], group="model")
+    trust_remote_code: bool = opt(False, "allow custom model code from the Hub (off: never runs remote code)",
+                                  group="model")
+    attn_implementation: str | None = opt(None, "transformers attention implementation (e.g. sdpa, eager, "
+                                                "flex_attention; default: flex_attention on CUDA where packing "
+                                                "or prefix sharing may be used, else transformers' choice)",
+                                          group="model")
+    logps_backend: str = opt("auto", "log-prob backend: auto (triton on CUDA, torch elsewhere), triton, torch, or "
+                             "eager (full logits, the classic way)", choices=modeling.LOGPS_BACKENDS, group="model")
+
+    # -- options --
+    output: str | None = opt(None, "run directory: metrics.jsonl, checkpoints, final model", required=True)
+
+    # -- optimisation --
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory", group="optimisation")
+    optimizer: str = opt("adamw", "optimizer (bytes per trained parameter: README, Precision)",
+                         choices=list(optim.OPTIMIZERS), group="optimisation")
+    lr: float = opt(1e-6, "peak learning rate", gt=0, group="optimisation")
+    weight_decay: float = opt(0.0, "decoupled weight decay (AdamW) or L2 (SGD)", ge=0, group="optimisation")
+    momentum: float = opt(0.0, "SGD momentum", ge=0, lt=1, group="optimisation")
+    lr_scheduler: str = opt("linear", "learning-rate schedule after warm-up", choices=["constant", "linear", "cosine"],
+                            group="optimisation")
+    warmup_steps: int = opt(0, "linear warm-up steps", ge=0, group="optimisation")
+    warmup_ratio: float = opt(0.0, "warm-up as a fraction of all steps (used when --warmup-steps is 0)", ge=0, lt=1,
+                              group="optimisation")
+    batch_size: int = opt(4, "examples per micro-batch per process (pairs for preference losses)", ge=1,
+                          group="optimisation")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (global batch = batch x processes x accum)", ge=1,
+                          group="optimisation")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm (0 disables clipping)", ge=0, group="optimisation")
+    epochs: int = opt(1, "passes over the data", ge=1, group="optimisation")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides --epochs)", ge=1,
+                                group="optimisation")
+    seed: int = opt(42, "seed for data order and initialisation", ge=0, le=2**32 - 1, group="optimisation")
+    shuffle: bool = opt(True, "shuffle shards and rows each epoch (deterministic from --seed and the epoch)",
+                        group="optimisation")
+    group_by_length: bool = opt(True, "batch examples of similar length together to cut padding",
+                                group="optimisation")
+    disable_dropout: bool = opt(True, "turn dropout off in the policy, as TRL does", group="optimisation")
+    max_bad_steps: int = opt(5, "stop after this many consecutive steps with a non-finite loss or gradient", ge=1,
+                             group="optimisation")
+
+    # -- logging and checkpoints --
+    log_every: int = opt(10, "print a metrics line every N steps (metrics.jsonl gets every step)", ge=1,
+                         group="logging and checkpoints")
+    report_to: str = opt("none", "experiment tracker, through accelerate", choices=["none", "tensorboard", "wandb"],
+                         group="logging and checkpoints")
+    save_steps: int | None = opt(None, "write OUT/checkpoint-STEP every N steps", ge=1, group="logging and checkpoints")
+    save_total_limit: int | None = opt(None, "keep only the newest N checkpoints", ge=1,
+                                       group="logging and checkpoints")
+    resume: str | None = opt(None, "continue from OUT/checkpoint-STEP, or 'latest' for the newest complete one",
+                             group="logging and checkpoints")
+    allow_changes: bool = opt(False, "with --resume: train on with options that differ from the checkpoint's (loss, "
+                                     "beta, lr, schedule, ...; README: Reliability), from the next step; "
+                                     "metrics.jsonl records the change", group="logging and checkpoints")
+    progress: bool = opt(True, "show a progress bar with ETA", group="logging and checkpoints")
+    overwrite: bool = opt(False, "start over in an --output that holds a run (its checkpoints, logs and model are "
+                                 "removed)", group="logging and checkpoints")
+
+    # -- distributed --
+    fsdp: bool = opt(False, "shard weights, gradients and optimizer state over processes with PyTorch FSDP2 "
+                            "(fully_shard per decoder layer)", group="distributed")
+    fsdp_lm_head: str = opt("own", "the LM head as its own FSDP unit (gathered only around the head) or in the root "
+                                   "unit", choices=["own", "root"], group="distributed")
+    fsdp_reshard_after_forward: bool = opt(True, "free each unit's gathered weights after its forward and gather "
+                                                 "again for backward (less memory, more communication)",
+                                           group="distributed")
+    fsdp_cpu_offload: bool = opt(False, "keep weights, gradients and optimizer state in CPU memory (GPU only; the "
+                                        "optimizer step runs on CPU)", group="distributed")
+
+    # -- lora --
+    lora_r: int | None = opt(None, "LoRA rank; enables LoRA through peft", ge=1, group="lora")
+    lora_alpha: float = opt(16.0, "LoRA alpha", gt=0, group="lora")
+    lora_dropout: float = opt(0.0, "LoRA dropout", ge=0, lt=1, group="lora")
+    lora_target_modules: str = opt("all-linear", "comma-separated module names, or all-linear", group="lora")
+    merge_lora: bool = opt(False, "save the merged model instead of the adapter", group="lora")
+
+    # -- data --
     dataset: str | None = opt(None, "preference data, for live-reference or reference-free runs (instead of a cache)",
                               group="data")
+    dataset_config: str | None = opt(None, "Hub dataset configuration name", group="data")
+    split: str = opt("train", "dataset split to read", group="data")
+    prompt_column: str = opt("prompt", "column holding the prompt (absent: extracted from chosen/rejected)",
+                             group="data")
+    chosen_column: str = opt("chosen", "column holding the preferred completion", group="data")
+    rejected_column: str = opt("rejected", "column holding the dispreferred completion", group="data")
+    max_prompt_length: int | None = opt(512, "cap on prompt tokens (none: no cap)", ge=1, group="data")
+    max_length: int | None = opt(1024, "cap on prompt+completion tokens; the completion is cut (none: no cap)", ge=2,
+                                 group="data")
+    truncation: str = opt("keep_end", "which end of a long prompt to keep", choices=["keep_end", "keep_start"],
+                          group="data")
+    chat_bos: str = opt("template", "conversational rows: 'template' keeps the BOS the chat template renders (as "
+                        "apply_chat_template(tokenize=True) does); 'tokenizer' also adds the tokenizer's BOS where "
+                        "the template renders none", choices=["template", "tokenizer"], group="data")
+    assistant_marker: str = opt("\n\nAssistant:", "implicit-prompt string data: the prompt ends after the last one",
+                                group="data")
+    limit: int | None = opt(None, "process only the first N rows of the split", ge=1, group="data")
+    strict: bool = opt(False, "stop at the first row that would be skipped, naming it", group="data")
+
+    # -- options --
+    ref_cache: str | None = opt(None, "reference cache written by `fastdpo precompute`")
+
+    # -- data --
     ref_model: str | None = opt(None, "live reference model with --dataset (default: a frozen copy of --model)",
                                 group="data")
+
+    # -- loss --
     loss: list[str] = opt(None, "loss type(s), comma-separated for a mixture (e.g. sigmoid,sft)",
                           default_factory=lambda: ["sigmoid"], group="loss")
     loss_weights: list[float] | None = opt(None, "mixture weights, one per --loss (default: all 1)", ge=0,
@@ -51,12 +170,16 @@ class TrainConfig(data.DataArgs, loop.RunArgs, modeling.LayoutArgs):
     discopop_tau: float = opt(0.05, "DiscoPOP temperature tau", gt=0, group="loss")
     ld_alpha: float | None = opt(None, "LD-DPO: weight of completion tokens beyond the shorter completion's length",
                                  ge=0, le=1, group="loss")
+
+    # -- logging and checkpoints --
     kl_warn: float | None = opt(1.0, "warn once when the per-token KL estimate to the reference exceeds this", ge=0,
                                 group="logging and checkpoints")
     early_stop_kl: float | None = opt(None, "stop the run (the model is saved) once the per-token KL estimate "
                                             "exceeds this", gt=0, group="logging and checkpoints")
 
-    def check(self):
+    def __post_init__(self):
+        check_fields(self)
+        loop.check_run_options(self)
         if self.ref_cache and self.dataset:
             raise UserError("give --ref-cache or --dataset, not both (a cache already holds its data)")
         if not self.ref_cache and not self.dataset:
@@ -64,8 +187,8 @@ class TrainConfig(data.DataArgs, loop.RunArgs, modeling.LayoutArgs):
         if self.ref_model and not self.dataset:
             raise UserError("--ref-model runs a live reference and needs --dataset")
         if self.ref_cache:  # the cache holds tokenized data: the data options cannot take effect
-            changed = [f.name for f in dataclasses.fields(data.DataArgs)
-                       if f.name != "dataset" and getattr(self, f.name) != f.default]
+            defaults = type(self).__dataclass_fields__
+            changed = [n for n in data.DATA_OPTIONS if n != "dataset" and getattr(self, n) != defaults[n].default]
             if changed:
                 raise UserError(f"--{changed[0].replace('_', '-')} has no effect with --ref-cache (the cache holds "
                                 "its tokenized data); set it when running fastdpo precompute, or train from --dataset")

@@ -37,6 +37,12 @@ def setup(tiny_model, tmp_path_factory):
     data = write_jsonl(root / "pairs.jsonl", make_pairs(16, seed=4))
     precompute(PrecomputeConfig(model=tiny_model, dataset=str(data), output=str(root / "c"), shard_rows=4,
                                 batch_size=3, progress=False))
+    write_zero3_config(root)
+    return root
+
+
+def write_zero3_config(root) -> None:
+    """root/zero3.yaml, an accelerate config for ZeRO-3 with every parameter partitioned (root/zero3.json)."""
     (root / "zero3.json").write_text(json.dumps({
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
         "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
@@ -46,7 +52,6 @@ def setup(tiny_model, tmp_path_factory):
         f"  deepspeed_config_file: {root / 'zero3.json'}\n  zero3_init_flag: true\nmachine_rank: 0\n"
         "main_training_function: main\nnum_machines: 1\nnum_processes: 1\nrdzv_backend: static\n"
         "same_network: true\nuse_cpu: false\n")
-    return root
 
 
 def launch(config, nproc: int, *args) -> subprocess.CompletedProcess:

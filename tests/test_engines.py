@@ -3,8 +3,6 @@ ZeRO-3 over 2 processes (where deepspeed is installed) train the same run throug
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from test_fsdp import assert_same_run, caches, torchrun  # noqa: F401 (caches: a fixture)
 
@@ -27,17 +25,9 @@ def test_one_trajectory_under_every_engine(caches, tmp_path, capfd):  # noqa: F8
         import deepspeed  # noqa: F401
     except ImportError:
         pytest.skip("plain and FSDP2 agree; deepspeed is not installed, so ZeRO-3 was not run")
-    from test_deepspeed import launch
+    from test_deepspeed import launch, write_zero3_config
 
-    config = tmp_path / "zero3.json"
-    config.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-                                  "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                                  "gradient_clipping": "auto"}))
-    (tmp_path / "zero3.yaml").write_text(
-        f"compute_environment: LOCAL_MACHINE\ndistributed_type: DEEPSPEED\ndeepspeed_config:\n"
-        f"  deepspeed_config_file: {config}\n  zero3_init_flag: true\nmachine_rank: 0\n"
-        "main_training_function: main\nnum_machines: 1\nnum_processes: 1\nrdzv_backend: static\n"
-        "same_network: true\nuse_cpu: false\n")
+    write_zero3_config(tmp_path)
     proc = launch(tmp_path / "zero3.yaml", 2, *args, "--output", tmp_path / "zero3")
     assert "engine: deepspeed (2 process(es))" in proc.stderr and "DeepSpeed ZeRO-3" in proc.stderr
     assert_same_run(tmp_path / "plain", tmp_path / "zero3")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from .config import Args, opt
 from .errors import UserError, first_line
 from .io import is_local_path, sha256_file
+from .quant import QuantArgs, after_load
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -40,8 +41,8 @@ LLAMA_LIKE_MODEL_TYPES = frozenset({
 
 
 @dataclass
-class ModelArgs(Args):
-    """Which model, and how it is loaded and scored (every command)."""
+class ModelArgs(QuantArgs):
+    """Which model, and how it is loaded (quantized: `fastdpo.quant`) and scored (every command)."""
 
     model: str | None = opt(None, "model: a local directory or a Hugging Face Hub id", required=True, group="model")
     revision: str | None = opt(None, "model revision (branch, tag or commit) on the Hub", group="model")
@@ -190,7 +191,9 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
 
 
 def load_model(name: str, *, revision: str | None = None, dtype=None, device=None, trust_remote_code: bool = False,
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, quantization=None):
+    """quantization: a `BitsAndBytesConfig` (`quant.bnb_config`): the linear layers are quantized as they load, on
+    `device` (default: this process's)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -199,6 +202,10 @@ def load_model(name: str, *, revision: str | None = None, dtype=None, device=Non
     kw["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = dtype
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        kw["quantization_config"] = quantization
+        kw["device_map"] = {"": str(device or process_state().device)}  # quantized where it runs, not moved after
+        device = None
     check_model_path(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kw)
@@ -206,7 +213,7 @@ def load_model(name: str, *, revision: str | None = None, dtype=None, device=Non
         raise _not_found("model", name, e) from None
     if device is not None:
         model.to(device)
-    return model
+    return model if quantization is None else after_load(model)
 
 
 def load_config(name: str, revision: str | None = None, trust_remote_code: bool = False):

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, cache, data, modeling
+from . import __version__, cache, data, modeling, quant
 from .checkpoint import on_main
 from .config import format_config, make, opt, to_dict
 from .errors import Interrupted, UserError
@@ -124,7 +124,7 @@ def _manifest(cfg: PrecomputeConfig, setup, fingerprint: str, hashes: dict, stat
                      "prompt": cfg.prompt_column, "chosen": cfg.chosen_column, "rejected": cfg.rejected_column}},
         settings={**cfg.settings(), "resolved_dtype": str(setup.dtype).replace("torch.", ""),
                   "resolved_device": str(modeling.resolve_device(cfg.device)),
-                  "resolved_layout": dataclasses.asdict(setup.layout)},
+                  "resolved_layout": dataclasses.asdict(setup.layout), "quantization": quant.spec(cfg)},
         config=to_dict(cfg), num_processes=num_processes, shards=shards,
         timings={"tokenize_s": round(times[1] - times[0], 3), "forward_s": round(times[2] - times[1], 3),
                  "total_s": round(time.perf_counter() - times[0], 3)})

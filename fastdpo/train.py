@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import batching, checkpoint, data, loop, metrics, modeling
+from . import batching, checkpoint, data, loop, metrics, modeling, quant
 from .config import make, opt
 from .errors import UserError
 
@@ -53,6 +53,8 @@ class TrainConfig(data.DataArgs, loop.RunArgs, modeling.LayoutArgs):
                                 group="logging and checkpoints")
     early_stop_kl: float | None = opt(None, "stop the run (the model is saved) once the per-token KL estimate "
                                             "exceeds this", gt=0, group="logging and checkpoints")
+    allow_reference_mismatch: bool = opt(False, "train from a --ref-cache whose reference was quantized otherwise "
+                                                "than --model loads (the step-1 margin it causes is printed)")
 
     def check(self):
         if self.ref_cache and self.dataset:
@@ -218,7 +220,7 @@ class PreferenceObjective(loop.Objective):
         Signs practitioners watch: reward accuracy near 1 early in training (the pairs are separated
         too easily: artefacts, or beta too small) and a policy drifting far from the reference.
         """
-        warnings, stop = [], None
+        warnings, stop = quant.step_one_report(self.cfg, m), None
         self.recent_acc = (self.recent_acc + [m["rewards/accuracies"]])[-5:]
         early = m["step"] <= max(1, total_steps // 10)
         if early and len(self.recent_acc) == 5 and min(self.recent_acc) >= 0.95 and not self.acc_warned:

@@ -106,10 +106,9 @@ def quantized(args) -> bool:
     return bool(getattr(args, "load_in_4bit", False) or getattr(args, "load_in_8bit", False))
 
 
-def _quiet_bitsandbytes() -> None:
-    # bitsandbytes' CPU backend logs a warning at import when the optional `kernels` package (a faster 4-bit GEMM)
-    # is missing, and falls back to its own kernels: nothing a fastdpo user has to act on
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# bitsandbytes' CPU backend logs a warning when it is imported (by peft, or here) without the optional `kernels`
+# package (a faster 4-bit GEMM), and falls back to its own kernels: nothing a fastdpo user has to act on
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def bnb_config(args):
@@ -117,8 +116,6 @@ def bnb_config(args):
     if not quantized(args):
         return None
     import torch
-
-    _quiet_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
     if args.load_in_8bit:

@@ -85,6 +85,7 @@ def test_activation_constants(tiny_model):
             score_pairs(scorer, *rows, setup.layout, 0, torch.device("cpu"))
         saved[layers] = sum(s.nbytes() for s in seen.values()) / (2 * (64 + 2 * 64))
     per_layer = (saved[3] - saved[1]) / 2
+    print(f"saved per token and layer: {per_layer:.0f} bytes")
     assert per_layer == pytest.approx(fplan.A_HIDDEN * 96 + fplan.A_MLP * 256 + fplan.A_OTHER, rel=0.1), per_layer
 
 

@@ -126,7 +126,7 @@ _SECTIONS = {
     "settings": {"resolved_dtype": (_OPT_STR, False), "resolved_device": (_OPT_STR, False),
                  "resolved_layout": ((dict, type(None)), False), "max_prompt_length": (_OPT_INT, False),
                  "max_length": (_OPT_INT, False), "truncation": (_OPT_STR, False),
-                 "logps_backend": (_OPT_STR, False)},
+                 "logps_backend": (_OPT_STR, False), "quantization": ((dict, type(None)), False)},
 }
 
 
@@ -496,8 +496,10 @@ class CacheSource(Source):
 
 def open_cache(cache_dir: str, setup, *, policy_weights: str | None = None, is_main: bool = True) -> CacheSource:
     """Open a cache for a model: refused unless it was made with `setup`'s tokenizer; with `policy_weights`
-    (a policy that should start at the reference), a note when the weights or dtype differ from the cache's."""
+    (a policy that should start at the reference), a note when the weights or dtype differ from the cache's,
+    and a refusal when the quantization does (`quant.check_reference`)."""
     from .modeling import tokenizer_hash, weights_hash
+    from .quant import check_reference, spec
 
     manifest = load_manifest(cache_dir)
     theirs, ours = manifest.tokenizer["sha256"], tokenizer_hash(setup.tokenizer)
@@ -505,6 +507,11 @@ def open_cache(cache_dir: str, setup, *, policy_weights: str | None = None, is_m
         raise UserError(f"tokenizer mismatch: {setup.args.model} has tokenizer {ours[:12]} but the cache {cache_dir} "
                         f"was made with {manifest.model['name_or_path']}'s tokenizer {str(theirs)[:12]}; precompute "
                         "the cache with this model's tokenizer")
+    if policy_weights is not None and not manifest.model.get("external"):  # every process refuses, not only main
+        line = check_reference(cache_dir, manifest.settings.get("quantization"), spec(setup.args),
+                               getattr(setup.args, "allow_reference_mismatch", False))
+        if line and is_main:
+            print(line, file=sys.stderr)
     if policy_weights is not None and is_main:
         weights = weights_hash(policy_weights, setup.args.revision)
         if weights and manifest.model.get("weights_sha256") not in (None, weights):
@@ -552,7 +559,7 @@ def describe(cache_dir: str | os.PathLike) -> dict:
                 dataset={k: v for k, v in m.dataset.items() if k != "columns"}, timings=m.timings,
                 settings={k: m.settings.get(k) for k in ("resolved_dtype", "resolved_device", "resolved_layout",
                                                          "max_prompt_length", "max_length", "truncation",
-                                                         "logps_backend") if k in m.settings})
+                                                         "logps_backend", "quantization") if k in m.settings})
     listed = {s.file for s in m.shards}
     unlisted = sorted(p.name for p in cache_dir.glob("shard-*.arrow") if p.name not in listed)
     if unlisted:
@@ -610,13 +617,15 @@ def verify(cache_dir: str | os.PathLike, model: str | None = None, *, sample: in
 def _recompute(source: CacheSource, manifest: Manifest, model: str, sample: int, seed: int, device: str,
                batch_size: int) -> dict:
     from .modeling import ModelSpec, resolve_device, resolve_dtype, tokenizer_hash
+    from .quant import options
     from .scoring import prepare, score_rows
 
     layout = manifest.settings.get("resolved_layout") or {}
     dtype_name = manifest.settings.get("resolved_dtype") or "float32"
     args = ModelSpec(model=model, logps_backend=manifest.settings.get("logps_backend", "auto"),
                      attn_implementation=layout.get("attention"), packing=layout.get("packing", False),
-                     prefix_sharing=layout.get("prefix_sharing", False), max_tokens_per_batch=layout.get("max_tokens"))
+                     prefix_sharing=layout.get("prefix_sharing", False), max_tokens_per_batch=layout.get("max_tokens"),
+                     **options(manifest.settings.get("quantization")))  # the quantization it was made with
     dev = resolve_device(device)
     idx = np.sort(np.random.default_rng(seed).choice(len(source), min(sample, len(source)), replace=False))
     rows = source.fetch(idx, with_token_logps=True)

@@ -266,6 +266,9 @@ class Trainer:
                             "launch with a plain multi-GPU config (or torchrun) and pass --fsdp")
         self.is_main, self.device = self.accelerator.is_main_process, self.accelerator.device
         self.engine = engines.engine_for(cfg, self.accelerator)  # plain, FSDP2 or DeepSpeed
+        from .offload import offloading  # torch: not needed to build the CLI
+
+        self.offload = offloading(cfg.activation_offload)  # one per run: its CUDA side stream is reused
         modeling.set_library_progress(cfg.progress and self.is_main)
         self.bar = None  # the progress bar, while `fit` runs
         self.inputs = run_inputs(cfg)
@@ -275,7 +278,9 @@ class Trainer:
         if self.is_main:
             print(f"fastdpo {__version__} {command}\n{format_config(cfg)}\n  precision: {self.precision}\n"
                   f"  engine: {self.engine.name} ({self.accelerator.num_processes} process(es))", file=sys.stderr)
-            if self.precision == "bfloat16" and optim.OPTIMIZERS[cfg.optimizer].weights != "bf16":
+            bf16_weights = optim.OPTIMIZERS[cfg.optimizer].weights == "bf16"
+            # (LoRA: the adapter peft trains is fp32 whatever --dtype, as under a quantized base)
+            if self.precision == "bfloat16" and not bf16_weights and cfg.lora_r is None:
                 print(f"warning: --dtype bfloat16 updates bf16 weights with --optimizer {cfg.optimizer}: an update "
                       "smaller than half a weight's bf16 spacing (most of them at DPO learning rates) rounds away; "
                       "--dtype bf16-mixed keeps fp32 weights (the default on GPU), --optimizer adamw-kahan "
@@ -321,7 +326,7 @@ class Trainer:
                 sums: dict = {}
                 for j, (batch, weight) in enumerate(micro):
                     # gradients are reduced over processes only at the last micro-batch of the step
-                    with engine.grad_sync(self.model, j == len(micro) - 1), acc.autocast():
+                    with engine.grad_sync(self.model, j == len(micro) - 1), acc.autocast(), self.offload:
                         loss, stats = objective.step(self.model, batch)  # forward + loss
                         # x processes: DDP averages gradients over processes, each holds a share of the step
                         engine.backward(self.model, loss * (weight * acc.num_processes))  # backward

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from .errors import UserError, first_line
 from .io import is_local_path, sha256_file
+from .quant import after_load
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -60,6 +61,11 @@ class ModelSpec:
     packing: bool | None = None
     prefix_sharing: bool | None = None
     max_tokens_per_batch: int | None = None
+    load_in_4bit: bool = False  # the quantization (`fastdpo.quant`): a cache records the one it was made with
+    load_in_8bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_double_quant: bool = False
+    bnb_4bit_compute_dtype: str = "bfloat16"
 
 
 def set_library_progress(enabled: bool) -> None:
@@ -167,7 +173,9 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
 
 
 def load_model(name: str, *, revision: str | None = None, dtype=None, device=None, trust_remote_code: bool = False,
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, quantization=None):
+    """quantization: a `BitsAndBytesConfig` (`quant.bnb_config`): the linear layers are quantized as they load, on
+    `device` (default: this process's)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -176,6 +184,10 @@ def load_model(name: str, *, revision: str | None = None, dtype=None, device=Non
     kw["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = dtype
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        kw["quantization_config"] = quantization
+        kw["device_map"] = {"": str(device or process_state().device)}  # quantized where it runs, not moved after
+        device = None
     check_model_path(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kw)
@@ -183,7 +195,7 @@ def load_model(name: str, *, revision: str | None = None, dtype=None, device=Non
         raise _not_found("model", name, e) from None
     if device is not None:
         model.to(device)
-    return model
+    return model if quantization is None else after_load(model)
 
 
 def load_config(name: str, revision: str | None = None, trust_remote_code: bool = False):

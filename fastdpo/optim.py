@@ -61,6 +61,7 @@ def train_precision(cfg, device) -> str:
     weights (auto -> bfloat16, on CPU and GPU). Refuses, before anything loads, a --dtype or --fsdp the optimizer
     cannot train and an optimizer whose library is not installed."""
     from .modeling import default_precision
+    from .quant import quantized
 
     spec = OPTIMIZERS[cfg.optimizer]
     if spec.weights == "bf16" and cfg.dtype not in ("auto", "bfloat16"):
@@ -71,6 +72,10 @@ def train_precision(cfg, device) -> str:
         raise UserError(f"--optimizer {spec.name} cannot step --fsdp's sharded weights ({spec.pip} takes no DTensor); "
                         "drop --fsdp, or use --optimizer adamw or adamw-kahan")
     _library(spec)
+    if cfg.dtype == "auto" and quantized(cfg):
+        # a quantized base is frozen: its unquantized weights (embeddings, head, norms) stay 16-bit on a GPU, not
+        # fp32 as bf16-mixed would make them; the LoRA weights peft keeps in fp32 take every update
+        return "bfloat16" if getattr(device, "type", str(device)) == "cuda" else "float32"
     return "bfloat16" if spec.weights == "bf16" else default_precision(cfg.dtype, device)
 
 

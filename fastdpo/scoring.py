@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from . import kernels, modeling, packing
+from . import kernels, modeling, packing, quant
 from .errors import UserError
 from .modeling import LLAMA_LIKE_MODEL_TYPES
 
@@ -187,7 +187,7 @@ class Setup:
         a = self.args
         return modeling.load_model(weights_from or a.model, revision=None if weights_from else a.revision,
                                    dtype=self.dtype, device=device, trust_remote_code=a.trust_remote_code,
-                                   attn_implementation=self.attention)
+                                   attn_implementation=self.attention, quantization=quant.bnb_config(a))
 
     def scorer(self, causal_lm):
         """`causal_lm` wrapped so that its forward returns completion log-probs (the one scoring path)."""

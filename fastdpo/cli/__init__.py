@@ -27,6 +27,7 @@ SUBCOMMANDS = {
     "eval": "reward accuracy, margins, KL estimate and judged generations on a held-out cache",
     "compare": "win rate of one model's answers over another's (e.g. DPO vs SFT), judged in both orders",
     "plot": "PNG curves of one or several runs (loss, rewards, margin, accuracy, log-probs)",
+    "plan": "estimate a training run's peak memory from the model's config alone, and what fits a budget",
     "cache": "inspect a reference cache (info) or check it against its files and its reference model (verify)",
     "demo": "the whole pipeline on a bundled task, nothing to download: DPO visibly improving a tiny model",
 }

@@ -5,6 +5,7 @@ import types
 from dataclasses import dataclass
 
 from ..config import check_fields, opt
+from ..quant import describe as describe_quantization
 
 DESCRIPTION = """Inspect a reference cache written by `fastdpo precompute` (or by fastdpo.cache.write), or check
 it: every shard against the manifest's sha256 and, with --model, a sample of rows recomputed through
@@ -67,6 +68,9 @@ def format_info(info: dict) -> str:
     lines.append(f"settings   dtype {st.get('resolved_dtype', '-')} on {st.get('resolved_device', '-')}, layout "
                  f"{shape} ({layout.get('attention', '-')}), max_prompt_length {st.get('max_prompt_length', '-')}, "
                  f"max_length {st.get('max_length', '-')}")
+    if st.get("quantization"):
+        lines.append(f"quantized  {describe_quantization(st['quantization'])}, bitsandbytes "
+                     f"{st['quantization'].get('bitsandbytes', '?')}")
     lines.append(f"{'tokens':<10} {'min':>6} {'median':>8} {'p95':>8} {'max':>6} {'at cap':>7}")
     for k, q in info["lengths"].items():
         cap = f"{100 * q['at_cap']:.1f}%" if "at_cap" in q else "-"

@@ -76,7 +76,7 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__, judges, modeling
+from .. import __version__, judges, modeling, quant
 from ..config import check_fields, format_config, make, opt, to_dict
 from ..errors import UserError
 from ..io import atomic_write_json, ensure_dir
@@ -111,6 +111,19 @@ class CompareConfig:
                                           group="model")
     logps_backend: str = opt("auto", "log-prob backend: auto (triton on CUDA, torch elsewhere), triton, torch, or "
                              "eager (full logits, the classic way)", choices=modeling.LOGPS_BACKENDS, group="model")
+
+    # -- quantization --
+    load_in_4bit: bool = opt(False, "quantize the base model's linear layers to 4 bits at load (bitsandbytes; QLoRA "
+                                    "with --lora-r); embeddings, norms and LM head stay in --dtype",
+                             group="quantization")
+    load_in_8bit: bool = opt(False, "quantize the base model's linear layers to 8 bits at load (bitsandbytes "
+                                    "LLM.int8; with --lora-r to train)", group="quantization")
+    bnb_4bit_quant_type: str = opt("nf4", "4-bit data type: nf4 (normal float, the QLoRA paper's) or fp4",
+                                   choices=["nf4", "fp4"], group="quantization")
+    bnb_4bit_double_quant: bool = opt(False, "quantize the 4-bit blocks' scales too (about 0.4 bits/param less)",
+                                      group="quantization")
+    bnb_4bit_compute_dtype: str = opt("bfloat16", "dtype 4-bit layers dequantize to and multiply in",
+                                      choices=quant.COMPUTE_DTYPES, group="quantization")
     baseline: str | None = opt(None, "model B, the one A is compared with (e.g. the SFT model)", required=True,
                                group="model")
     baseline_revision: str | None = opt(None, "--baseline's revision on the Hub (--revision is --model's)",
@@ -164,6 +177,7 @@ class CompareConfig:
 
     def __post_init__(self):
         check_fields(self)
+        quant.check_quant_options(self)
         if self.dtype == "bf16-mixed":
             raise UserError("--dtype bf16-mixed is a training mode; to generate and judge, use bfloat16 or float32")
         named = [flag for flag, v in (("--judge", self.judge), ("--reward-model", self.reward_model),

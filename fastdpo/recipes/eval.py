@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .. import __version__, cache, metrics, modeling
+from .. import __version__, cache, metrics, modeling, quant
 from ..config import check_fields, format_config, make, opt, to_dict
 from ..errors import UserError, first_line
 from ..io import atomic_write_json
@@ -59,6 +59,19 @@ class EvalConfig:
                                           group="model")
     logps_backend: str = opt("auto", "log-prob backend: auto (triton on CUDA, torch elsewhere), triton, torch, or "
                              "eager (full logits, the classic way)", choices=modeling.LOGPS_BACKENDS, group="model")
+
+    # -- quantization --
+    load_in_4bit: bool = opt(False, "quantize the base model's linear layers to 4 bits at load (bitsandbytes; QLoRA "
+                                    "with --lora-r); embeddings, norms and LM head stay in --dtype",
+                             group="quantization")
+    load_in_8bit: bool = opt(False, "quantize the base model's linear layers to 8 bits at load (bitsandbytes "
+                                    "LLM.int8; with --lora-r to train)", group="quantization")
+    bnb_4bit_quant_type: str = opt("nf4", "4-bit data type: nf4 (normal float, the QLoRA paper's) or fp4",
+                                   choices=["nf4", "fp4"], group="quantization")
+    bnb_4bit_double_quant: bool = opt(False, "quantize the 4-bit blocks' scales too (about 0.4 bits/param less)",
+                                      group="quantization")
+    bnb_4bit_compute_dtype: str = opt("bfloat16", "dtype 4-bit layers dequantize to and multiply in",
+                                      choices=quant.COMPUTE_DTYPES, group="quantization")
     device: str = opt("auto", "device to run on (auto: the accelerate process's device)", group="model")
 
     # -- options --
@@ -80,6 +93,7 @@ class EvalConfig:
 
     def __post_init__(self):
         check_fields(self)
+        quant.check_quant_options(self)
         modeling.check_scoring_options(self)
         if self.judge and not self.generate:
             raise UserError("--judge scores generated answers; add --generate")

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__, cache, data, modeling
+from .. import __version__, cache, data, modeling, quant
 from ..checkpoint import on_main
 from ..config import check_fields, format_config, make, opt, to_dict
 from ..errors import Interrupted, UserError
@@ -60,6 +60,19 @@ class PrecomputeConfig:
                                           group="model")
     logps_backend: str = opt("auto", "log-prob backend: auto (triton on CUDA, torch elsewhere), triton, torch, or "
                              "eager (full logits, the classic way)", choices=modeling.LOGPS_BACKENDS, group="model")
+
+    # -- quantization --
+    load_in_4bit: bool = opt(False, "quantize the base model's linear layers to 4 bits at load (bitsandbytes; QLoRA "
+                                    "with --lora-r); embeddings, norms and LM head stay in --dtype",
+                             group="quantization")
+    load_in_8bit: bool = opt(False, "quantize the base model's linear layers to 8 bits at load (bitsandbytes "
+                                    "LLM.int8; with --lora-r to train)", group="quantization")
+    bnb_4bit_quant_type: str = opt("nf4", "4-bit data type: nf4 (normal float, the QLoRA paper's) or fp4",
+                                   choices=["nf4", "fp4"], group="quantization")
+    bnb_4bit_double_quant: bool = opt(False, "quantize the 4-bit blocks' scales too (about 0.4 bits/param less)",
+                                      group="quantization")
+    bnb_4bit_compute_dtype: str = opt("bfloat16", "dtype 4-bit layers dequantize to and multiply in",
+                                      choices=quant.COMPUTE_DTYPES, group="quantization")
     device: str = opt("auto", "device to run on (auto: the accelerate process's device)", group="model")
 
     # -- options --
@@ -95,6 +108,7 @@ class PrecomputeConfig:
 
     def __post_init__(self):
         check_fields(self)
+        quant.check_quant_options(self)
         modeling.check_scoring_options(self)
 
     def settings(self) -> dict:
@@ -182,7 +196,7 @@ def _manifest(cfg: PrecomputeConfig, setup, fingerprint: str, hashes: dict, stat
                      "prompt": cfg.prompt_column, "chosen": cfg.chosen_column, "rejected": cfg.rejected_column}},
         settings={**cfg.settings(), "resolved_dtype": str(setup.dtype).replace("torch.", ""),
                   "resolved_device": str(modeling.resolve_device(cfg.device)),
-                  "resolved_layout": dataclasses.asdict(setup.layout)},
+                  "resolved_layout": dataclasses.asdict(setup.layout), "quantization": quant.spec(cfg)},
         config=to_dict(cfg), num_processes=num_processes, shards=shards,
         timings={"tokenize_s": round(times[1] - times[0], 3), "forward_s": round(times[2] - times[1], 3),
                  "total_s": round(time.perf_counter() - times[0], 3)})

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import batching, data, loop, modeling, optim
+from .. import batching, data, loop, modeling, optim, quant
 from ..config import check_fields, make, opt
 
 
@@ -43,11 +43,27 @@ class SFTConfig:
     logps_backend: str = opt("auto", "log-prob backend: auto (triton on CUDA, torch elsewhere), triton, torch, or "
                              "eager (full logits, the classic way)", choices=modeling.LOGPS_BACKENDS, group="model")
 
+    # -- quantization --
+    load_in_4bit: bool = opt(False, "quantize the base model's linear layers to 4 bits at load (bitsandbytes; QLoRA "
+                                    "with --lora-r); embeddings, norms and LM head stay in --dtype",
+                             group="quantization")
+    load_in_8bit: bool = opt(False, "quantize the base model's linear layers to 8 bits at load (bitsandbytes "
+                                    "LLM.int8; with --lora-r to train)", group="quantization")
+    bnb_4bit_quant_type: str = opt("nf4", "4-bit data type: nf4 (normal float, the QLoRA paper's) or fp4",
+                                   choices=["nf4", "fp4"], group="quantization")
+    bnb_4bit_double_quant: bool = opt(False, "quantize the 4-bit blocks' scales too (about 0.4 bits/param less)",
+                                      group="quantization")
+    bnb_4bit_compute_dtype: str = opt("bfloat16", "dtype 4-bit layers dequantize to and multiply in",
+                                      choices=quant.COMPUTE_DTYPES, group="quantization")
+
     # -- options --
     output: str | None = opt(None, "run directory: metrics.jsonl, checkpoints, final model", required=True)
 
     # -- optimisation --
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory", group="optimisation")
+    activation_offload: bool = opt(False, "saved activations wait in (pinned) CPU memory between forward and "
+                                          "backward (fastdpo.offload; with --gradient-checkpointing only the "
+                                          "layers' inputs)", group="optimisation")
     optimizer: str = opt("adamw", "optimizer (bytes per trained parameter: README, Precision)",
                          choices=list(optim.OPTIMIZERS), group="optimisation")
     # sft's own default (train's is 1e-6)
@@ -141,6 +157,7 @@ class SFTConfig:
 
     def __post_init__(self):
         check_fields(self)
+        quant.check_quant_options(self)
         loop.check_run_options(self)
 
 

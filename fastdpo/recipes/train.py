@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import batching, checkpoint, data, loop, metrics, modeling, optim
+from .. import batching, checkpoint, data, loop, metrics, modeling, optim, quant
 from ..config import check_fields, make, opt
 from ..errors import UserError
 
@@ -60,11 +60,27 @@ class TrainConfig:
     logps_backend: str = opt("auto", "log-prob backend: auto (triton on CUDA, torch elsewhere), triton, torch, or "
                              "eager (full logits, the classic way)", choices=modeling.LOGPS_BACKENDS, group="model")
 
+    # -- quantization --
+    load_in_4bit: bool = opt(False, "quantize the base model's linear layers to 4 bits at load (bitsandbytes; QLoRA "
+                                    "with --lora-r); embeddings, norms and LM head stay in --dtype",
+                             group="quantization")
+    load_in_8bit: bool = opt(False, "quantize the base model's linear layers to 8 bits at load (bitsandbytes "
+                                    "LLM.int8; with --lora-r to train)", group="quantization")
+    bnb_4bit_quant_type: str = opt("nf4", "4-bit data type: nf4 (normal float, the QLoRA paper's) or fp4",
+                                   choices=["nf4", "fp4"], group="quantization")
+    bnb_4bit_double_quant: bool = opt(False, "quantize the 4-bit blocks' scales too (about 0.4 bits/param less)",
+                                      group="quantization")
+    bnb_4bit_compute_dtype: str = opt("bfloat16", "dtype 4-bit layers dequantize to and multiply in",
+                                      choices=quant.COMPUTE_DTYPES, group="quantization")
+
     # -- options --
     output: str | None = opt(None, "run directory: metrics.jsonl, checkpoints, final model", required=True)
 
     # -- optimisation --
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory", group="optimisation")
+    activation_offload: bool = opt(False, "saved activations wait in (pinned) CPU memory between forward and "
+                                          "backward (fastdpo.offload; with --gradient-checkpointing only the "
+                                          "layers' inputs)", group="optimisation")
     optimizer: str = opt("adamw", "optimizer (bytes per trained parameter: README, Precision)",
                          choices=list(optim.OPTIMIZERS), group="optimisation")
     lr: float = opt(1e-6, "peak learning rate", gt=0, group="optimisation")
@@ -176,9 +192,12 @@ class TrainConfig:
                                 group="logging and checkpoints")
     early_stop_kl: float | None = opt(None, "stop the run (the model is saved) once the per-token KL estimate "
                                             "exceeds this", gt=0, group="logging and checkpoints")
+    allow_reference_mismatch: bool = opt(False, "train from a --ref-cache whose reference was quantized otherwise "
+                                                "than --model loads (the step-1 margin it causes is printed)")
 
     def __post_init__(self):
         check_fields(self)
+        quant.check_quant_options(self)
         loop.check_run_options(self)
         if self.ref_cache and self.dataset:
             raise UserError("give --ref-cache or --dataset, not both (a cache already holds its data)")
@@ -370,7 +389,7 @@ class PreferenceObjective(loop.Objective):
         Signs practitioners watch: reward accuracy near 1 early in training (the pairs are separated
         too easily: artefacts, or beta too small) and a policy drifting far from the reference.
         """
-        warnings, stop = [], None
+        warnings, stop = quant.step_one_report(self.cfg, m), None
         self.recent_acc = (self.recent_acc + [m["rewards/accuracies"]])[-5:]
         early = m["step"] <= max(1, total_steps // 10)
         if early and len(self.recent_acc) == 5 and min(self.recent_acc) >= 0.95 and not self.acc_warned:

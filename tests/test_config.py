@@ -197,8 +197,10 @@ def _command_configs():
     from fastdpo.recipes.precompute import PrecomputeConfig
     from fastdpo.recipes.sft import SFTConfig
 
-    return [TrainConfig, SFTConfig, PrecomputeConfig, EvalConfig, CompareConfig, PlotConfig, demo_cli.CONFIG,
-            cache_cli.InfoConfig, cache_cli.VerifyConfig]
+    from fastdpo.plan import PlanConfig
+
+    return [TrainConfig, SFTConfig, PrecomputeConfig, EvalConfig, CompareConfig, PlotConfig, PlanConfig,
+            demo_cli.CONFIG, cache_cli.InfoConfig, cache_cli.VerifyConfig]
 
 
 @pytest.mark.parametrize("cls", _command_configs(), ids=lambda c: c.__name__)
@@ -239,6 +241,7 @@ def test_copied_options_are_equal_in_every_command():
     from fastdpo.recipes.compare import CompareConfig
     from fastdpo.recipes.eval import EvalConfig
     from fastdpo.recipes.precompute import PrecomputeConfig
+    from fastdpo.plan import PlanConfig
     from fastdpo.recipes.sft import SFTConfig
 
     model = ["revision", "dtype", "trust_remote_code", "attn_implementation", "logps_backend"]
@@ -253,6 +256,8 @@ def test_copied_options_are_equal_in_every_command():
         (run, [TrainConfig, SFTConfig]),
         (data_options, [TrainConfig, SFTConfig, PrecomputeConfig]),
         (["dataset"], [SFTConfig, PrecomputeConfig]),
+        (["load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_double_quant", "bnb_4bit_compute_dtype"],
+         [TrainConfig, SFTConfig, PrecomputeConfig, EvalConfig, CompareConfig, PlanConfig]),
     ]
     for names, classes in families:
         for name in names:

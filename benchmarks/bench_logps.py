@@ -50,7 +50,7 @@ import sys
 import time
 
 import torch
-from common import CUT, Deadline, Table, exit_on_sigterm, header, one_line, quantile
+from common import Deadline, Table, exit_on_sigterm, header, one_line, quantile, unfinished_status
 from logps_providers import PROVIDERS, Case, Provider, make_inputs
 
 # Datasheet HBM bandwidth, bytes/s, keyed by a substring of torch.cuda.get_device_name()
@@ -340,8 +340,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 flush=True,
             )
     finally:
-        for case, name, mode in todo:  # not reached: the time limit or SIGTERM
-            table.add({**base_row(PROVIDERS[name](), case, mode, args.dtype), "status": CUT})
+        status = unfinished_status()
+        for case, name, mode in todo:  # not reached: the time limit, SIGTERM, or an error
+            table.add({**base_row(PROVIDERS[name](), case, mode, args.dtype), "status": status})
         table.set_footer(roofline_lines(table.rows, device))
     return table.rows
 

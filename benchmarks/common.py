@@ -101,6 +101,15 @@ class Deadline:
         return None if self.end == math.inf else max(1.0, self.left() - reserve)
 
 
+def unfinished_status() -> str:
+    """The status of the rows a run did not reach, from inside its `finally`: `cut (budget)` after the time limit or
+    SIGTERM, else "not run: " and the error that stopped it."""
+    e = sys.exc_info()[1]
+    if e is None or (isinstance(e, SystemExit) and e.code in (143, 124)):
+        return CUT
+    return f"not run: {one_line(e)}"
+
+
 def exit_on_sigterm() -> None:
     """SIGTERM (what `timeout` sends) raises SystemExit(143) in the main thread: `finally` blocks run, open tables
     write their cut rows, and `run_child` kills its child. A second SIGTERM is ignored while that happens."""

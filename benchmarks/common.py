@@ -174,7 +174,9 @@ class Table:
         if self.prefix is not None:
             self.prefix.parent.mkdir(parents=True, exist_ok=True)
             path = self.prefix.with_suffix(".csv")
-            if not (append and path.is_file() and path.stat().st_size):
+            if append and path.is_file() and path.stat().st_size:
+                self.rows = read_csv(path)  # the markdown shows the earlier rows too
+            else:
                 with open(path, "w", newline="") as f:
                     csv.DictWriter(f, fieldnames=columns).writeheader()
             self._markdown()

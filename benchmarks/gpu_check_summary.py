@@ -130,7 +130,7 @@ def summary(work: Path, out: Path, mode: str, command: str, final: bool) -> tupl
     lines = [
         "# fastdpo GPU check",
         "",
-        f"- mode: {'GPU' if mode == 'gpu' else 'dry run (CPU, tiny shapes: checks that every stage runs; not a measurement)'}",
+        "- mode: " + ("GPU" if mode == "gpu" else "dry run (CPU, tiny shapes: plumbing, no numbers)"),
         f"- device: {env.get('device', '?')}"
         + (f", {env['device_memory_gib']} GiB, CUDA {env.get('cuda_version')}" if env.get("device_memory_gib") else ""),
         f"- updated: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}"
@@ -155,8 +155,8 @@ def summary(work: Path, out: Path, mode: str, command: str, final: bool) -> tupl
                       "- libraries: " + ", ".join(f"{k} {v or 'ok'}" for k, v in env.get("peers", {}).items()),
                       *[f"- unmet requirement: {u}" for u in env.get("unmet", [])], ""]  # fmt: skip
         elif name == "cuda-tests":
-            found = [ln for ln in tail(work / "logs" / "cuda-tests.log", 60)
-                     if ln.startswith(("FAILED", "ERROR")) or re.search(r"\d+ (passed|failed|skipped)", ln)]  # fmt: skip
+            log = tail(work / "logs" / "cuda-tests.log", 60)
+            found = [ln for ln in log if ln.startswith(("FAILED", "ERROR")) or re.search(r"\d+ (passed|failed)", ln)]
             lines += ["```", *found[-25:], "```", ""] if found else []
         elif name == "logps" and rows:
             lines += logps_lines(rows, out)

@@ -34,7 +34,7 @@ import sys
 import time
 
 from common import CUT, Deadline, Table, exit_on_sigterm, fmt, header, unfinished_status
-from train_runs import add_run_args, cleanup, finish_args, is_fastdpo, precompute, prepare, run_method
+from train_runs import add_run_args, cleanup, finish_args, is_fastdpo, model_name, precompute, prepare, run_method
 
 from fastdpo import optim
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     exit_on_sigterm()
     deadline = Deadline(args.time_limit_s)
     runs = [(args.methods[0], o) for o in args.fit_optimizers] + [(m, "adamw") for m in args.methods[1:]]
-    model = args.model or args.preset
+    model = model_name(args)
     common = dict(model=model, data=args.dataset or args.data, device=args.device, dtype=args.dtype,
                   fit_budget_gib=fmt(args.fit_budget_gb), fit_start_batch=args.fit_start_batch)  # fmt: skip
     head = header(f"fastdpo fit test: the largest batch under {args.fit_budget_gb:g} GiB", args.device,

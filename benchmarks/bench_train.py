@@ -47,6 +47,7 @@ from train_runs import (
     fastdpo_argv,
     finish_args,
     is_fastdpo,
+    model_name,
     precompute,
     prepare,
     run_method,
@@ -77,7 +78,7 @@ def summarise(method: str, runs: list[dict], pre: dict, setup: Setup, tokens_per
     row = {c: "" for c in COLUMNS}
     row.update(
         method=method,
-        model=a.model or a.preset,
+        model=model_name(a),
         data=a.dataset or a.data,
         device=a.device,
         dtype=a.dtype,
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out, setup, table = Path(args.out), None, None
     # the baseline first: every other row's ratios are taken against it
     order = sorted(args.methods, key=lambda m: m != BASELINE)
-    done = []
+    done, mine = [], []
     try:
         setup = prepare(args, args.steps * args.batch_size * args.grad_accum, deadline)
         n_params, n_matmul = param_counts(setup.model)
@@ -370,7 +371,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if res["status"] != "ok":
                     break
             row = summarise(method, runs, pre, setup, stats["tokens_per_pair"], n_matmul)
-            add_ratios([*table.rows, row])
+            mine.append(row)
+            add_ratios(mine)  # against this run's baseline (--append: the CSV may hold another run's rows)
             commands[method] = (
                 f"DPOTrainer, DPOConfig(precompute_ref_log_probs={method == 'trl-precompute'}, ...) (see trl_worker.py)"
                 if method.startswith("trl")
@@ -395,7 +397,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     dict(
                         method=method,
                         status=CUT,
-                        model=args.model or args.preset,
+                        model=model_name(args),
                         data=args.dataset or args.data,
                         device=args.device,
                         dtype=args.dtype,

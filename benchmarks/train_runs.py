@@ -350,6 +350,13 @@ def pair_lengths(cache_dir: Path, manifest: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def model_name(args) -> str:
+    """The model as a row names it: the preset, a local directory's name, or the Hub id."""
+    if args.model is None:
+        return args.preset
+    return Path(args.model).name if os.path.isdir(args.model) else args.model
+
+
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """Model, data, batch and training flags of bench_train.py and bench_fit.py."""
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model shape, random weights")
@@ -384,6 +391,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output prefix: writes PREFIX.csv, PREFIX.md (row by row), _logs/")
     p.add_argument("--append", action="store_true", help="add to an existing PREFIX.csv instead of replacing it")
     p.add_argument("--note", default=None, help="a line for the markdown header (e.g. the machine's load)")
+    p.add_argument("--logs", default=None, help="the runs' logs folder (default: PREFIX_logs beside the outputs)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temporary model, data and runs")
 
 
@@ -402,9 +410,10 @@ def prepare(args, n_pairs: int, deadline: Deadline) -> Setup:
     """The data, the model and the logs folder of one invocation (untimed), in a fresh temporary directory."""
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    logs = out.parent / f"{out.name}_logs"
-    shutil.rmtree(logs, ignore_errors=True)
-    logs.mkdir()
+    logs = Path(args.logs) if args.logs else out.parent / f"{out.name}_logs"
+    if not args.logs:
+        shutil.rmtree(logs, ignore_errors=True)  # the previous run's, of this prefix
+    logs.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}-"))
     words = synthetic_words(400)
     dataset = args.dataset

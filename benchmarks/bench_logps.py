@@ -219,6 +219,7 @@ def row_for(
         # read; read + write; both (a copy: read + write)
         passes = 2 if provider.workload == "copy" else {"forward": 1, "backward": 2, "full": 3}[mode]
         gbps = passes * n * v * torch.tensor([], dtype=case.dtype).element_size() / med / 1e9
+        copy_gbps = gbps if provider.workload == "copy" else copy_gbps  # the copy is its own reference
         peak_bw = device_peak_bandwidth(case.device)
         row.update(
             gbps=f"{gbps:.1f}",

@@ -173,6 +173,7 @@ def cmd_precision(argv):
     from conftest import CORPUS, make_pairs, write_jsonl  # the CPU test's model, data and measurement
     from test_precision import changed_fractions
 
+    from fastdpo.errors import Interrupted
     from fastdpo.modeling import process_state, train_precision
     from fastdpo.precompute import PrecomputeConfig, precompute
     from fastdpo.tiny import build_tiny_model
@@ -186,9 +187,12 @@ def cmd_precision(argv):
         device = process_state().device
         while todo and deadline.left() > last_s:
             dtype, t0 = todo[0], time.perf_counter()
-            train(model=model, ref_cache=str(root / "c"), output=str(root / dtype), dtype=dtype, lr=1e-6,
-                  max_steps=args.steps, batch_size=4, epochs=5, progress=False, kl_warn=None,
-                  attn_implementation="sdpa")  # fmt: skip
+            try:
+                train(model=model, ref_cache=str(root / "c"), output=str(root / dtype), dtype=dtype, lr=1e-6,
+                      max_steps=args.steps, batch_size=4, epochs=5, progress=False, kl_warn=None,
+                      attn_implementation="sdpa")  # fmt: skip
+            except Interrupted as e:  # fastdpo's own SIGTERM handling stopped the run at a step: stop here too
+                raise SystemExit(e.exit_code) from e
             weights, norms = changed_fractions(root / dtype, model)
             precision = train_precision(dtype, device)
             if precision == "bfloat16":  # plain AdamW on bf16 weights rounds updates of lr 1e-6 away

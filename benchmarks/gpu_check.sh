@@ -51,8 +51,8 @@
 # console_callN.txt (this script's console), and the stages' CSVs and markdown: call 1 precision.{csv,md},
 # logps.{csv,md}; call 2 train.{csv,md} (both training stages), fit.{csv,md}, sharded.{csv,md}.
 #
-# --dry-run: every stage on CPU with tiny shapes (Triton's interpreter, the `micro` preset, few repeats, four
-# training methods: TRL live shares TRL precompute's worker); it checks the plumbing, not numbers. tests/test_gpu_check.py runs it:
+# --dry-run: every stage on CPU with tiny shapes (Triton's interpreter, the `micro` preset, few repeats, three
+# training methods, one fit search); it checks the plumbing, not numbers (tests/test_bench_*.py test the scripts). tests/test_gpu_check.py runs it:
 #   bash benchmarks/gpu_check.sh --dry-run --out /tmp/gc
 #
 # Options: --call 1|2 (default: both calls' stages in one run), --stages a,b (setup always runs), --dry-run,
@@ -134,7 +134,7 @@ stage_train() {  # $1: short|long
     if dry; then
         args=(--device cpu --dtype fp32 --steps 2 --warmup 1 --batch-size 2)
         if [[ $1 == long ]]; then args+=(--prompt-len 48 --completion-len 6); methods=(fastdpo-padded)
-        else args+=(--prompt-len 12 --completion-len 12); methods=(two-model fastdpo-packed trl-precompute); fi
+        else args+=(--prompt-len 12 --completion-len 12); methods=(two-model fastdpo-packed); fi
     else
         args=(--device cuda --dtype bf16-mixed --steps 10 --warmup 3 --batch-size 8)
         methods=(two-model fastdpo-packed trl-precompute fastdpo-padded trl-live)
@@ -149,7 +149,7 @@ stage_fit() {
     local args
     if dry; then
         args=(--data short --prompt-len 12 --completion-len 12 --device cpu --dtype fp32 --batch-size 1
-              --methods fastdpo-packed two-model --fit-budget-gb 16 --fit-start-batch 1 --fit-max-batch 1
+              --methods fastdpo-packed --fit-budget-gb 16 --fit-start-batch 1 --fit-max-batch 1
               --fit-optimizers adamw)
     else
         args=(--data long --device cuda --dtype bf16-mixed --batch-size 4 --methods fastdpo-packed two-model
@@ -171,6 +171,9 @@ stage_sharded() {
 }
 
 if [[ "${1:-}" == "__stage" ]]; then
+    # SIGTERM reaches the whole stage (timeout signals its process group): let the running script write its cut
+    # rows and exit before this shell does, so that the driver's summary comes after them
+    trap 'exit 143' TERM
     case "$2" in
         setup) stage_setup ;;
         cuda-tests) stage_cuda_tests ;;

@@ -254,7 +254,7 @@ def run_method(
     else:
         job = dict(kind="fastdpo", argv=fastdpo_argv(setup, method, batch_size, steps, optimizer))
     res = run_job(setup, f"{method}{tag}", {**job, "budget_gib": budget_gib})
-    if res["status"] == "ok" and job["kind"] == "fastdpo":
+    if res["status"] == "ok" and job["kind"] == "fastdpo" and setup.lengths is not None:  # None: no precompute ran
         metrics = [json.loads(line) for line in (Path(res["output"]) / "metrics.jsonl").read_text().splitlines()]
         res["step_end_s"] = [m["elapsed_s"] for m in metrics]
         res["step_tokens"] = fastdpo_step_tokens(setup, batch_size, len(metrics))

@@ -115,7 +115,7 @@ stage_logps() {
     if dry; then
         "$PY" benchmarks/bench_logps.py --vocab 500 --tokens 64 --hidden 32 --seq-len 32 --dtype fp32 --device cpu \
             --reps 2 --warmup 1 --modes full --providers copy fastdpo-triton eager fastdpo-linear fastdpo-linear-loss \
-            eager-head liger-linear-sum cce-linear cce-linear-filtered trl-head compile \
+            eager-head cce-linear cce-linear-filtered trl-head compile \
             --time-limit-s "$(left)" --out "$(O)/logps" --note "gpu_check.sh --dry-run"
         return
     fi

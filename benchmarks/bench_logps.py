@@ -24,6 +24,8 @@ reached into `cut (budget)` rows. Each row: median / p20 / p80 time, peak memory
 (torch.cuda.max_memory_allocated on GPU; on CPU the peak-RSS delta via /proc/self/clear_refs, approximate, or "n/a"),
 GB/s for the logits workload and the copy (minimal traffic: read N x V in forward, read + write in backward) and its
 fraction of the datasheet's and of the measured copy's bandwidth, TFLOP/s of the useful GEMMs for the head workload.
+`seconds` is the row's whole wall time, warm-up included: torch.compile's compile (the compile rows) shows there,
+never in the medians.
 
 GPU run (on any CUDA machine; the shape gpu_check.sh measures is Qwen2.5-0.5B's, H 896):
     python benchmarks/bench_logps.py --vocab 128256 151936 --tokens 8192 16384 32768 --hidden 2048 --dtype bf16 \

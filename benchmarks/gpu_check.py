@@ -10,7 +10,8 @@ Subcommands:
                weight updates, not attention: no FlexAttention compile); a row per dtype as it finishes
   sharded      a few DPO steps unsharded, then under FSDP2 (`--fsdp`, one process through torchrun), DeepSpeed ZeRO-3
                through `accelerate launch`, and FSDP2 with CPU offload: each run's losses against the unsharded run's,
-               peak memory and tokens/s; a row per variant as it finishes, each run with the time left as its timeout
+               peak memory, tokens/s after the first step and the first step (compiles) apart; a row per variant as
+               it finishes, each run with the time left as its timeout
 The summary is gpu_check_summary.py.
 """
 
@@ -219,7 +220,7 @@ def cmd_precision(argv):
 # ----------------------------------------------------------------------------------------------------------------
 
 SHARDED_COLUMNS = ["variant", "status", "device", "dtype", "steps", "max_abs_loss_diff", "tolerance",
-                   "peak_memory_gb", "tokens_per_s", "seconds", "command"]  # fmt: skip
+                   "peak_memory_gb", "tokens_per_s", "first_step_s", "seconds", "command"]  # fmt: skip
 
 
 def sharded_variants(model: str, cache: str, dtype: str, steps: int, gpu: bool) -> dict:
@@ -310,8 +311,11 @@ def cmd_sharded(argv):
                 todo.pop(0)
                 continue
             m = [json.loads(line) for line in out.read_text().splitlines()]
-            row.update(peak_memory_gb=m[-1].get("peak_memory_gb", ""),
-                       tokens_per_s=f"{sum(x['tokens_per_s'] for x in m[1:]) / max(len(m) - 1, 1):.0f}")  # fmt: skip
+            row.update(
+                peak_memory_gb=m[-1].get("peak_memory_gb", ""),
+                tokens_per_s=f"{sum(x['tokens_per_s'] for x in m[1:]) / max(len(m) - 1, 1):.0f}",
+                first_step_s=f"{m[0]['elapsed_s']:.2f}",
+            )  # the compile (FlexAttention on CUDA) is here
             if base is None:
                 base, row["status"] = m, "ok"
             else:

@@ -105,7 +105,7 @@ COLUMNS = {
               "peak_mem_gib", "memory_vs_baseline", "first_step_s", "startup_s", "precompute_s", "mfu"],
     "fit": ["method", "optimizer", "verdict", "fit_max_batch", "fit_peak_gib", "attempts", "seconds"],
     "sharded": ["variant", "status", "device", "dtype", "steps", "max_abs_loss_diff", "tolerance", "peak_memory_gb",
-                "tokens_per_s", "seconds"],
+                "tokens_per_s", "first_step_s", "seconds"],
 }  # fmt: skip
 
 

@@ -268,7 +268,9 @@ summary() {  # [--final]
     "$PY" benchmarks/gpu_check_summary.py --work "$WORK" --out "$OUTDIR" --name "$SUMMARY" --mode "$MODE" \
         --command "$COMMAND" "$@"
 }
-( while sleep 20; do summary 2>/dev/null; done ) &
+# the refresher: away from the console (a lingering `sleep` must not hold the output pipe open after the end)
+( trap 'kill "$nap" 2>/dev/null; exit 0' TERM; while :; do sleep 20 & nap=$!; wait "$nap"; summary; done ) \
+    >/dev/null 2>&1 &
 REFRESH=$!
 STAGE_PID=""
 finish() {  # $1: exit status

@@ -162,7 +162,8 @@ def summary(work: Path, out: Path, mode: str, command: str, final: bool) -> tupl
             lines += logps_lines(rows, out)
         elif rows:
             lines += table_lines(rows, COLUMNS["train" if name.startswith("train") else name]) + [""]
-    lines += [f"Every column: the CSVs beside this file ({', '.join(sorted({c for _, c in STAGES.values() if c}))}).",
+    csvs = sorted({c for _, c in STAGES.values() if c and (out / c).is_file()})
+    lines += [f"Every column: the CSVs beside this file ({', '.join(csvs) or 'none yet'}).",
               "", "## Log tails", ""]  # fmt: skip
     for s in stages:
         log = work / "logs" / f"{s['stage']}.log"

@@ -1,30 +1,40 @@
-"""Benchmark DPO log-prob computation: fastdpo kernels vs eager, torch.compile, chunked torch, TRL, Liger and CCE.
+"""Benchmark DPO log-prob computation: fastdpo's kernels vs eager, torch.compile, chunked torch, TRL, Liger and CCE.
 
-Two workloads, named in the `workload` column:
+Two workloads, named in the `workload` column, and a bandwidth reference:
   logits  logits (N, V) -> per-sequence sums of log p(label): fastdpo-triton, chunked-torch (fastdpo's torch
           backend), eager (`log_softmax(logits.float()).gather()`, masked sum), compile (torch.compile of eager),
           liger-ce (Liger's cross-entropy, reduction="sum": it writes its gradient during the forward).
-  head    hidden (N, H) and the LM head (V, H) -> the same sums, the LM-head GEMMs included: fastdpo-linear
-          (fused head), eager-head (F.linear + eager), compile-head (torch.compile of eager-head), triton-head
-          (F.linear + fastdpo-triton), trl-head (TRL's chunked fused head, completion positions only), and the
-          fused linear cross-entropies made for this: liger-linear (Liger-Kernel's, reduction="none", so per-row
-          weights reach its backward) and cce-linear (Apple's Cut Cross-Entropy, reduction="none", its default
-          gradient filter); *-frozen: the head needs no gradient (LoRA).
+  head    hidden (N, H) and the LM head (V, H) -> the same sums, the LM-head GEMMs included. Side by side, like for
+          like: fastdpo-linear (fused log-probs, 4 GEMMs) beside liger-linear (Liger's fused linear cross-entropy,
+          reduction="none", per-row weights reach its backward), cce-linear (Apple's Cut Cross-Entropy, exact:
+          filter_eps=None) and cce-linear-filtered (its default gradient filter, which skips the gradient of
+          probabilities under a bf16 threshold: most of the backward on random logits, so faster and not exact);
+          fastdpo-linear-loss (the loss formed inside the head, 3 GEMMs, all in the forward) beside
+          liger-linear-sum (reduction="sum", also 3 GEMMs with its gradient made in the forward); eager-head
+          (F.linear + eager), compile-head, triton-head (F.linear + fastdpo-triton), trl-head (TRL's chunked fused
+          head, completion positions only); *-frozen: the head needs no gradient (LoRA).
+  copy    a device-to-device copy of the logits (read + write N x V): the bandwidth this device reaches in this run,
+          which the logits rows are stated against beside the datasheet's (`pct_copy_bw`, `pct_peak_bw`).
 Modes: forward (training forward, grad enabled), backward (backward only; the forward is untimed), full (both).
-Each row: median / p20 / p80 time, peak memory above the inputs with the forward included in every mode
-(torch.cuda.max_memory_allocated on GPU; on CPU the peak-RSS delta via /proc/self/clear_refs, approximate because
-the allocator reuses freed memory, or "n/a"), effective GB/s for the logits workload (minimal traffic: read N x V
-in forward, read + write in backward) and its fraction of the device's datasheet bandwidth (GPU only), and TFLOP/s
-of the useful GEMMs for the head workload.
 
-GPU run (the numbers the goals refer to; not run yet in this repository):
+Inputs are made once per workload, on the device, by a seeded generator, and shared by every provider (a provider
+whose backward overwrites its logits, fastdpo-triton, gets a fresh copy each repetition, untimed). Each row is
+appended to PREFIX.csv and PREFIX.md the moment it is measured; `--time-limit-s` (and SIGTERM) turn the rows not
+reached into `cut (budget)` rows. Each row: median / p20 / p80 time, peak memory above the inputs
+(torch.cuda.max_memory_allocated on GPU; on CPU the peak-RSS delta via /proc/self/clear_refs, approximate, or "n/a"),
+GB/s for the logits workload and the copy (minimal traffic: read N x V in forward, read + write in backward) and its
+fraction of the datasheet's and of the measured copy's bandwidth, TFLOP/s of the useful GEMMs for the head workload.
+`seconds` is the row's whole wall time, warm-up included: torch.compile's compile (the compile rows) shows there,
+never in the medians.
+
+GPU run (on any CUDA machine; the shape gpu_check.sh measures is Qwen2.5-0.5B's, H 896):
     python benchmarks/bench_logps.py --vocab 128256 151936 --tokens 8192 16384 32768 --hidden 2048 --dtype bf16 \
         --out benchmarks/results/gpu_bf16
 
 Tiny CPU run (torch providers; what benchmarks/results/cpu_tiny.* holds; CPU timings say nothing about the GPU):
     python benchmarks/bench_logps.py --vocab 4096 --tokens 1024 --hidden 128 --seq-len 256 --dtype fp32 \
-        --providers eager compile chunked-torch fastdpo-linear fastdpo-linear-frozen eager-head trl-head \
-        trl-head-frozen --reps 5 --warmup 2 --out benchmarks/results/cpu_tiny
+        --providers copy eager compile chunked-torch fastdpo-linear fastdpo-linear-loss fastdpo-linear-frozen \
+        eager-head trl-head trl-head-frozen --reps 5 --warmup 2 --out benchmarks/results/cpu_tiny
 
 Triton on the CPU interpreter (tiny shapes only, slow; timings meaningless, checks that it runs):
     TRITON_INTERPRET=1 python benchmarks/bench_logps.py --vocab 500 --tokens 64 --hidden 32 \
@@ -34,39 +44,21 @@ Triton on the CPU interpreter (tiny shapes only, slow; timings meaningless, chec
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
 import gc
-import math
 import os
-import platform
 import shlex
 import statistics
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from fastdpo.kernels import (
-    HAS_TRITON,
-    linear_token_logps,
-    linear_token_loss,
-    loss_chunk_tokens,
-    sequence_logps,
-    sequence_logps_ref,
-)
-from fastdpo.kernels._utils import interpreter_enabled
-
-from fastdpo.modeling import machine_name
+from common import Deadline, Table, exit_on_sigterm, header, one_line, quantile, unfinished_status
+from logps_providers import PROVIDERS, Case, Provider, make_inputs
 
 # Datasheet HBM bandwidth, bytes/s, keyed by a substring of torch.cuda.get_device_name()
-PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "A100-SXM4-80GB": 2.039e12}
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "A100-SXM4-80GB": 2.039e12}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("forward", "backward", "full")
-# The Triton interpreter runs a few hundred thousand logits per second: refuse anything bigger
-INTERPRETER_MAX_LOGITS = 1 << 21
 COLUMNS = [
     "provider",
     "workload",
@@ -83,310 +75,10 @@ COLUMNS = [
     "peak_mem_kind",
     "gbps",
     "pct_peak_bw",
+    "pct_copy_bw",
     "tflops",
+    "seconds",
 ]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# providers: each builds inputs (untimed) and returns the (B,) per-sequence log-prob sums
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Case:
-    vocab: int
-    tokens: int
-    hidden: int
-    dtype: torch.dtype
-    device: torch.device
-    seq_len: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        b = max(1, self.tokens // self.seq_len)
-        return b, self.tokens // b
-
-
-class Provider:
-    name = ""
-    workload = "logits"
-    frozen = False  # head workload: an LM head without gradient (LoRA), only hidden gets one
-
-    def available(self, case: Case) -> str | None:
-        """None when runnable, else the reason it is skipped."""
-        return None
-
-    def prepare(self, case: Case):
-        """Untimed: build the data once per case."""
-        g = torch.Generator(device="cpu").manual_seed(0)
-        b, t = case.shape
-        labels = torch.randint(0, case.vocab, (b, t), generator=g).to(case.device)
-        mask = torch.ones(b, t, dtype=torch.bool, device=case.device)
-        upstream = torch.randn(b, generator=g).to(case.device)  # per-sequence weights, as DPO gives
-        if self.workload == "logits":
-            logits = (torch.randn(b, t, case.vocab, generator=g) * 3).to(case.dtype).to(case.device)
-            return {"logits": logits, "labels": labels, "mask": mask, "upstream": upstream}
-        hidden = torch.randn(b, t, case.hidden, generator=g).to(case.dtype).to(case.device)
-        weight = (torch.randn(case.vocab, case.hidden, generator=g) / case.hidden**0.5).to(case.dtype).to(case.device)
-        return {"hidden": hidden, "weight": weight, "labels": labels, "mask": mask, "upstream": upstream}
-
-    def inputs(self, data):
-        """Untimed, per repetition: fresh leaves (the fastdpo backward consumes its logits buffer)."""
-        if self.workload == "logits":
-            return [data["logits"].clone().requires_grad_()]
-        hidden = data["hidden"].detach().requires_grad_()
-        return [hidden] if self.frozen else [hidden, data["weight"].detach().requires_grad_()]
-
-    def head(self, data, leaves):
-        """(hidden, weight) for the head workload; the weight is a leaf unless the head is frozen."""
-        return leaves[0], data["weight"] if self.frozen else leaves[1]
-
-    def forward(self, data, leaves) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class Eager(Provider):
-    name = "eager"
-
-    def forward(self, data, leaves):
-        return sequence_logps_ref(leaves[0], data["labels"], data["mask"])
-
-
-class Compiled(Provider):
-    name = "compile"
-
-    def __init__(self):
-        self.fn = None
-
-    def forward(self, data, leaves):
-        if self.fn is None:
-            self.fn = torch.compile(sequence_logps_ref, dynamic=False)
-        return self.fn(leaves[0], data["labels"], data["mask"])
-
-
-def _triton_reason(case: Case, logits: int) -> str | None:
-    if not HAS_TRITON:
-        return "triton not installed"
-    if case.device.type == "cuda":
-        return None
-    if not interpreter_enabled():
-        return "needs CUDA or TRITON_INTERPRET=1"
-    if logits > INTERPRETER_MAX_LOGITS:
-        return f"too big for the Triton interpreter (> {INTERPRETER_MAX_LOGITS} logits)"
-    return None
-
-
-class FastdpoTriton(Provider):
-    name = "fastdpo-triton"
-
-    def available(self, case):
-        return _triton_reason(case, case.tokens * case.vocab)
-
-    def forward(self, data, leaves):
-        # the fresh leaf is the logits buffer the backward overwrites (inputs() clones it every repetition)
-        return sequence_logps(leaves[0], data["labels"], data["mask"], "triton")
-
-
-class ChunkedTorch(Provider):
-    name = "chunked-torch"
-
-    def forward(self, data, leaves):
-        return sequence_logps(leaves[0], data["labels"], data["mask"], "torch")
-
-
-class LigerCE(Provider):
-    name = "liger-ce"
-
-    def available(self, case):
-        try:
-            import liger_kernel.transformers  # noqa: F401
-        except Exception:  # noqa: BLE001 - any import failure means "not installed" here
-            return "liger-kernel not installed"
-        return None if case.device.type == "cuda" else "Liger needs CUDA"
-
-    def forward(self, data, leaves):
-        from liger_kernel.transformers import LigerCrossEntropyLoss
-
-        logits, labels, mask = leaves[0], data["labels"], data["mask"]
-        targets = labels.masked_fill(~mask, -100).reshape(-1)
-        # Total log-prob (reduction="sum"): Liger precomputes its gradient for a scalar loss, so no per-row weights
-        loss = LigerCrossEntropyLoss(ignore_index=-100, reduction="sum")(logits.reshape(-1, logits.shape[-1]), targets)
-        return -loss.reshape(1)
-
-
-class FastdpoLinear(Provider):
-    name = "fastdpo-linear"
-    workload = "head"  # backend "auto": Triton on CUDA, the torch backend on CPU
-
-    def forward(self, data, leaves):
-        h, w = self.head(data, leaves)
-        return linear_token_logps(h, w, data["labels"], data["mask"]).sum(-1)
-
-
-class EagerHead(Provider):
-    name = "eager-head"
-    workload = "head"
-
-    def forward(self, data, leaves):
-        h, w = self.head(data, leaves)
-        return sequence_logps_ref(F.linear(h, w), data["labels"], data["mask"])
-
-
-class CompiledHead(Provider):
-    name = "compile-head"
-    workload = "head"
-
-    def __init__(self):
-        self.fn = None
-
-    def forward(self, data, leaves):
-        if self.fn is None:
-            self.fn = torch.compile(lambda h, w, labels, mask: sequence_logps_ref(F.linear(h, w), labels, mask),
-                                    dynamic=False)
-        h, w = self.head(data, leaves)
-        return self.fn(h, w, data["labels"], data["mask"])
-
-
-def _peer_reason(case: Case, module: str, package: str) -> str | None:
-    """A fused cross-entropy made for this (Triton kernels): skipped when not installed or without CUDA (the
-    interpreter, on tiny shapes, lets a CPU run check the call)."""
-    try:
-        __import__(module)
-    except Exception:  # noqa: BLE001 - any import failure means "not installed" here
-        return f"{package} not installed"
-    return _triton_reason(case, case.tokens * case.vocab)
-
-
-class LigerLinear(Provider):
-    name = "liger-linear"
-    workload = "head"
-
-    def available(self, case):
-        return _peer_reason(case, "liger_kernel.transformers.fused_linear_cross_entropy", "liger-kernel")
-
-    def forward(self, data, leaves):
-        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-
-        h, w = self.head(data, leaves)
-        labels, mask = data["labels"], data["mask"]
-        targets = labels.masked_fill(~mask, -100).reshape(-1)
-        # per-token losses (Liger then computes its gradient in the backward, with the per-row weights)
-        loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="none")(
-            w, h.reshape(-1, h.shape[-1]), targets)
-        return -loss.reshape(labels.shape).sum(-1)
-
-
-class CceLinear(Provider):
-    name = "cce-linear"
-    workload = "head"
-
-    def available(self, case):
-        reason = _peer_reason(case, "cut_cross_entropy", "cut-cross-entropy")
-        if reason is None and case.device.type != "cuda":
-            return "CCE needs CUDA (its kernels fail on Triton's interpreter)"
-        return reason
-
-    def forward(self, data, leaves):
-        from cut_cross_entropy import linear_cross_entropy
-
-        h, w = self.head(data, leaves)
-        labels, mask = data["labels"], data["mask"]
-        loss = linear_cross_entropy(h, w, labels.masked_fill(~mask, -100), reduction="none")
-        return -loss.reshape(labels.shape).sum(-1)
-
-
-class TritonHead(Provider):
-    name = "triton-head"
-    workload = "head"
-
-    def available(self, case):
-        return _triton_reason(case, case.tokens * case.vocab)
-
-    def forward(self, data, leaves):
-        h, w = self.head(data, leaves)
-        return sequence_logps(F.linear(h, w), data["labels"], data["mask"], "triton")
-
-
-class TrlHead(Provider):
-    name = "trl-head"
-    workload = "head"
-
-    def available(self, case):
-        try:
-            from trl.kernels import ChunkedLogProbFunction  # noqa: F401
-            from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE  # noqa: F401
-        except Exception as e:  # noqa: BLE001
-            return f"trl fused head unavailable ({type(e).__name__})"
-        return None
-
-    def forward(self, data, leaves):
-        from trl.kernels import ChunkedLogProbFunction
-        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
-
-        h, w = self.head(data, leaves)
-        labels, mask = data["labels"], data["mask"]
-        # As TRL's add_fused_lm_head does on Triton devices: score the completion positions only
-        logps, *_ = ChunkedLogProbFunction.apply(
-            h[mask], w, None, labels[mask], 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ()
-        )
-        return logps.new_zeros(mask.shape).masked_scatter(mask, logps).sum(-1)
-
-
-class FastdpoLinearLoss(Provider):
-    """The loss formed inside the head (`linear_token_loss`): a chunk's gradient is known while its logits are in
-    memory, so forward + backward cost 3 GEMMs (all in the forward) instead of 4. Times are meaningful in `full`
-    mode only. The loss is sum_b upstream_b * logp_b, returned divided by upstream_0 so that the harness's
-    weighting (out * upstream[:1]) gives it back: the same gradient as every other provider."""
-
-    name = "fastdpo-linear-loss"
-    workload = "head"
-
-    def forward(self, data, leaves):
-        h, w = self.head(data, leaves)
-        b, t = data["labels"].shape
-        up = data["upstream"]
-        seq = torch.arange(b, device=h.device).repeat_interleave(t)
-        chunk = max(1, loss_chunk_tokens(w.shape[0], w.element_size()) // t) * t  # whole sequences per chunk
-        bounds = list(range(0, b * t, chunk)) + [b * t]
-
-        def token_loss(start, end, lp):
-            g = up[seq[start:end]].float()
-            return (g * lp).sum(), g
-
-        loss, _ = linear_token_loss(h.reshape(b * t, -1), w, data["labels"].reshape(-1), bounds, token_loss)
-        return (loss / up[0]).reshape(1)
-
-
-class FastdpoLinearFrozen(FastdpoLinear):
-    name = "fastdpo-linear-frozen"
-    frozen = True  # the hidden gradient is computed in the forward: no recomputation in backward
-
-
-class TrlHeadFrozen(TrlHead):
-    name = "trl-head-frozen"
-    frozen = True
-
-
-PROVIDERS = {
-    p.name: p
-    for p in (
-        FastdpoTriton,
-        FastdpoLinear,
-        FastdpoLinearLoss,
-        Eager,
-        Compiled,
-        ChunkedTorch,
-        TrlHead,
-        LigerCE,
-        EagerHead,
-        CompiledHead,
-        TritonHead,
-        FastdpoLinearFrozen,
-        TrlHeadFrozen,
-        LigerLinear,
-        CceLinear,
-    )
-}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,20 +115,21 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(provider: Provider, case: Case, mode: str, reps: int, warmup: int) -> dict:
-    data = provider.prepare(case)
+def measure(provider: Provider, data: dict, case: Case, mode: str, reps: int, warmup: int) -> dict:
     times, peaks = [], []
     cpu_peak = _CpuPeak()
     cuda = case.device.type == "cuda"
+    copy_to = torch.empty_like(data["logits"]) if provider.workload == "copy" else None
     gc.collect()  # once: the repetitions free their tensors by refcount (del below)
     for i in range(warmup + reps):
-        leaves = provider.inputs(data)
+        leaves = provider.inputs(data) if copy_to is None else []
         _sync(case.device)
         if cuda:
             base = torch.cuda.memory_allocated(case.device)
             torch.cuda.reset_peak_memory_stats(case.device)
         else:
             cpu_peak.start()
+        out = None
         if mode == "backward":
             out = provider.forward(data, leaves)
             _sync(case.device)
@@ -444,10 +137,13 @@ def measure(provider: Provider, case: Case, mode: str, reps: int, warmup: int) -
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-        if mode != "backward":
-            out = provider.forward(data, leaves)
-        if mode != "forward":
-            torch.autograd.grad((out * data["upstream"][: out.numel()]).sum(), leaves)
+        if copy_to is not None:
+            copy_to.copy_(data["logits"])
+        else:
+            if mode != "backward":
+                out = provider.forward(data, leaves)
+            if mode != "forward":
+                torch.autograd.grad((out * data["upstream"][: out.numel()]).sum(), leaves)
         if cuda:
             end.record()
             torch.cuda.synchronize(case.device)
@@ -463,16 +159,6 @@ def measure(provider: Provider, case: Case, mode: str, reps: int, warmup: int) -
     return {"times": times, "peak": None if any(p is None for p in peaks) else max(peaks)}
 
 
-def _quantile(xs, q):
-    xs = sorted(xs)
-    if len(xs) == 1:
-        return xs[0]
-    pos = q * (len(xs) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def device_peak_bandwidth(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -480,9 +166,8 @@ def device_peak_bandwidth(device: torch.device) -> float | None:
     return next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
 
 
-def row_for(provider: Provider, case: Case, mode: str, reps: int, warmup: int, dtype_name: str) -> dict:
-    row = {c: "" for c in COLUMNS}
-    row.update(
+def base_row(provider: Provider, case: Case, mode: str, dtype_name: str) -> dict:
+    return dict(
         provider=provider.name,
         workload=provider.workload,
         mode=mode,
@@ -491,18 +176,29 @@ def row_for(provider: Provider, case: Case, mode: str, reps: int, warmup: int, d
         hidden=case.hidden if provider.workload == "head" else "",
         dtype=dtype_name,
     )
+
+
+def row_for(
+    provider: Provider,
+    data: dict,
+    case: Case,
+    mode: str,
+    reps: int,
+    warmup: int,
+    dtype_name: str,
+    copy_gbps: float | None = None,
+) -> dict:
+    row = base_row(provider, case, mode, dtype_name)
+    t_row = time.perf_counter()
     reason = provider.available(case)
     if reason:
-        row["status"] = f"skipped: {reason}"
-        return row
+        return {**row, "status": f"skipped: {reason}"}
     try:
-        res = measure(provider, case, mode, reps, warmup)
+        res = measure(provider, data, case, mode, reps, warmup)
     except torch.cuda.OutOfMemoryError:
-        row["status"] = "oom"
-        return row
+        return {**row, "status": "oom"}
     except Exception as e:  # noqa: BLE001 - one provider failing must not stop the table
-        row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-        return row
+        return {**row, "status": f"error: {one_line(e, 120)}"}
     finally:
         gc.collect()
         if case.device.type == "cuda":
@@ -511,8 +207,9 @@ def row_for(provider: Provider, case: Case, mode: str, reps: int, warmup: int, d
     row.update(
         status="ok",
         median_ms=f"{med * 1e3:.4g}",
-        p20_ms=f"{_quantile(res['times'], 0.2) * 1e3:.4g}",
-        p80_ms=f"{_quantile(res['times'], 0.8) * 1e3:.4g}",
+        p20_ms=f"{quantile(res['times'], 0.2) * 1e3:.4g}",
+        p80_ms=f"{quantile(res['times'], 0.8) * 1e3:.4g}",
+        seconds=f"{time.perf_counter() - t_row:.1f}",
     )
     if res["peak"] is None:
         row.update(peak_mem_mib="n/a", peak_mem_kind="n/a")
@@ -520,46 +217,47 @@ def row_for(provider: Provider, case: Case, mode: str, reps: int, warmup: int, d
         kind = "cuda_max_allocated" if case.device.type == "cuda" else "cpu_peak_rss_delta"
         row.update(peak_mem_mib=f"{res['peak'] / 2**20:.1f}", peak_mem_kind=kind)
     n, v = case.shape[0] * case.shape[1], case.vocab
-    if provider.workload == "logits":
-        passes = {"forward": 1, "backward": 2, "full": 3}[mode]  # read; read + write; both
+    if provider.workload in ("logits", "copy"):
+        # read; read + write; both (a copy: read + write)
+        passes = 2 if provider.workload == "copy" else {"forward": 1, "backward": 2, "full": 3}[mode]
         gbps = passes * n * v * torch.tensor([], dtype=case.dtype).element_size() / med / 1e9
+        copy_gbps = gbps if provider.workload == "copy" else copy_gbps  # the copy is its own reference
         peak_bw = device_peak_bandwidth(case.device)
-        row.update(gbps=f"{gbps:.1f}" if case.device.type == "cuda" else "n/a")
-        row.update(pct_peak_bw=f"{100 * gbps * 1e9 / peak_bw:.1f}" if peak_bw else "n/a")
-        row.update(tflops="")
+        row.update(
+            gbps=f"{gbps:.1f}",
+            pct_peak_bw=f"{100 * gbps * 1e9 / peak_bw:.1f}" if peak_bw else "n/a",
+            pct_copy_bw=f"{100 * gbps / copy_gbps:.1f}" if copy_gbps else "n/a",
+        )
     else:
         # useful N x V x H GEMMs: logits; grad_hidden (+ grad_weight unless frozen)
         gemms = {"forward": 1, "backward": 1 if provider.frozen else 2}.get(mode, 2 if provider.frozen else 3)
-        row.update(gbps="", pct_peak_bw="", tflops=f"{gemms * 2 * n * v * case.hidden / med / 1e12:.4g}")
+        row.update(tflops=f"{gemms * 2 * n * v * case.hidden / med / 1e12:.4g}")
     return row
 
 
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return "not installed"
-
-
-def _markdown(rows: list[dict], device: torch.device, argv: list[str], note: str | None = None) -> str:
-    kind = "GPU" if device.type == "cuda" else "CPU (not a GPU result: tiny shapes, for smoke-testing only)"
-    lines = [
-        "# fastdpo log-prob benchmark",
+def roofline_lines(rows: list[dict], device: torch.device) -> list[str]:
+    """The logits rows' bandwidth stated against the datasheet and against this run's copy."""
+    peak = device_peak_bandwidth(device)
+    copies = [r for r in rows if r["provider"] == "copy" and r["status"] == "ok"]
+    lines = ["## Bandwidth reference", ""]
+    lines.append(
+        f"- datasheet: {peak / 1e12:.2f} TB/s ({torch.cuda.get_device_name(device)})"
+        if peak
+        else "- datasheet: n/a (" + ("not in PEAK_BANDWIDTH" if device.type == "cuda" else "CPU") + ")"
+    )
+    for r in copies:
+        lines.append(
+            f"- device-to-device copy measured in this run (V={r['vocab']}, N={r['tokens']}, {r['dtype']}): "
+            f"{float(r['gbps']) / 1e3:.2f} TB/s" + (f", {r['pct_peak_bw']}% of the datasheet" if peak else "")
+        )
+    lines += [
+        "- logits rows: `pct_peak_bw` is GB/s over the datasheet's, `pct_copy_bw` over the copy's: the copy is "
+        "what a kernel that reads and writes its data once can reach here.",
         "",
-        f"- machine: {machine_name(device)} — {kind}",
-        f"- torch {torch.__version__}, triton {_triton_version()}, python {platform.python_version()}",
-        f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- command: `python benchmarks/bench_logps.py {shlex.join(argv)}`",
-        f"- TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}",
-        *([f"- note: {note}"] if note else []),
-        "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
     ]
-    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    if device.type != "cuda":
+        lines.insert(2, "- CPU: bandwidths here say nothing about a GPU (interpreted Triton, shared cores).")
+    return lines
 
 
 def parse_args(argv):
@@ -569,44 +267,86 @@ def parse_args(argv):
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (sums are per sequence)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--providers", nargs="+", choices=sorted(PROVIDERS), default=list(PROVIDERS))
+    p.add_argument(
+        "--providers",
+        nargs="+",
+        choices=list(PROVIDERS),
+        default=list(PROVIDERS),
+        help="in the order measured; `copy` is the bandwidth reference of the logits rows",
+    )
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--out", default=None, help="output prefix: writes PREFIX.csv and PREFIX.md")
+    p.add_argument(
+        "--time-limit-s",
+        type=float,
+        default=None,
+        help="stop starting rows after this many seconds; the rest are written as `cut (budget)`",
+    )
+    p.add_argument("--out", default=None, help="output prefix: writes PREFIX.csv and PREFIX.md, row by row")
+    p.add_argument("--append", action="store_true", help="add to an existing PREFIX.csv instead of replacing it")
     p.add_argument("--note", default=None, help="a line added to the markdown header (e.g. the machine's load)")
     return p.parse_args(argv)
+
+
+def plan(args, device) -> list[tuple[Case, str, str]]:
+    """(case, provider, mode) in the order measured: per case, the copy first, then the providers as given."""
+    out = []
+    names = sorted(args.providers, key=lambda n: n != "copy")  # stable: the given order otherwise
+    for vocab in args.vocab:
+        for tokens in args.tokens:
+            case = Case(vocab, tokens, args.hidden, DTYPES[args.dtype], device, args.seq_len)
+            for name in names:
+                for mode in ("copy",) if name == "copy" else args.modes:
+                    out.append((case, name, mode))
+    return out
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    exit_on_sigterm()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype]
-    rows = []
-    for vocab in args.vocab:
-        for tokens in args.tokens:
-            case = Case(vocab, tokens, args.hidden, dtype, device, args.seq_len)
-            for name in args.providers:
-                provider = PROVIDERS[name]()
-                for mode in args.modes:
-                    row = row_for(provider, case, mode, args.reps, args.warmup, args.dtype)
-                    rows.append(row)
-                    print(
-                        f"{row['provider']:>15} {row['mode']:>8} V={vocab} N={tokens}: {row['status']:<8} "
-                        f"median {row['median_ms'] or '-'} ms  peak {row['peak_mem_mib'] or '-'} MiB",
-                        flush=True,
-                    )
-    if args.out:
-        prefix = Path(args.out)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        with open(prefix.with_suffix(".csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        prefix.with_suffix(".md").write_text(_markdown(rows, device, argv, args.note))
-    return rows
+    deadline = Deadline(args.time_limit_s)
+    head = header(
+        "fastdpo log-prob benchmark", str(device), [shlex.quote(a) for a in argv], "bench_logps.py", args.note
+    )
+    head.insert(-1, f"- TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r}; inputs generated on {device}")
+    table = Table(args.out, COLUMNS, head, append=args.append)
+    todo = plan(args, device)
+    data_key, data, copy_gbps, last_s = None, None, {}, 0.0
+    try:
+        while todo:
+            case, name, mode = todo[0]
+            provider = PROVIDERS[name]()
+            if deadline.left() < last_s:  # the next row would not finish in time
+                break
+            key = (case.vocab, case.tokens, "logits" if provider.workload == "copy" else provider.workload)
+            if key != data_key:
+                data = None  # free the previous workload's inputs first
+                gc.collect()
+                data_key, data = key, make_inputs(case, key[2])
+            t0 = time.perf_counter()
+            row = row_for(
+                provider, data, case, mode, args.reps, args.warmup, args.dtype, copy_gbps.get((case.vocab, case.tokens))
+            )
+            last_s = time.perf_counter() - t0
+            if name == "copy" and row["status"] == "ok":
+                copy_gbps[(case.vocab, case.tokens)] = float(row["gbps"])
+            row = table.add(row)
+            todo.pop(0)
+            print(
+                f"{row['provider']:>20} {row['mode']:>8} V={case.vocab} N={case.tokens}: {row['status']:<8} "
+                f"median {row['median_ms'] or '-'} ms  peak {row['peak_mem_mib'] or '-'} MiB",
+                flush=True,
+            )
+    finally:
+        status = unfinished_status()
+        for case, name, mode in todo:  # not reached: the time limit, SIGTERM, or an error
+            table.add({**base_row(PROVIDERS[name](), case, mode, args.dtype), "status": status})
+        table.set_footer(roofline_lines(table.rows, device))
+    return table.rows
 
 
 if __name__ == "__main__":

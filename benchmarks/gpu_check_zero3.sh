@@ -20,18 +20,18 @@
 #   - the final model.safetensors holds every tensor of plain's, same shapes (ZeRO-3 gathered it);
 #   - zero3-resume: the resumed steps' losses equal the uninterrupted run's within TOL.
 #
-# The device image lacks deepspeed (PyPI ships only its sdist: build the wheel here, it is py3-none-any), hjson,
-# pydantic and datasets (fastdpo loads data with it). Once, here, in the repository's root:
-#   echo /.whl/ >> .git/info/exclude
+# On a CUDA machine with network: pip install -e . && DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed.
+# Without network, build and download the wheels elsewhere (PyPI ships deepspeed only as a source package; its
+# wheel is py3-none-any) and bring the folder with the code; in the repository's root:
 #   python3 -m venv /tmp/whlenv && /tmp/whlenv/bin/pip install -q torch==2.13.0 setuptools wheel
-#   DS_BUILD_OPS=0 /tmp/whlenv/bin/pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 -w .whl
+#   DS_BUILD_OPS=0 /tmp/whlenv/bin/pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 -w wheels
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d wheels \
 #       hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
 #       datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-# (about 6 MB; with gpu_check.sh's wheels in the same .whl, keep one version of each), then one `run` of the device
-# tool with carry [".whl"] and timeout_s 400:
-#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash benchmarks/gpu_check_zero3.sh
+# (about 6 MB; with gpu_check.sh's wheels in the same folder, keep one version of each), then on the machine:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site wheels/*.whl && export PYTHONPATH=/tmp/site
+#   bash benchmarks/gpu_check_zero3.sh --out gpu_check_zero3_out
 # Outputs in $OUT (--out DIR elsewhere): gpu_check_zero3.md (verdict, table, the end of each failed run's log) and
 # gpu_check_zero3.csv.
 #
@@ -81,7 +81,7 @@ skip() {  # a check that cannot run here is skipped, not failed
     exit 0
 }
 
-"$PY" -c "import deepspeed" >/dev/null 2>&1 || skip "deepspeed is not importable (carry its wheel: see this script's header)"
+"$PY" -c "import deepspeed" >/dev/null 2>&1 || skip "deepspeed is not importable (install it: see this script's header)"
 if ((!CPU)); then
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
         || skip "no CUDA device (--cpu runs the tiny CPU variant)"
@@ -90,7 +90,7 @@ if ! "$PY" -c "import fastdpo.kernels" 2>/dev/null; then
     echo "+ fastdpo is not importable: pip install -e . (no deps, no index)"
     "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e "$REPO" || exit 1
 fi
-"$PY" -c "import datasets" 2>/dev/null || skip "datasets is not importable (fastdpo needs it; carry its wheel)"
+"$PY" -c "import datasets" 2>/dev/null || skip "datasets is not importable (fastdpo needs it: see this script's header)"
 
 if ((CPU)); then
     PRESET=tiny DEVICE=cpu DTYPE=float32 BUILD_DTYPE=fp32 TOL=1e-4

@@ -82,7 +82,6 @@ class DataOptions:
     strict: bool = False
 
 
-DataArgs = DataOptions  # the old name, still used by benchmarks/bench_train.py
 DATA_OPTIONS = tuple(f.name for f in dataclasses.fields(DataOptions))
 
 

@@ -111,7 +111,7 @@ def held_bytes(params, optimizer) -> dict[str, int]:
     """Bytes held by the weights, their gradients and the optimizer's state (every tensor in `optimizer.state`,
     however nested: moments, Kahan buffers, quantization scales and maps), each storage counted once, in that
     order: over the trained parameters, what `OptimizerSpec.bytes_per_param` states (tests/test_optimizers.py,
-    benchmarks/bench_train.py's fit estimate)."""
+    benchmarks/fit_estimate.py)."""
     import torch
 
     def tensors(x):

@@ -191,13 +191,12 @@ def test_help_lists_every_field_in_groups():
 def _command_configs():
     from fastdpo.cli import cache as cache_cli
     from fastdpo.cli import demo as demo_cli
+    from fastdpo.plan import PlanConfig
     from fastdpo.plot import PlotConfig
     from fastdpo.recipes.compare import CompareConfig
     from fastdpo.recipes.eval import EvalConfig
     from fastdpo.recipes.precompute import PrecomputeConfig
     from fastdpo.recipes.sft import SFTConfig
-
-    from fastdpo.plan import PlanConfig
 
     return [TrainConfig, SFTConfig, PrecomputeConfig, EvalConfig, CompareConfig, PlotConfig, PlanConfig,
             demo_cli.CONFIG, cache_cli.InfoConfig, cache_cli.VerifyConfig]
@@ -238,10 +237,10 @@ def test_copied_options_are_equal_in_every_command():
     import dataclasses
 
     from fastdpo import data
+    from fastdpo.plan import PlanConfig
     from fastdpo.recipes.compare import CompareConfig
     from fastdpo.recipes.eval import EvalConfig
     from fastdpo.recipes.precompute import PrecomputeConfig
-    from fastdpo.plan import PlanConfig
     from fastdpo.recipes.sft import SFTConfig
 
     model = ["revision", "dtype", "trust_remote_code", "attn_implementation", "logps_backend"]

@@ -93,7 +93,7 @@ def test_blocks_equal_the_dense_rule(name, block):
 @pytest.mark.parametrize("name", ["odd lengths, shared", "several rows", "sft", "unpadded rows"])
 def test_flex_forward_equals_sdpa_with_the_dense_mask(name):
     """Eager flex on CPU applies mask_mod to every element (it ignores the block lists; the compiled kernel,
-    in the slow test below, does not): this checks the per-element rule."""
+    in the integration test below, does not): this checks the per-element rule."""
     spec, layout, sft = UGLY[name]
     rows = _rows(spec, layout, sft)
     q, k, v = _qkv(rows)

@@ -1,7 +1,7 @@
 """benchmarks/gpu_check.sh and its stages: the dry run, and SIGTERM at any point keeping every finished row.
 
-- test_gpu_check_dry_run: every stage on CPU with tiny shapes, the summary and the CSVs checked by value (integration tier;
-  161 s at load ~3, 283 s at load ~5 on the shared 2-core machine; the limit is 2x the slowest).
+- test_gpu_check_dry_run: every stage on CPU with tiny shapes, the summary and the CSVs checked by value (integration
+  tier; 161 s at load ~3, 283 s at load ~5 on the shared 2-core machine; the limit is 2x the slowest).
 - test_sigterm_keeps_finished_rows: each stage's script run directly with tiny presets, each SIGTERMed at a random
   point after its first row, and gpu_check.sh itself SIGTERMed during a stage (its summary must hold the
   stage's rows), all at once. Slow tier: 62 s at load ~3 on 2 cores (120 s at load ~5).

@@ -243,6 +243,9 @@ class Trainer:
 
         self.cfg, self.command, self.out = cfg, command, Path(cfg.output)
         self.resume_dir = checkpoint.resolve_resume(cfg.resume, cfg.output)
+        if modeling.adapter_base(cfg.model) is not None:
+            raise UserError(f"--model {cfg.model} holds a LoRA adapter, which eval and compare load over its base; to "
+                            "train on, --resume its run, or train from a model with the adapter merged in")
         device = modeling.process_state().device
         if cfg.attn_implementation == "flex_attention" and device.type == "cpu":
             raise UserError("--attn-implementation flex_attention cannot train on CPU: PyTorch's FlexAttention has no "

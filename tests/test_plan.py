@@ -238,3 +238,21 @@ def test_over_budget_refused_before_weights_load(command, tiny_model, small_cach
     assert (tmp_path / "fits" / "metrics.jsonl").exists()
     one_line_error(*run_cli(*args, "--output", tmp_path / "x", "--ignore-memory-estimate"), "--gpu-memory", alone=True)
     one_line_error(*run_cli(*args, "--output", tmp_path / "x", "--gpu-memory", "lots"), "--gpu-memory", alone=True)
+
+
+def test_readme_what_fits_table_is_the_tools_output(tmp_path):
+    """README's "what fits" table is what tools/what_fits.py prints (regenerate it with that script), and its
+    Llama-3.1-8B QLoRA cells are the plan's own largest batches."""
+    from conftest import load_script
+
+    script = load_script(REPO / "tools" / "what_fits.py")
+    text = (REPO / "README.md").read_text()
+    table = text.split("<!-- what-fits:start -->\n")[1].split("\n<!-- what-fits:end -->")[0]
+    assert table == script.table(512, 512)
+    row = next(line for line in table.splitlines() if line.startswith("| Llama-3.1-8B") and "QLoRA" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")][3:]
+    llama = script.write_configs(str(tmp_path))["Llama-3.1-8B"]
+    for budget, cell in zip(script.BUDGETS_GIB, cells, strict=True):
+        r = fplan.plan(model=llama, load_in_4bit=True, lora_r=16, gradient_checkpointing=True,
+                       batch_size=1, gpu_memory=f"{budget}GiB")  # fmt: skip
+        assert cell == str(r["largest"]["batch_size"]), (budget, cell)

@@ -80,6 +80,7 @@ class Source:
     def _set_lengths(self, prompt: np.ndarray, chosen: np.ndarray, rejected: np.ndarray) -> None:
         self.lengths = pair_lengths(prompt, chosen, rejected)
         self.chosen_lengths = chosen
+        self.prompt_lengths = prompt  # (n,) for the memory estimate (`plan.check_run`)
 
     def __len__(self) -> int:
         return self.shard_bounds[-1]

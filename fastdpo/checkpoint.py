@@ -65,7 +65,7 @@ FREE_KEYS = frozenset({
     "save_total_limit", "kl_warn", "early_stop_kl", "max_bad_steps", "merge_lora", "gradient_checkpointing",
     "attn_implementation", "logps_backend", "packing", "prefix_sharing", "max_tokens_per_batch", "fsdp_lm_head",
     "fsdp_reshard_after_forward", "fsdp_cpu_offload", "trust_remote_code", "strict", "activation_offload",
-    "allow_reference_mismatch",
+    "allow_reference_mismatch", "gpu_memory", "ignore_memory_estimate",
     "max_steps", "epochs"})  # the run's length: compared as the schedule's length (`check_resume`)
 # Options that change the trajectory from the step where they change: refused on resume unless --allow-changes,
 # then honoured from the next step (the optimizer's hyperparameters and the schedule are rebuilt from them)

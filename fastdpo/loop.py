@@ -58,6 +58,13 @@ def check_run_options(cfg) -> None:
                    if getattr(cfg, f) != defaults[f].default]
         if changed:
             raise UserError(f"--{changed[0].replace('_', '-')} needs --fsdp")
+    if cfg.gpu_memory is not None:
+        from .plan import budget_bytes
+
+        budget_bytes(cfg.gpu_memory)
+    elif cfg.ignore_memory_estimate:
+        raise UserError("--ignore-memory-estimate overrides the check --gpu-memory makes; without --gpu-memory there "
+                        "is no estimate to ignore")
     if cfg.dtype == "float16":
         raise UserError("--dtype float16 cannot train here (fp16 needs loss scaling); use bf16-mixed or bfloat16 "
                         "on a GPU, float32 on CPU")
@@ -243,6 +250,9 @@ class Trainer:
 
         self.cfg, self.command, self.out = cfg, command, Path(cfg.output)
         self.resume_dir = checkpoint.resolve_resume(cfg.resume, cfg.output)
+        if modeling.adapter_base(cfg.model) is not None:
+            raise UserError(f"--model {cfg.model} holds a LoRA adapter, which eval and compare load over its base; to "
+                            "train on, --resume its run, or train from a model with the adapter merged in")
         device = modeling.process_state().device
         if cfg.attn_implementation == "flex_attention" and device.type == "cpu":
             raise UserError("--attn-implementation flex_attention cannot train on CPU: PyTorch's FlexAttention has no "
@@ -295,6 +305,17 @@ class Trainer:
     def log(self, line: str) -> None:
         if self.is_main:
             (self.bar.write if self.bar is not None else print)(line, file=sys.stderr)
+
+    def check_memory(self, source: batching.Source) -> None:
+        """--gpu-memory: refuse, before any weights load, a run whose estimated peak (`fastdpo.plan`) exceeds it."""
+        if self.cfg.gpu_memory is None:
+            return
+        from . import plan
+
+        line = plan.check_run(self.cfg, source, device=self.device.type, precision=self.precision,
+                              prefix_sharing=self.setup.layout.prefix_sharing, one_completion=self.command == "sft")
+        if self.is_main:
+            print(line, file=sys.stderr)
 
     def load_policy(self) -> None:
         """The policy (from the checkpoint when resuming, except LoRA's base), wrapped to score, and its optimizer."""

@@ -189,6 +189,17 @@ def load_model(name: str, *, revision: str | None = None, dtype=None, device=Non
         kw["device_map"] = {"": str(device or process_state().device)}  # quantized where it runs, not moved after
         device = None
     check_model_path(name)
+    base = adapter_base(name)
+    if base is not None:  # a LoRA run's output: its base (quantized as asked), then the adapter over it
+        model = _with_context(name, base, lambda: load_model(
+            base.name, revision=base.revision, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation, quantization=quantization))
+        from peft import PeftModel
+
+        try:
+            return PeftModel.from_pretrained(model, name, is_trainable=False)
+        except Exception as e:
+            raise UserError(f"cannot load the LoRA adapter in {name}: {first_line(e)}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kw)
     except Exception as e:
@@ -198,10 +209,51 @@ def load_model(name: str, *, revision: str | None = None, dtype=None, device=Non
     return model if quantization is None else after_load(model)
 
 
+@dataclass
+class AdapterBase:
+    """The model a LoRA adapter was trained over, as its adapter_config.json names it."""
+
+    name: str  # base_model_name_or_path: a directory or a Hub id
+    revision: str | None = None
+
+
+def adapter_base(name: str) -> AdapterBase | None:
+    """The base of the LoRA adapter in directory `name` (a LoRA run's output, which holds adapter_config.json and
+    no config.json), or None for anything else. A base that is a path and is not there is a UserError."""
+    path = os.path.join(name, "adapter_config.json")
+    if not os.path.isfile(path) or os.path.isfile(os.path.join(name, "config.json")):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable adapter config ({first_line(e)})") from None
+    base = recorded.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{path} names no base model (base_model_name_or_path); set it to the base model's "
+                        "directory or Hub id")
+    if is_local_path(base) and not os.path.isdir(base):
+        raise UserError(f"the LoRA adapter in {name} was trained over {base}, which is not there (no such "
+                        f"directory); put the base model back or set base_model_name_or_path in {path}")
+    return AdapterBase(base, recorded.get("revision"))
+
+
+def _with_context(name: str, base: AdapterBase, load):
+    """`load()`, with a failure to find the base named as the adapter's."""
+    try:
+        return load()
+    except UserError as e:
+        raise UserError(f"the LoRA adapter in {name} was trained over {base.name}, which cannot be loaded: "
+                        f"{e}") from None
+
+
 def load_config(name: str, revision: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     check_model_path(name)
+    base = adapter_base(name)
+    if base is not None:  # a LoRA run's output: its base's config
+        return _with_context(name, base, lambda: load_config(base.name, base.revision, trust_remote_code))
     try:
         return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as e:

@@ -253,6 +253,50 @@ def plan(config: PlanConfig | None = None, **kwargs) -> dict:
     return out
 
 
+# train and sft (--gpu-memory) refuse a run whose estimate exceeds the budget by more than this fraction: the
+# estimate leans high (its parts peak at different moments), and its CPU figures are within 3% of measured peaks
+MARGIN = 0.10
+
+
+def check_run(cfg, source, *, device: str, precision: str, prefix_sharing: bool, one_completion: bool) -> str:
+    """Refuse (UserError) a train or sft run whose estimated peak exceeds its --gpu-memory by more than MARGIN,
+    unless --ignore-memory-estimate; returns the line to print. `cfg`: the run's config (its model, batch and
+    memory options); `source`: its rows (`batching.Source`), read before any weights load. The micro-batch
+    estimated is --batch-size copies of the longest rows: the longest prompt and the longest completion (sft: one
+    completion, counted as two halves)."""
+    import math
+
+    longest_prompt = int(source.prompt_lengths.max(initial=1))
+    longest = int((source.lengths - source.prompt_lengths).max(initial=1))  # the longer completion of a row
+    completion = max(1, math.ceil(longest / 2)) if one_completion else max(1, longest)
+    dtype = precision if precision in ("float32", "bfloat16", "bf16-mixed") else "auto"
+    pc = PlanConfig(model=cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, device=device,
+                    dtype=dtype, batch_size=cfg.batch_size, prompt_length=max(1, longest_prompt),
+                    completion_length=completion, prefix_sharing=prefix_sharing or one_completion,
+                    gradient_checkpointing=cfg.gradient_checkpointing, activation_offload=cfg.activation_offload,
+                    logps_backend=cfg.logps_backend, optimizer=cfg.optimizer, lora_r=cfg.lora_r,
+                    **{k: getattr(cfg, k) for k in ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
+                                                    "bnb_4bit_double_quant", "bnb_4bit_compute_dtype")},
+                    gpu_memory=cfg.gpu_memory)  # fmt: skip
+    r = plan(pc)
+    where = "peak RSS on CPU" if device == "cpu" else "GPU memory, an estimate"
+    said = (
+        f"the estimated peak {r['total'] / GIB:.2f} GiB ({where}; fastdpo plan, at batch {cfg.batch_size} of the "
+        f"longest rows: {longest_prompt} prompt + {longest} completion tokens)"
+    )
+    budget = f"--gpu-memory {cfg.gpu_memory} ({r['budget'] / GIB:.2f} GiB)"
+    if r["total"] <= r["budget"] * (1 + MARGIN):
+        return f"memory: {said} is within {budget}"
+    fit = r["largest"]["batch_size"]
+    advice = (f"--batch-size {fit} fits" if fit else "no batch fits at these lengths (shorten them: "
+              "--max-length; or --gradient-checkpointing, --load-in-4bit with --lora-r)")  # fmt: skip
+    if cfg.ignore_memory_estimate:
+        return f"warning: --ignore-memory-estimate: {said} exceeds {budget}; {advice}"
+    raise UserError(
+        f"{said} exceeds {budget} by more than {MARGIN:.0%}; {advice}, or pass --ignore-memory-estimate to train anyway"
+    )
+
+
 def format_plan(r: dict, cfg: PlanConfig) -> str:
     a = r["shape"]
     what = "QLoRA" if cfg.load_in_4bit and cfg.lora_r else "LoRA" if cfg.lora_r else "full"

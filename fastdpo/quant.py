@@ -127,6 +127,44 @@ def spec(args) -> dict | None:
     }
 
 
+def adapter_note(run_dir: str, args) -> str | None:
+    """A note when the LoRA run in `run_dir` trained over a base quantized otherwise than `args` loads it (its
+    fastdpo_config.json records the run's flags): the adapter then scores over other weights than it learned on."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(run_dir, "fastdpo_config.json"), encoding="utf-8") as f:
+            trained = json.load(f)
+    except (OSError, ValueError):
+        return None
+    keys = ("load_in_4bit", "load_in_8bit", *_DEFAULTS)
+    if not isinstance(trained, dict) or not all(k in trained for k in keys):
+        return None
+    theirs, ours = (_described(lambda k, o=o: o(k)) for o in (trained.get, lambda k: getattr(args, k)))
+    if theirs == ours:
+        return None
+    return (
+        f"note: the LoRA adapter in {run_dir} was trained over a base loaded {theirs}, and is loaded here over "
+        f"one {ours}; pass the run's quantization flags to score the policy it trained"
+    )
+
+
+def _described(get) -> str:
+    if get("load_in_8bit"):
+        return describe({"bits": 8})
+    if not get("load_in_4bit"):
+        return describe(None)
+    return describe(
+        {
+            "bits": 4,
+            "quant_type": get("bnb_4bit_quant_type"),
+            "double_quant": get("bnb_4bit_double_quant"),
+            "compute_dtype": get("bnb_4bit_compute_dtype"),
+        }
+    )
+
+
 def options(recorded: dict | None) -> dict:
     """The QuantArgs fields that load a model the way `recorded` (a manifest's `spec`) says."""
     if not recorded:

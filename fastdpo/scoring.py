@@ -220,6 +220,8 @@ def prepare(args, device, dtype) -> Setup:
     else:
         attention, notes = args.attn_implementation, []
         layout = packing.Layout(attention=attention or "sdpa")
+    if modeling.adapter_base(args.model) is not None:
+        notes += [n for n in [quant.adapter_note(args.model, args)] if n]
     return Setup(args, tokenizer, config, attention, layout, dtype, notes)
 
 

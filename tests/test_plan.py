@@ -152,3 +152,107 @@ def test_cpu_estimate_within_15_percent_of_peak_rss(vocab_models, vocab, quant):
     print(f"vocab {vocab} {quant}: measured {measured / 2**20:.1f} MiB, estimate {estimate['total'] / 2**20:.1f} "
           f"({100 * rel:+.1f}%); above the runtime {above[0] / 2**20:.1f} vs {above[1] / 2**20:.1f} MiB")  # fmt: skip
     assert abs(rel) <= 0.15
+
+
+# ----------------------------------------------------------------------------------------------
+# train and sft --gpu-memory: the estimate checked before any weights load
+
+
+def check_run(cfg, batch_size: int, **changes) -> str:
+    """`plan.check_run` for a QLoRA run of the 8B shape on CUDA over rows of 512 + 512 tokens (no weights, no GPU)."""
+    import dataclasses
+    import types
+
+    import numpy as np
+
+    source = types.SimpleNamespace(prompt_lengths=np.array([300, 512]), lengths=np.array([700, 1024]))
+    return fplan.check_run(dataclasses.replace(cfg, batch_size=batch_size, **changes), source, device="cuda",
+                           precision="bfloat16", prefix_sharing=True, one_completion=False)  # fmt: skip
+
+
+def test_run_check_names_the_estimate_the_budget_and_the_largest_batch(tmp_path):
+    """The largest batch the refusal names is the plan's (a linear search here, a bisection there): it fits, and one
+    more does not; the check passes at that batch and refuses twice that (beyond the 10% margin)."""
+    from fastdpo.errors import UserError
+    from fastdpo.recipes.train import TrainConfig
+
+    model = llama_config(tmp_path / "llama8b", **LLAMA_8B)
+    cfg = TrainConfig(model=model, ref_cache="unused", output=str(tmp_path / "r"), load_in_4bit=True, lora_r=16,
+                      gradient_checkpointing=True, gpu_memory="16GiB")  # fmt: skip
+
+    def total(b):
+        return fplan.plan(model=model, load_in_4bit=True, lora_r=16, gradient_checkpointing=True, batch_size=b,
+                          prompt_length=512, completion_length=512)["total"]  # fmt: skip
+
+    fit = next(b for b in range(1, 200) if total(b + 1) > 16 * GIB)
+    assert 1 < fit < 100 and total(fit) <= 16 * GIB
+    with pytest.raises(UserError) as e:
+        check_run(cfg, 2 * fit)
+    line = str(e.value)
+    assert f"--batch-size {fit} fits" in line and "--ignore-memory-estimate" in line, line
+    assert f"the estimated peak {total(2 * fit) / GIB:.2f} GiB" in line and "512 prompt + 512 completion" in line
+    assert "--gpu-memory 16GiB (16.00 GiB)" in line and "by more than 10%" in line
+    assert check_run(cfg, fit).startswith("memory: the estimated peak") and "is within --gpu-memory 16GiB" in (
+        check_run(cfg, fit))  # fmt: skip
+    assert check_run(cfg, 2 * fit, ignore_memory_estimate=True).startswith("warning: --ignore-memory-estimate")
+    with pytest.raises(UserError, match="no batch fits"):
+        check_run(cfg, 1, load_in_4bit=False, gpu_memory="12GiB")  # bf16 LoRA: 16 GB of weights alone
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("command", ["train", "sft"])
+def test_over_budget_refused_before_weights_load(command, tiny_model, small_cache, tmp_path, monkeypatch):
+    """A CPU run over its budget: one line naming the estimate, the budget and what to do, before any weights load
+    (loading them here fails the test), and its run directory holds no checkpoint or model. A fitting budget trains,
+    and says it fits."""
+    import time
+
+    from fastdpo import modeling
+
+    if command == "train":
+        args = ["train", "--ref-cache", small_cache]
+    else:
+        data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": p["prompt"], "completion": p["chosen"]}
+                                                    for p in make_pairs(8)])  # fmt: skip
+        args = ["sft", "--dataset", data]
+    args += ["--model", tiny_model, "--max-steps", "1", "--no-progress"]
+    real_load = modeling.load_model
+
+    def no_weights(*a, **kw):
+        raise AssertionError("weights loaded before the memory check refused the run")
+
+    monkeypatch.setattr(modeling, "load_model", no_weights)
+    t0 = time.perf_counter()
+    code, err = run_cli(*args, "--output", tmp_path / "over", "--gpu-memory", "64MiB")
+    elapsed = time.perf_counter() - t0
+    one_line_error(code, err, "the estimated peak", "peak RSS on CPU", "--gpu-memory 64MiB", "--ignore-memory-estimate")
+    assert elapsed < 20, elapsed  # no weights: the tokenizer, the cache and config.json only
+    out = tmp_path / "over"
+    assert not out.exists() or not [p for p in out.iterdir() if p.name.startswith("checkpoint") or p.suffix in (
+        ".safetensors", ".json")], list(out.iterdir())  # fmt: skip
+
+    monkeypatch.setattr(modeling, "load_model", real_load)
+    code, err = run_cli(*args, "--output", tmp_path / "fits", "--gpu-memory", "8GiB")
+    assert code == 0, err
+    assert "memory: the estimated peak" in err and "is within --gpu-memory 8GiB" in err
+    assert (tmp_path / "fits" / "metrics.jsonl").exists()
+    one_line_error(*run_cli(*args, "--output", tmp_path / "x", "--ignore-memory-estimate"), "--gpu-memory", alone=True)
+    one_line_error(*run_cli(*args, "--output", tmp_path / "x", "--gpu-memory", "lots"), "--gpu-memory", alone=True)
+
+
+def test_readme_what_fits_table_is_the_tools_output(tmp_path):
+    """README's "what fits" table is what tools/what_fits.py prints (regenerate it with that script), and its
+    Llama-3.1-8B QLoRA cells are the plan's own largest batches."""
+    from conftest import load_script
+
+    script = load_script(REPO / "tools" / "what_fits.py")
+    text = (REPO / "README.md").read_text()
+    table = text.split("<!-- what-fits:start -->\n")[1].split("\n<!-- what-fits:end -->")[0]
+    assert table == script.table(512, 512)
+    row = next(line for line in table.splitlines() if line.startswith("| Llama-3.1-8B") and "QLoRA" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")][3:]
+    llama = script.write_configs(str(tmp_path))["Llama-3.1-8B"]
+    for budget, cell in zip(script.BUDGETS_GIB, cells, strict=True):
+        r = fplan.plan(model=llama, load_in_4bit=True, lora_r=16, gradient_checkpointing=True,
+                       batch_size=1, gpu_memory=f"{budget}GiB")  # fmt: skip
+        assert cell == str(r["largest"]["batch_size"]), (budget, cell)

@@ -295,7 +295,7 @@ def test_fused_head_equals_eager_on_4bit(tiny_model, tmp_path):
 def test_qlora_learns_the_demo_preference(tiny_model, tmp_path):
     """QLoRA from a 4-bit cache on the demo's pairs (capitalise a word; the slip is a lowercase last letter): the
     reward accuracy and margin rise over 40 steps. Measured: accuracy 0.75 -> 0.95 and margin 0.019 -> 0.065 (means
-    of the first and last 10 steps; a held-out eval needs `fastdpo eval` to load an adapter directory: notes)."""
+    of the first and last 10 steps; held out: `fastdpo eval --model RUN --load-in-4bit`, below)."""
     from fastdpo import demo_task
 
     quant = ["--load-in-4bit"]
@@ -316,3 +316,111 @@ def test_qlora_learns_the_demo_preference(tiny_model, tmp_path):
 
     assert mean(last, "rewards/accuracies") > max(0.8, mean(first, "rewards/accuracies"))
     assert mean(last, "rewards/margins") > 2 * mean(first, "rewards/margins") > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# A QLoRA run's output (a LoRA adapter) evaluated held-out: its base loaded in 4-bit, the adapter over it
+
+
+@pytest.fixture(scope="module")
+def qlora_runs(tiny_model, q4_cache, tmp_path_factory) -> dict:
+    """Two QLoRA runs from q4_cache, each step a batch of all 16 pairs: one of 1 step (its saved adapter is the
+    policy after one update) and one of 2 steps (its step-2 metrics are that same policy's, on those 16 pairs)."""
+    root = tmp_path_factory.mktemp("qlora")
+    runs = {}
+    for steps in (1, 2):
+        out = root / f"r{steps}"
+        code, err = run_cli("train", "--model", tiny_model, "--ref-cache", q4_cache, "--output", out, "--load-in-4bit",
+                            "--lora-r", "4", "--lr", "1e-2", "--batch-size", "16", "--max-steps", steps,
+                            "--no-progress")  # fmt: skip
+        assert code == 0, err
+        runs[steps] = out
+    assert json.loads((runs[1] / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_model
+    assert not (runs[1] / "config.json").exists()  # an adapter directory, not a model
+    return runs
+
+
+@pytest.mark.integration
+def test_eval_loads_a_qlora_run_over_its_4bit_base(qlora_runs, q4_cache, capsys):
+    """`fastdpo eval --model RUN --load-in-4bit` scores the policy the run saved: the 2-step run's step-2 metrics,
+    which were measured on that policy (after one update) and the same 16 pairs. Measured: equal to 1.3e-7 (margin
+    0.1714). Tolerance 1e-5: fp32 sums over the same pairs in another order, through the same bf16 4-bit compute."""
+    from fastdpo.recipes.eval import evaluate
+
+    with open(qlora_runs[2] / "metrics.jsonl") as f:
+        step2 = [json.loads(line) for line in f][1]
+    res = evaluate(model=str(qlora_runs[1]), ref_cache=q4_cache, load_in_4bit=True, batch_size=16, progress=False)
+    assert res["rewards/margins"] > 0.05  # the adapter moved the policy away from the reference (a base gives 0)
+    for key in ("rewards/margins", "rewards/chosen", "rewards/accuracies", "kl", "kl/k1", "logps/chosen"):
+        assert res[key] == pytest.approx(step2[key], abs=1e-5), (key, res[key], step2[key])
+    assert "note: the LoRA adapter" not in capsys.readouterr().err
+
+    # over an unquantized base: another policy, said in a note naming both loadings
+    plain = evaluate(model=str(qlora_runs[1]), ref_cache=q4_cache, batch_size=16, progress=False)
+    err = capsys.readouterr().err
+    assert "trained over a base loaded 4-bit nf4" in err and "over one unquantized" in err, err
+    assert abs(plain["rewards/margins"] - res["rewards/margins"]) > 1e-4
+
+
+@pytest.mark.integration
+def test_an_adapter_whose_base_is_gone_is_one_line(qlora_runs, q4_cache, tmp_path):
+    import shutil
+
+    run = tmp_path / "moved"
+    shutil.copytree(qlora_runs[1], run)
+    config = run / "adapter_config.json"
+    settings = json.loads(config.read_text())
+    settings["base_model_name_or_path"] = str(tmp_path / "gone")
+    config.write_text(json.dumps(settings))
+    for command in (
+        ["eval", "--ref-cache", q4_cache],
+        [
+            "compare",
+            "--baseline",
+            run,
+            "--ref-cache",
+            q4_cache,
+            "--judge",
+            "fastdpo.demo_task:judge_pair",
+            "--output",
+            tmp_path / "cmp",
+        ],
+    ):
+        one_line_error(
+            *run_cli(*command, "--model", run, "--load-in-4bit", "--no-progress"),
+            str(run),
+            str(tmp_path / "gone"),
+            "base_model_name_or_path",
+        )
+    # an adapter is evaluated, not trained on as a base
+    one_line_error(
+        *run_cli(
+            "train",
+            "--model",
+            qlora_runs[1],
+            "--ref-cache",
+            q4_cache,
+            "--output",
+            tmp_path / "t",
+            "--lora-r",
+            "4",
+            "--load-in-4bit",
+            "--no-progress",
+        ),
+        "holds a LoRA adapter",
+        "--resume",
+    )
+
+
+@pytest.mark.integration
+def test_compare_generates_from_a_qlora_run(qlora_runs, tiny_model, q4_cache, tmp_path, monkeypatch):
+    """`fastdpo compare --model RUN --load-in-4bit` answers with the adapter on: the 2-step run's greedy answers
+    differ from its 4-bit base's (measured: all 4 of 4), where a model compared with itself ties every pair."""
+    (tmp_path / "q4_judges.py").write_text("def tie(prompt, answer_a, answer_b):\n    return 'tie'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, err = run_cli("compare", "--model", qlora_runs[2], "--baseline", tiny_model, "--ref-cache", q4_cache,
+                        "--judge", "q4_judges:tie", "--output", tmp_path / "cmp", "--max-new-tokens", "6",
+                        "--limit", "4", "--batch-size", "4", "--load-in-4bit", "--no-progress")  # fmt: skip
+    assert code == 0, err
+    r = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    assert r["n"] == 4 and sum(p["model"]["text"] != p["baseline"]["text"] for p in r["pairs"]) >= 2, r["pairs"]

@@ -58,6 +58,9 @@ class SFTConfig:
 
     # -- options --
     output: str | None = opt(None, "run directory: metrics.jsonl, checkpoints, final model", required=True)
+    gpu_memory: str | None = opt(None, "memory budget, e.g. 16GiB, 24GB, 80 (GiB): before any weights load, refuse a "
+                                 "run whose estimated peak (fastdpo plan; on CPU, peak RSS) exceeds it by over 10%")
+    ignore_memory_estimate: bool = opt(False, "train even when the estimate exceeds --gpu-memory (a warning)")
 
     # -- optimisation --
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory", group="optimisation")
@@ -191,5 +194,6 @@ def sft(config: SFTConfig | None = None, **kwargs) -> dict:
     tokenized = data.tokenize_sft_dataset(data.load_source(cfg), trainer.tokenizer, cfg, cfg.completion_column,
                                           cfg.messages_column, cfg.text_column)
     source = batching.DatasetSource(data.keep_rows(tokenized, cfg, trainer.is_main))
+    trainer.check_memory(source)  # before any weights load
     trainer.load_policy()
     return trainer.fit(source, SFTObjective(trainer.setup, trainer.device))

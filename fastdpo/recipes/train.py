@@ -75,6 +75,9 @@ class TrainConfig:
 
     # -- options --
     output: str | None = opt(None, "run directory: metrics.jsonl, checkpoints, final model", required=True)
+    gpu_memory: str | None = opt(None, "memory budget, e.g. 16GiB, 24GB, 80 (GiB): before any weights load, refuse a "
+                                 "run whose estimated peak (fastdpo plan; on CPU, peak RSS) exceeds it by over 10%")
+    ignore_memory_estimate: bool = opt(False, "train even when the estimate exceeds --gpu-memory (a warning)")
 
     # -- optimisation --
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory", group="optimisation")
@@ -461,6 +464,7 @@ def train(config: TrainConfig | None = None, **kwargs) -> dict:
         return sweep(cfg)[-1][1]
     trainer = loop.Trainer(cfg, "train")
     source = open_source(cfg, trainer)
+    trainer.check_memory(source)  # before any weights load
     trainer.load_policy()
     reference = live_reference(cfg, trainer) if cfg.needs_reference and not source.has_ref else None
     from .. import losses

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import shutil
 import sys
@@ -64,7 +63,9 @@ def _rss_gib() -> float:
 def _peak_gib(device: str) -> tuple[float, str]:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30, "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_peak_rss"  # KiB on Linux
+    from fastdpo.metrics import peak_rss_gb
+
+    return peak_rss_gb(), "cpu_peak_rss"  # VmHWM: not the parent's size, as ru_maxrss can be
 
 
 def _limit_cuda_memory(job: dict) -> None:

@@ -82,9 +82,25 @@ def peak_memory_gb(device) -> float:
 
     if getattr(device, "type", "") == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
+    return peak_rss_gb()
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory. On Linux /proc's VmHWM, the peak of this program's own memory: not
+    getrusage's ru_maxrss, which Linux keeps across execve, so that a process started by a large one (a test
+    runner, a notebook) reports at least its parent's size at the fork."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def reset_peak_memory(device) -> None:

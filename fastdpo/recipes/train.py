@@ -333,6 +333,7 @@ class PreferenceObjective(loop.Objective):
         if cfg.needs_reference:
             rc, rr, ref_tokens = self.reference_logps(batch)  # (B,), (B,), per-token (B, Tc), (B, Tr)
         n = len(rows["prompt_ids"])
+        # (B,) each pair's share of the step's chosen tokens: the sft term's normaliser, whatever the chunking
         sft_tokens = torch.full((n,), batch.step_chosen_tokens / batch.step_examples, device=self.device)
         packed, mask, lengths = scoring.lay_out_pairs(rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"],
                                                       setup.layout, setup.tokenizer.pad_token_id, self.device,

@@ -86,6 +86,13 @@ def head_call(lm_head: nn.Linear, fn):
     return fn if run is None else functools.partial(_through_hooks, run, fn)
 
 
+def head_call_after_forward(lm_head: nn.Linear, fn):
+    """`head_call` for a call after the model's forward (the training step's fused loss): where the head belongs
+    to the FSDP2 root unit, gathered only inside the root's hooks, through those (`lm_head.fused_forward_after`)."""
+    run = getattr(lm_head, "fused_forward_after", None)
+    return head_call(lm_head, fn) if run is None else functools.partial(_through_hooks, run, fn)
+
+
 def _through_hooks(run, fn, hidden, _weight, *args, bias=None, **kw):
     # the caller's weight and bias are shards (or partitions): `run` passes the gathered ones. The other arguments
     # are bound here, not handed to the hooks, which cast every floating input to the compute dtype (FSDP2's

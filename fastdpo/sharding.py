@@ -91,10 +91,12 @@ def shard(model, cfg, device, precision: str):
         fsdp.fully_shard(model, **kw)
     else:
         fsdp.fully_shard(model, **kw)
-        if isinstance(head, nn.Linear):  # the head is the root's: the call goes through the root's hooks
+        if isinstance(head, nn.Linear):
+            # the head is the root's: gathered inside the root's forward (the log-prob path); the loss fused into
+            # the head runs after that forward, so its call goes through the root's hooks
             model.fused_forward = lambda hidden, fn: fn(hidden, head.weight, bias=head.bias)
             fsdp.register_fsdp_forward_method(model, "fused_forward")
-            head.fused_forward = lambda hidden, fn: model.fused_forward(hidden, fn)
+            head.fused_forward_after = lambda hidden, fn: model.fused_forward(hidden, fn)
     # FSDP2 warns once per unit whose forward returns a view (the head's log-probs, the root's loss): an in-place
     # op on one would skip its unit's gradient hook. fastdpo changes none in place (the 2-process equality tests
     # compare every gradient's effect), and the warning would only puzzle users.

@@ -169,14 +169,16 @@ def test_non_finite_step_under_fsdp_is_skipped_as_unsharded(caches, tmp_path, mo
         assert x["loss"] == y["loss"] and x["grad_norm"] == y["grad_norm"]  # one process: bit for bit
 
 
-def test_lora_under_fsdp_equals_unsharded(caches, tmp_path):
-    """LoRA under FSDP2 (frozen base weights and trained adapter weights in the same units): the adapter it saves
-    loads with transformers + peft and equals the unsharded run's."""
+@pytest.mark.parametrize("lm_head", ["own", "root"])
+def test_lora_under_fsdp_equals_unsharded(caches, tmp_path, lm_head):
+    """LoRA under FSDP2 (frozen base weights and trained adapter weights in the same units; the frozen head scored
+    inside the root's forward, its own unit or the root's): the adapter it saves loads with transformers + peft and
+    equals the unsharded run's."""
     pytest.importorskip("peft")
     model, cache = caches["llama"]
     kw = dict(batch_size=2, grad_accum=2, lora_r=4, **common(model, cache))
     train(output=str(tmp_path / "plain"), **kw)
-    train(output=str(tmp_path / "fsdp"), fsdp=True, **kw)
+    train(output=str(tmp_path / "fsdp"), fsdp=True, fsdp_lm_head=lm_head, **kw)
     assert (tmp_path / "fsdp" / "adapter_config.json").is_file() and not (tmp_path / "fsdp" / "config.json").exists()
     assert any("lora_B" in k for k in final_weights(tmp_path / "fsdp"))  # base + adapter, loaded by transformers
     assert_same_run(tmp_path / "plain", tmp_path / "fsdp", atol=0)  # one process: the same sums in the same order

@@ -343,7 +343,7 @@ class PreferenceObjective(loop.Objective):
             hidden = model(*inputs)  # (S, H), pair order
             spec = scoring.head_spec(scoring.policy_of(model))
             head = spec.lm_head
-            loss, logps, per_pair, rew_c, rew_r = scoring.head_call(head, kernels.linear_pair_loss)(
+            loss, logps, per_pair, rew_c, rew_r = scoring.head_call_after_forward(head, kernels.linear_pair_loss)(
                 hidden, head.weight, packed.labels, lengths, self.loss_fn, (rc, rr, sft_tokens), bias=head.bias,
                 logit_scale=spec.logit_scale, softcap=spec.softcap, chunk_tokens=self.chunk_tokens(spec),
                 backend=cfg.logps_backend)

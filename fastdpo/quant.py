@@ -109,22 +109,24 @@ def after_load(model):
     return model
 
 
+def _record(get) -> dict | None:
+    """The quantization the option values `get(name)` ask for, as a manifest records it (without the library's
+    version), None when unquantized: the one place that maps options to a record (`spec`, `adapter_note`)."""
+    if get("load_in_8bit"):
+        return {"bits": 8}
+    if not get("load_in_4bit"):
+        return None
+    return {"bits": 4, "quant_type": get("bnb_4bit_quant_type"), "double_quant": get("bnb_4bit_double_quant"),
+            "compute_dtype": get("bnb_4bit_compute_dtype")}
+
+
 def spec(args) -> dict | None:
     """The quantization as a cache manifest records it (settings.quantization), None when not quantized."""
     if not quantized(args):
         return None
     import importlib.metadata
 
-    version = importlib.metadata.version("bitsandbytes")
-    if args.load_in_8bit:
-        return {"bits": 8, "bitsandbytes": version}
-    return {
-        "bits": 4,
-        "quant_type": args.bnb_4bit_quant_type,
-        "double_quant": args.bnb_4bit_double_quant,
-        "compute_dtype": args.bnb_4bit_compute_dtype,
-        "bitsandbytes": version,
-    }
+    return {**_record(lambda k: getattr(args, k)), "bitsandbytes": importlib.metadata.version("bitsandbytes")}
 
 
 def adapter_note(run_dir: str, args) -> str | None:
@@ -141,7 +143,7 @@ def adapter_note(run_dir: str, args) -> str | None:
     keys = ("load_in_4bit", "load_in_8bit", *_DEFAULTS)
     if not isinstance(trained, dict) or not all(k in trained for k in keys):
         return None
-    theirs, ours = (_described(lambda k, o=o: o(k)) for o in (trained.get, lambda k: getattr(args, k)))
+    theirs, ours = (describe(_record(get)) for get in (trained.get, lambda k: getattr(args, k)))
     if theirs == ours:
         return None
     return (
@@ -150,32 +152,17 @@ def adapter_note(run_dir: str, args) -> str | None:
     )
 
 
-def _described(get) -> str:
-    if get("load_in_8bit"):
-        return describe({"bits": 8})
-    if not get("load_in_4bit"):
-        return describe(None)
-    return describe(
-        {
-            "bits": 4,
-            "quant_type": get("bnb_4bit_quant_type"),
-            "double_quant": get("bnb_4bit_double_quant"),
-            "compute_dtype": get("bnb_4bit_compute_dtype"),
-        }
-    )
-
-
 def options(recorded: dict | None) -> dict:
-    """The QuantArgs fields that load a model the way `recorded` (a manifest's `spec`) says."""
+    """The quantization options that load a model the way `recorded` (a manifest's `spec`) says."""
     if not recorded:
         return {}
     if recorded.get("bits") == 8:
         return {"load_in_8bit": True}
     return {
         "load_in_4bit": True,
-        "bnb_4bit_quant_type": recorded.get("quant_type", "nf4"),
-        "bnb_4bit_double_quant": bool(recorded.get("double_quant", False)),
-        "bnb_4bit_compute_dtype": recorded.get("compute_dtype", "bfloat16"),
+        "bnb_4bit_quant_type": recorded.get("quant_type", _DEFAULTS["bnb_4bit_quant_type"]),
+        "bnb_4bit_double_quant": bool(recorded.get("double_quant", _DEFAULTS["bnb_4bit_double_quant"])),
+        "bnb_4bit_compute_dtype": recorded.get("compute_dtype", _DEFAULTS["bnb_4bit_compute_dtype"]),
     }
 
 
